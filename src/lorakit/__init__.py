@@ -1,0 +1,49 @@
+"""lorakit: LoRA (Hu et al., ICLR 2022) for any PyTorch model, in PEFT's adapter format.
+
+    import lorakit
+    model = lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+"""
+
+from .adapters import (
+    active_adapters,
+    adapter_parameters,
+    adapter_state_dict,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    set_adapter,
+    summary,
+    trainable_parameters,
+)
+from .checkpoint import load_adapter, read_adapter, save_adapter
+from .config import LoraConfig
+from .functional import delta_weight, lora_scale
+from .injection import inject
+from .layers import LoraLayer
+from .merging import merge, merge_and_unload, unload, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraLayer",
+    "active_adapters",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "delete_adapter",
+    "delta_weight",
+    "disable_adapters",
+    "inject",
+    "list_adapters",
+    "load_adapter",
+    "lora_scale",
+    "merge",
+    "merge_and_unload",
+    "read_adapter",
+    "save_adapter",
+    "set_adapter",
+    "summary",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,213 @@
+"""Adapters on a model: which are active, which train, their tensors, and a readable summary."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .functional import expand_sliced_B
+from .layers import LoraLayer
+from .state import get_state, lora_layers, resolve_adapter
+
+PREFIX = "base_model.model."
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters on `model` (empty if none)."""
+    state = get_state(model, required=False)
+    return list(state.adapters) if state else []
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters whose updates the forward pass applies."""
+    state = get_state(model, required=False)
+    return list(state.active) if state else []
+
+
+def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
+    """Make `adapter` (or several, whose updates add) the active, trainable adapter(s).
+
+    On a merged model the old adapters are unmerged and the new ones merged, so inference
+    keeps the base model's cost.
+    """
+    state = get_state(model)
+    names = [adapter] if isinstance(adapter, str) else list(adapter)
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown:
+        raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}")
+    layers = lora_layers(model)
+    was_merged = any(layer.merged_adapters for _, layer in layers)
+    for _, layer in layers:
+        for name in list(layer.merged_adapters):
+            if name not in names:
+                layer.unmerge_adapter(name)
+        layer.active_adapters = [n for n in names if n in layer.lora_specs]
+        if was_merged:
+            for name in layer.active_adapters:
+                layer.merge_adapter(name)
+    state.active = names
+    _refresh_trainable(model)
+
+
+def _refresh_trainable(model: nn.Module) -> None:
+    """Only the active adapters' tensors, saved modules and chosen biases require grad."""
+    state = get_state(model)
+    trainable: set[int] = set()
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    for name in state.active:
+        record = state.adapters[name]
+        for path in record.layers:
+            layer = modules[path]
+            for store in (layer.lora_A, layer.lora_B, layer.lora_B_bias):
+                if name in store:
+                    trainable.add(id(store[name]))
+        for path in record.saved_modules:
+            trainable.update(id(p) for p in modules[path].parameters())
+        trainable.update(id(params[n]) for n in record.bias_params)
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
+def adapter_parameters(model: nn.Module, adapter: str | None = None) -> dict[str, nn.Parameter]:
+    """The adapter's trainable tensors by model parameter name (found by walking the LoRA layers)."""
+    name = resolve_adapter(model, adapter)
+    record = get_state(model).adapters[name]
+    modules = dict(model.named_modules())
+    out: dict[str, nn.Parameter] = {}
+    for path in record.layers:
+        layer = modules[path]
+        for store_name in ("lora_A", "lora_B", "lora_B_bias"):
+            store = getattr(layer, store_name)
+            if name in store:
+                out[f"{path}.{store_name}.{name}"] = store[name]
+    for path in record.saved_modules:
+        for pname, p in modules[path].named_parameters():
+            out[f"{path}.{pname}"] = p
+    params = dict(model.named_parameters())
+    for pname in record.bias_params:
+        out[pname] = params[pname]
+    return out
+
+
+def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, Tensor]:
+    """Adapter tensors keyed as in PEFT's ``adapter_model.safetensors``.
+
+    ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A/B`` for
+    embeddings, ``lora_B.bias`` for `lora_bias`); saved modules and trained biases under their
+    own names. Fused-slice layers are written as the equivalent dense, block-structured B.
+    """
+    name = resolve_adapter(model, adapter)
+    record = get_state(model).adapters[name]
+    modules = dict(model.named_modules())
+    out: dict[str, Tensor] = {}
+    for path in record.layers:
+        layer: LoraLayer = modules[path]
+        spec = layer.lora_specs[name]
+        A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
+        if spec.enabled is not None:
+            B = expand_sliced_B(B, list(spec.enabled))
+        if layer.is_embedding:
+            out[f"{PREFIX}{path}.lora_embedding_A"] = A
+            out[f"{PREFIX}{path}.lora_embedding_B"] = B
+        else:
+            out[f"{PREFIX}{path}.lora_A.weight"] = A
+            out[f"{PREFIX}{path}.lora_B.weight"] = B
+        if name in layer.lora_B_bias:
+            out[f"{PREFIX}{path}.lora_B.bias"] = layer.lora_B_bias[name].detach()
+    for path in record.saved_modules:
+        for key, t in modules[path].state_dict().items():
+            out[f"{PREFIX}{path}.{key}"] = t.detach()
+    params = dict(model.named_parameters())
+    for pname in record.bias_params:
+        out[f"{PREFIX}{pname}"] = params[pname].detach()
+    return out
+
+
+def delete_adapter(model: nn.Module, adapter: str) -> None:
+    """Remove adapter `adapter` and free its tensors; layers left with no adapter become plain."""
+    from .injection import _drop_empty_layers
+
+    state = get_state(model)
+    name = resolve_adapter(model, adapter)
+    for path, layer in lora_layers(model):
+        if name in layer.lora_specs:
+            layer.remove_adapter(name)
+    del state.adapters[name]
+    state.active = [n for n in state.active if n != name]
+    _drop_empty_layers(model)
+    if not state.adapters:
+        from .merging import _restore_requires_grad
+
+        _restore_requires_grad(model, state)
+        del model.__dict__["_lorakit"]
+    else:
+        _refresh_trainable(model)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes as its base (merged adapters are unmerged, then restored)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = {id(layer): list(layer.merged_adapters) for layer in layers}
+    try:
+        for layer in layers:
+            for name in reversed(merged[id(layer)]):
+                layer.unmerge_adapter(name)
+            layer.lora_disabled = True
+        yield model
+    finally:
+        for layer in layers:
+            layer.lora_disabled = False
+            for name in merged[id(layer)]:
+                layer.merge_adapter(name)
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for p in model.parameters():
+        seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors count once."""
+    params = _unique_params(model)
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def summary(model: nn.Module) -> str:
+    """A table of the adapted layers (module, shape, adapter, r, alpha, params) with totals and %."""
+    rows = [("module", "type", "shape (out×in)", "adapter", "r", "alpha", "params", "state")]
+    adapter_params = 0
+    for path, layer in lora_layers(model):
+        d_out, d_in = layer.base_shape()
+        for name, spec in layer.lora_specs.items():
+            n = sum(store[name].numel() for store in (layer.lora_A, layer.lora_B, layer.lora_B_bias) if name in store)
+            adapter_params += n
+            kind = layer._lora_base_class.__name__ + (f"[{''.join('x' if e else '-' for e in spec.enabled)}]" if spec.enabled else "")
+            status = "merged" if name in layer.merged_adapters else ("active" if name in layer.active_adapters else "inactive")
+            rows.append((path, kind, f"{d_out}×{d_in}", name, str(spec.r), f"{spec.alpha:g}", f"{n:,}", status))
+    trainable, total = trainable_parameters(model)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    pct = 100.0 * trainable / total if total else 0.0
+    lines.append("")
+    lines.append(f"LoRA layers: {len(rows) - 1}   adapter params: {adapter_params:,}")
+    lines.append(f"trainable params: {trainable:,} / {total:,} ({pct:.4f}%)")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def randomize_adapters(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Fill every A and B with small random values (B is zero after init): for tests and demos of merging."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, layer in lora_layers(model):
+        for store in (layer.lora_A, layer.lora_B, layer.lora_B_bias):
+            for p in store.values():
+                if not p.is_meta:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)

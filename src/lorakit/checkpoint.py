@@ -1,0 +1,334 @@
+"""The adapter folder, in Hugging Face PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Config fields use PEFT's names, tensors PEFT's keys (``base_model.model.<path>.lora_A.weight``),
+so a folder written here loads in PEFT and the other way round. lorakit's own config is also
+kept, exactly, in the safetensors header metadata. Writes are atomic (temp file + rename);
+loading checks every key and shape before it touches the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from .adapters import PREFIX, adapter_state_dict
+from .config import LoraConfig
+from .functional import compress_sliced_B
+from .injection import inject, plan, resolve_config
+from .layers import adapter_shapes, is_conv1d_gpt2
+from .state import DEFAULT_ADAPTER, get_state, resolve_adapter
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+METADATA_KEY = "lorakit_config"
+
+#: PEFT fields that change the math and that lorakit does not implement: refused when set.
+UNSUPPORTED_FIELDS: dict[str, Any] = {
+    "use_dora": False,
+    "use_qalora": False,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "megatron_config": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+}
+#: init_lora_weights values whose saved weights load into an untouched base as they are.
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+#: PEFT fields that lorakit reads; any other field is metadata and ignored (with a debug log).
+KNOWN_FIELDS = {
+    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+    "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "bias",
+    "init_lora_weights", "use_rslora", "modules_to_save", "fan_in_fan_out", "lora_bias",
+    "base_model_name_or_path",
+}
+
+
+# ---- config mapping ------------------------------------------------------------------------------
+
+def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, Any]:
+    """The adapter's config as PEFT's ``adapter_config.json`` fields."""
+    name = resolve_adapter(model, adapter)
+    record = get_state(model).adapters[name]
+    cfg = record.config
+    modules = dict(model.named_modules())
+    rank_pattern, alpha_pattern = {}, {}
+    for path in record.layers:  # fused slices are saved as the equivalent dense rank-(n_on·r) LoRA
+        spec = modules[path].lora_specs[name]
+        if spec.enabled is not None:
+            r_file = sum(spec.enabled) * spec.r
+            rank_pattern[_exact(path)] = r_file
+            alpha_pattern[_exact(path)] = spec.scale * (r_file**0.5 if spec.use_rslora else r_file)
+    rank_pattern.update(cfg.rank_pattern)
+    alpha_pattern.update(cfg.alpha_pattern)
+    base = cfg.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": cfg.target_modules,
+        "exclude_modules": cfg.exclude_modules,
+        "layers_to_transform": cfg.layers,
+        "layers_pattern": cfg.layers_pattern,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": cfg.bias,
+        "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
+        "use_rslora": cfg.use_rslora,
+        "modules_to_save": cfg.modules_to_save,
+        "fan_in_fan_out": any(is_conv1d_gpt2(modules[p]) for p in record.layers),
+        "lora_bias": cfg.lora_bias,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+
+def _exact(path: str) -> str:
+    """A PEFT pattern key that matches exactly this module path."""
+    return path.replace(".", r"\.")
+
+
+def from_peft_config(fields: dict[str, Any]) -> LoraConfig:
+    """A `LoraConfig` from PEFT's ``adapter_config.json`` fields; refuses what lorakit lacks."""
+    peft_type = fields.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise ValueError(f"adapter is a {peft_type} adapter; lorakit loads LoRA adapters only")
+    bad = [f"{k}={fields[k]!r}" for k, off in UNSUPPORTED_FIELDS.items() if fields.get(k, off) not in (off, None, False, [], {})]
+    init = fields.get("init_lora_weights", True)
+    if init not in PLAIN_INITS:
+        bad.append(f"init_lora_weights={init!r} (it changes the base weights; convert the adapter to plain LoRA in PEFT first)")
+    if bad:
+        raise ValueError(f"adapter config uses PEFT features lorakit does not implement: {', '.join(bad)}")
+    for key in sorted(set(fields) - KNOWN_FIELDS - set(UNSUPPORTED_FIELDS)):
+        log.debug("ignoring adapter_config.json field %s=%r (does not change the math)", key, fields[key])
+    return LoraConfig(
+        r=int(fields.get("r", 8)),
+        alpha=fields.get("lora_alpha", 8),
+        dropout=float(fields.get("lora_dropout") or 0.0),
+        target_modules=fields.get("target_modules"),
+        exclude_modules=fields.get("exclude_modules"),
+        layers=fields.get("layers_to_transform"),
+        layers_pattern=fields.get("layers_pattern"),
+        rank_pattern=dict(fields.get("rank_pattern") or {}),
+        alpha_pattern=dict(fields.get("alpha_pattern") or {}),
+        bias=fields.get("bias", "none"),
+        init="gaussian" if init == "gaussian" else "kaiming",
+        use_rslora=bool(fields.get("use_rslora", False)),
+        modules_to_save=fields.get("modules_to_save"),
+        lora_bias=bool(fields.get("lora_bias", False)),
+        base_model_name_or_path=fields.get("base_model_name_or_path"),
+    )
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same folder and a rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter: str | None = None, dtype: torch.dtype | None = None
+) -> Path:
+    """Write the adapter folder (PEFT layout) atomically; returns the folder.
+
+    `dtype` (e.g. ``torch.float16``) stores the tensors in another precision; default: as trained.
+    """
+    name = resolve_adapter(model, adapter)
+    tensors = {}
+    for key, t in adapter_state_dict(model, name).items():
+        if t.is_meta:
+            raise ValueError(f"cannot save {key}: the model is on the meta device (materialise it first)")
+        t = t.detach().to("cpu", dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        tensors[key] = t.contiguous().clone()
+    cfg = get_state(model).adapters[name].config
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(cfg.to_dict())}
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / WEIGHTS_NAME, st_save(tensors, metadata=metadata))
+    config_text = json.dumps(to_peft_config(model, name), indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(folder / CONFIG_NAME, config_text.encode())
+    return folder
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], LoraConfig]:
+    """(PEFT config fields, tensors, LoraConfig) of an adapter folder; never unpickles."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_NAME}: it is not an adapter folder")
+    try:
+        fields = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e}): the file is truncated or corrupted") from e
+    metadata: dict[str, str] = {}
+    if (folder / WEIGHTS_NAME).is_file():
+        tensors, metadata = _read_safetensors(folder / WEIGHTS_NAME)
+    elif (folder / LEGACY_WEIGHTS_NAME).is_file():
+        tensors = _read_legacy_bin(folder / LEGACY_WEIGHTS_NAME)
+    else:
+        raise FileNotFoundError(f"{str(folder)!r} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
+    if METADATA_KEY in metadata:
+        cfg = LoraConfig(**json.loads(metadata[METADATA_KEY]))
+    else:
+        cfg = from_peft_config(fields)
+    return fields, tensors, cfg
+
+
+def _read_safetensors(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    data = file.read_bytes()
+    try:
+        tensors = st_load(data)
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, ValueError, OSError) as e:
+        raise ValueError(f"{file} is truncated or corrupted and cannot be read as safetensors: {e}") from e
+    return tensors, metadata
+
+
+def _read_legacy_bin(file: Path) -> dict[str, Tensor]:
+    """A legacy PyTorch ``.bin`` adapter, through ``torch.load(weights_only=True)`` only."""
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{file} needs full unpickling, which can run arbitrary code, so lorakit refuses it. "
+            f"Only plain tensor dicts load (torch.load weights_only=True). Detail: {e}"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{file} is truncated or corrupted: {e}") from e
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{file} does not hold a dict of tensors")
+    return obj
+
+
+# ---- loading into a model --------------------------------------------------------------------------
+
+def _expected(model: nn.Module, cfg: LoraConfig, adapter: str) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """file key -> (module path, slot, shape) for everything the adapter must contain."""
+    expected: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    for p in plan(model, cfg, adapter, strict=False):
+        shapes = adapter_shapes(p.module, p.spec)
+        a_shape, b_shape = shapes["lora_A"], shapes["lora_B"]
+        if p.spec.enabled is not None:  # stored as the dense block-structured B
+            n_on, d_slice, r = b_shape
+            b_shape = (len(p.spec.enabled) * d_slice, n_on * r)
+        if isinstance(p.module, nn.Embedding):
+            expected[f"{PREFIX}{p.path}.lora_embedding_A"] = (p.path, "lora_A", a_shape)
+            expected[f"{PREFIX}{p.path}.lora_embedding_B"] = (p.path, "lora_B", b_shape)
+        else:
+            expected[f"{PREFIX}{p.path}.lora_A.weight"] = (p.path, "lora_A", a_shape)
+            expected[f"{PREFIX}{p.path}.lora_B.weight"] = (p.path, "lora_B", b_shape)
+        if "lora_B_bias" in shapes:
+            expected[f"{PREFIX}{p.path}.lora_B.bias"] = (p.path, "lora_B_bias", shapes["lora_B_bias"])
+    modules = dict(model.named_modules())
+    from .injection import _bias_params, _find_saved_modules
+
+    saved = _find_saved_modules(model, cfg.modules_to_save)
+    for path in saved:
+        for key, t in modules[path].state_dict().items():
+            expected[f"{PREFIX}{path}.{key}"] = (path, key, tuple(t.shape))
+    layers = [v[0] for v in expected.values()]
+    params = dict(model.named_parameters())
+    for pname in _bias_params(model, cfg, layers):
+        expected[f"{PREFIX}{pname}"] = (pname, "bias", tuple(params[pname].shape))
+    return expected
+
+
+def _check_fit(expected: dict, tensors: dict[str, Tensor], source: str) -> None:
+    problems = []
+    for key, (_, _, shape) in expected.items():
+        if key not in tensors:
+            problems.append(f"missing key {key} (the model expects shape {list(shape)})")
+        elif tuple(tensors[key].shape) != tuple(shape):
+            problems.append(f"{key}: file has shape {list(tensors[key].shape)}, model expects {list(shape)}")
+    extra = [k for k in tensors if k not in expected]
+    for key in extra:
+        problems.append(f"unexpected key {key} (shape {list(tensors[key].shape)}): no such module in this model")
+    if problems:
+        head = "\n  ".join(problems[:12]) + (f"\n  … and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise ValueError(f"adapter {source} does not fit this model; the model is unchanged:\n  {head}")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Inject the adapter saved at `path` into `model` and load its weights; returns `model`.
+
+    Every key and shape is checked before the model changes; on any error the model is left
+    exactly as it was.
+    """
+    _, tensors, cfg = read_adapter(path)
+    cfg = resolve_config(model, cfg)
+    state = get_state(model, required=False)
+    if state is not None and adapter in state.adapters:
+        raise ValueError(f"adapter {adapter!r} is already on the model; load with adapter='<another name>'")
+    expected = _expected(model, cfg, adapter)
+    _check_fit(expected, tensors, str(path))
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    backup = {key: _target_tensor(modules, params, loc).detach().clone() for key, loc in expected.items() if loc[1] not in ("lora_A", "lora_B", "lora_B_bias")}
+    inject(model, cfg, adapter)
+    try:
+        with torch.no_grad():
+            for key, (mpath, slot, _) in expected.items():
+                t = tensors[key]
+                if slot in ("lora_A", "lora_B", "lora_B_bias"):
+                    layer = modules[mpath]
+                    spec = layer.lora_specs[adapter]
+                    if slot == "lora_B" and spec.enabled is not None:
+                        t = compress_sliced_B(t, list(spec.enabled), spec.r)
+                    getattr(layer, slot)[adapter].copy_(t)
+                else:
+                    _target_tensor(modules, params, (mpath, slot, None)).copy_(t)
+    except Exception:
+        from .adapters import delete_adapter
+
+        delete_adapter(model, adapter)
+        with torch.no_grad():
+            for key, t in backup.items():
+                _target_tensor(modules, params, expected[key]).copy_(t)
+        raise
+    return model
+
+
+def _target_tensor(modules: dict, params: dict, loc: tuple) -> Tensor:
+    path, slot, _ = loc
+    if slot == "bias" and path in params:
+        return params[path]
+    return modules[path].state_dict(keep_vars=True)[slot]

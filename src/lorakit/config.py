@@ -1,0 +1,125 @@
+"""LoraConfig: what to adapt and how, validated when it is built.
+
+Field names are lorakit's; `checkpoint.py` maps them to and from PEFT's `adapter_config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+BIAS_CHOICES = ("none", "all", "lora_only")
+INIT_CHOICES = ("kaiming", "gaussian")
+
+
+@dataclass
+class LoraConfig:
+    """Hyper-parameters of one LoRA adapter.
+
+    h = W0·x + scale·B·A·x with scale = alpha/r (or alpha/√r with `use_rslora`).
+
+    - `target_modules`: list of names matched against the end of a module path (``"q_proj"``
+      matches ``model.layers.0.self_attn.q_proj``), a regex string matched against the full
+      path, ``"all-linear"`` (every linear layer but the output head), or None (the query and
+      value projections of a known architecture).
+    - `exclude_modules`: same forms as `target_modules`; these are never adapted.
+    - `layers` / `layers_pattern`: only adapt blocks with these indices (PEFT's
+      ``layers_to_transform`` / ``layers_pattern``).
+    - `rank_pattern` / `alpha_pattern`: per-module r / alpha, keys are regexes matched against
+      the end of the module path.
+    - `enable_lora`: fused projections adapted slice by slice (loralib's ``MergedLinear``):
+      ``{"c_attn": [True, False, True]}`` splits c_attn's outputs in 3 equal parts and adapts
+      q and v only.
+    - `bias`: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted
+      layers train). `lora_bias` gives B a trainable bias of its own (PEFT's ``lora_bias``).
+    - `init`: ``"kaiming"`` (loralib/PEFT) or ``"gaussian"`` (the paper, std 1/r); B starts at 0.
+    - `modules_to_save`: whole modules trained and saved with the adapter (a classifier head).
+    """
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    enable_lora: dict[str, list[bool]] = field(default_factory=dict)
+    bias: str = "none"
+    lora_bias: bool = False
+    init: str = "kaiming"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        _check_rank("r", self.r)
+        _check_alpha("alpha", self.alpha)
+        for key, value in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", value)
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        if self.init not in INIT_CHOICES:
+            raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is an empty list: name at least one module, or pass None")
+        for key, flags in self.enable_lora.items():
+            if not flags or not any(flags) or not all(isinstance(f, bool) for f in flags):
+                raise ValueError(
+                    f"enable_lora[{key!r}] must be a list of booleans with at least one True, got {flags!r}"
+                )
+
+    def rank_for(self, path: str) -> int:
+        """r for the module at `path`, after `rank_pattern`."""
+        key = match_pattern_key(self.rank_pattern, path)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, path: str) -> float:
+        """alpha for the module at `path`, after `alpha_pattern`."""
+        key = match_pattern_key(self.alpha_pattern, path)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.alpha)
+
+    def slices_for(self, path: str) -> list[bool] | None:
+        """Which equal output slices of a fused projection to adapt, or None for the whole layer."""
+        key = match_pattern_key(self.enable_lora, path)
+        return list(self.enable_lora[key]) if key is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form of the config (lorakit field names)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> LoraConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def match_pattern_key(patterns: dict[str, Any], path: str) -> str | None:
+    """First key of `patterns` that matches the end of `path` as a regex (PEFT's rule)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")

@@ -1,0 +1,293 @@
+"""Model surgery: find the target modules, turn them into LoRA layers, freeze the rest.
+
+`inject` plans everything first (matching, shapes, validation) and only then touches the
+model, so a bad config leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import LoraConfig
+from .layers import LoraLayer, LoraSpec, attach, base_shape, is_conv1d_gpt2, supports
+from .state import DEFAULT_ADAPTER, AdapterRecord, LoraState, get_state, lora_layers
+
+#: The paper's default targets (Wq, Wv) for common architectures, by ``config.model_type``.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "opt",
+        "bart", "mbart", "gptj", "gpt_neo", "codegen", "olmo", "olmo2", "starcoder2", "stablelm", "whisper",
+        "granite", "cohere", "smollm3", "marian", "pegasus", "blenderbot", "m2m_100", "nllb_moe",
+    )},
+    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "layoutlm", "vit", "deit", "mpnet")},
+    **{t: ["q", "v"] for t in ("t5", "mt5", "umt5", "longt5", "mpnet_old")},
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "albert": ["query", "value"],
+    "gpt_bigcode": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "mpt": ["Wqkv"],
+    "phi3": ["qkv_proj"],
+}
+#: Fused projections whose q/k/v are contiguous equal slices: adapt only q and v (loralib's MergedLinear).
+DEFAULT_ENABLE_LORA: dict[str, dict[str, list[bool]]] = {"gpt2": {"c_attn": [True, False, True]}}
+#: Name pairs tried, in order, on models of unknown type.
+FALLBACK_TARGETS = (["q_proj", "v_proj"], ["query", "value"], ["q_lin", "v_lin"], ["q", "v"], ["wq", "wv"])
+
+
+@dataclass
+class Planned:
+    """One module `inject` will adapt, with its resolved per-layer hyper-parameters."""
+
+    path: str
+    module: nn.Module
+    spec: LoraSpec
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def resolve_config(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
+    """Fill in `target_modules=None` with the architecture's query/value projections."""
+    if cfg.target_modules is not None:
+        return cfg
+    model_type = _model_type(model)
+    if model_type in DEFAULT_ENABLE_LORA:
+        enable = {**DEFAULT_ENABLE_LORA[model_type], **cfg.enable_lora}
+        return cfg.replace(target_modules=list(DEFAULT_ENABLE_LORA[model_type]), enable_lora=enable)
+    if model_type in DEFAULT_TARGETS:
+        return cfg.replace(target_modules=list(DEFAULT_TARGETS[model_type]))
+    leaf_names = {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if supports(m)}
+    for pair in FALLBACK_TARGETS:
+        if set(pair) <= leaf_names:
+            return cfg.replace(target_modules=list(pair))
+    raise ValueError(
+        f"cannot pick default target modules for {type(model).__name__} (model_type={model_type!r}): "
+        f"pass target_modules=[...], e.g. from its adaptable layers: {_adaptable_names(model)}"
+    )
+
+
+def output_head_paths(model: nn.Module) -> set[str]:
+    """Paths of the output head(s) that ``"all-linear"`` leaves alone (as PEFT does)."""
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for path, m in model.named_modules():
+        if (out is not None and m is out) or (out is None and path in ("lm_head", "output")):
+            heads.add(path)
+    return heads
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d_gpt2(module)
+
+
+def _name_match(names: list[str] | str, path: str) -> bool:
+    """PEFT's rule: a list matches the path or its dotted suffix; a string is a full-path regex."""
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def _layer_index(path: str, patterns: list[str] | str | None) -> int | None:
+    """The block index in `path` (the first numbered segment, or after `patterns`)."""
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def is_saved_module(path: str, modules_to_save: list[str] | None) -> bool:
+    """Whether `path` is (inside) one of `modules_to_save`."""
+    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in modules_to_save)
+
+
+def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, strict: bool = True) -> list[Planned]:
+    """Which modules `cfg` adapts and with what spec; raises before anything changes.
+
+    `strict` also rejects each name in a `target_modules` list that matches nothing.
+    """
+    cfg = resolve_config(model, cfg)
+    targets = cfg.target_modules
+    all_linear = isinstance(targets, str) and targets == "all-linear"
+    heads = output_head_paths(model) if all_linear else set()
+    layers = [cfg.layers] if isinstance(cfg.layers, int) else cfg.layers
+    planned: list[Planned] = []
+    hit: set[str] = set()
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        if cfg.exclude_modules and _name_match(cfg.exclude_modules, path):
+            continue
+        if is_saved_module(path, cfg.modules_to_save):
+            continue
+        if all_linear:
+            if not _is_linear(module) or path in heads:
+                continue
+        elif not _name_match(targets, path):
+            continue
+        if isinstance(targets, list):
+            hit.update(n for n in targets if path == n or path.endswith("." + n))
+        if layers is not None and _layer_index(path, cfg.layers_pattern) not in layers:
+            continue
+        if not supports(module):
+            raise ValueError(
+                f"target {path!r} is a {type(module).__name__}; lorakit adapts nn.Linear, GPT-2 Conv1D, "
+                f"nn.Embedding and nn.Conv1d/2d/3d. Name the linear layers inside it instead, e.g. "
+                f"{_adaptable_names(module)[:6]}"
+            )
+        if isinstance(module, LoraLayer) and adapter in module.lora_specs:
+            raise ValueError(
+                f"adapter {adapter!r} is already injected (at {path!r}); pick another name with "
+                f"adapter=..., or lorakit.delete_adapter(model, {adapter!r}) first"
+            )
+        planned.append(Planned(path, module, _spec_for(module, path, cfg)))
+    missing = [n for n in targets if n not in hit] if isinstance(targets, list) else []
+    if not planned or (strict and missing):
+        raise ValueError(_no_match_message(model, cfg, missing or targets, layers))
+    for p in planned:
+        d_out, d_in = base_shape(p.module)
+        if p.spec.r > min(d_out, d_in):
+            warnings.warn(
+                f"r={p.spec.r} exceeds min(d_out, d_in)={min(d_out, d_in)} of layer {p.path!r}: "
+                "the update cannot use that rank",
+                stacklevel=3,
+            )
+        if p.spec.enabled is not None and d_out % len(p.spec.enabled):
+            raise ValueError(
+                f"enable_lora for {p.path!r} splits {d_out} outputs into {len(p.spec.enabled)} equal slices, "
+                "which does not divide evenly"
+            )
+    return planned
+
+
+def _spec_for(module: nn.Module, path: str, cfg: LoraConfig) -> LoraSpec:
+    enabled = cfg.slices_for(path)
+    return LoraSpec(
+        r=cfg.rank_for(path),
+        alpha=cfg.alpha_for(path),
+        dropout=float(cfg.dropout),
+        use_rslora=cfg.use_rslora,
+        enabled=tuple(enabled) if enabled is not None and _is_linear(module) else None,
+        lora_bias=cfg.lora_bias,
+    )
+
+
+def _adaptable_names(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for path, m in model.named_modules():
+        if path and supports(m):
+            names[path.rsplit(".", 1)[-1]] = None
+    return list(names)
+
+
+def _no_match_message(model: nn.Module, cfg: LoraConfig, missing, layers) -> str:
+    names = _adaptable_names(model)
+    paths = [p for p, _ in model.named_modules() if p]
+    wanted = [missing] if isinstance(missing, str) else list(missing)
+    close: list[str] = []
+    for w in wanted:
+        close += difflib.get_close_matches(w.rsplit(".", 1)[-1], names, n=3, cutoff=0.4)
+        close += difflib.get_close_matches(w, paths, n=2, cutoff=0.6)
+    close = list(dict.fromkeys(close))
+    where = f" in layers {layers}" if layers is not None else ""
+    msg = f"target_modules {wanted!r} matched no module{where} of {type(model).__name__}."
+    if close:
+        msg += f" Closest names that exist: {close}."
+    msg += f" Adaptable layers here are named: {names[:30]}"
+    return msg
+
+
+def _freeze_record(model: nn.Module, state: LoraState) -> None:
+    for name, p in model.named_parameters():
+        state.requires_grad.setdefault(name, p.requires_grad)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Add adapter `adapter` to `model` in place per `config`, make it the one that trains.
+
+    The base weights are frozen; only A, B (plus `modules_to_save` and biases per `config.bias`)
+    require grad. Returns the same model object.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    state = get_state(model, required=False)
+    if state is not None and adapter in state.adapters:
+        raise ValueError(
+            f"adapter {adapter!r} is already injected; pick another name with adapter=..., or "
+            f"lorakit.delete_adapter(model, {adapter!r}) first"
+        )
+    config = resolve_config(model, config)
+    planned = plan(model, config, adapter)
+    saved = _find_saved_modules(model, config.modules_to_save)
+    if state is None:
+        state = LoraState()
+        _freeze_record(model, state)
+        model.__dict__["_lorakit"] = state
+    try:
+        for p in planned:
+            layer = attach(p.module)
+            layer.add_adapter(adapter, p.spec, init=config.init)
+    except Exception:
+        for p in planned:
+            if isinstance(p.module, LoraLayer):
+                p.module.remove_adapter(adapter)
+        _drop_empty_layers(model)
+        raise
+    state.adapters[adapter] = AdapterRecord(
+        config=config,
+        layers=[p.path for p in planned],
+        saved_modules=saved,
+        bias_params=_bias_params(model, config, [p.path for p in planned]),
+    )
+    from .adapters import set_adapter
+
+    set_adapter(model, adapter)
+    return model
+
+
+def _find_saved_modules(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:
+    if not modules_to_save:
+        return []
+    paths = [p for p, _ in model.named_modules() if p]
+    found = [p for p in paths if any(p == m or p.endswith("." + m) for m in modules_to_save)]
+    missing = [m for m in modules_to_save if not any(p == m or p.endswith("." + m) for p in found)]
+    if missing:
+        close = [c for m in missing for c in difflib.get_close_matches(m, paths, n=3, cutoff=0.5)]
+        raise ValueError(f"modules_to_save {missing} matched no module; closest that exist: {close or paths[-5:]}")
+    return found
+
+
+def _bias_params(model: nn.Module, cfg: LoraConfig, layers: list[str]) -> list[str]:
+    if cfg.bias == "none":
+        return []
+    modules = dict(model.named_modules())
+    names = []
+    for path, m in modules.items():
+        bias = getattr(m, "bias", None)
+        if isinstance(bias, nn.Parameter) and (cfg.bias == "all" or path in layers):
+            names.append(f"{path}.bias" if path else "bias")
+    return names
+
+
+def _drop_empty_layers(model: nn.Module) -> None:
+    from .layers import detach
+
+    for _, layer in lora_layers(model):
+        if not layer.lora_specs:
+            detach(layer)

