@@ -1,0 +1,378 @@
+"""The paper's analyses of a learned update ΔW = scale·B·A (Hu et al. 2022, Sec. 7).
+
+- `subspace_similarity`: φ(A1, A2, i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j) over the right-singular
+  vectors of two A matrices (Sec. 7.2, Figures 3 and 4); 1 = one subspace contains the other, 0 = orthogonal.
+- `amplification`: how much ΔW amplifies directions of W (Sec. 7.3, Table 7).
+- `singular_spectrum`, `effective_rank`: how many directions ΔW really uses.
+
+`adapter_updates` reads these per layer from an adapter folder; `analyze` / `write_report` turn one or
+two folders (and optionally the base model) into tables and PNG figures (``lorakit analyze``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import PREFIX
+from .checkpoint import atomic_write_bytes, read_adapter
+from .functional import lora_scale
+from .layers import is_conv1d_gpt2
+
+# ---- the math ----------------------------------------------------------------------------------------
+
+
+def right_singular_vectors(A: Tensor) -> Tensor:
+    """Orthonormal rows spanning A's row space, strongest first: Vh of A = U·S·Vh, A: (r, k) -> (r, k)."""
+    _, _, Vh = torch.linalg.svd(A.detach().flatten(1).double(), full_matrices=False)
+    return Vh
+
+
+def subspace_similarity(A1: Tensor, A2: Tensor) -> Tensor:
+    """φ[i-1, j-1] = ‖V1[:i] V2[:j]ᵀ‖²_F / min(i, j) for all i ≤ r1, j ≤ r2 (the paper's Eq. in Sec. 7.2).
+
+    A1: (r1, k), A2: (r2, k) (conv A's are flattened) -> (r1, r2) in [0, 1].
+    """
+    if A1.flatten(1).shape[1] != A2.flatten(1).shape[1]:
+        raise ValueError(
+            f"A matrices act on different input sizes ({A1.flatten(1).shape[1]} vs {A2.flatten(1).shape[1]}): "
+            "compare adapters of the same layer of the same base model"
+        )
+    overlap = (right_singular_vectors(A1) @ right_singular_vectors(A2).T) ** 2  # (r1, r2)
+    cum = overlap.cumsum(0).cumsum(1)
+    i = torch.arange(1, cum.shape[0] + 1, dtype=cum.dtype)[:, None]
+    j = torch.arange(1, cum.shape[1] + 1, dtype=cum.dtype)[None, :]
+    return (cum / torch.minimum(i, j)).clamp(0.0, 1.0).float()
+
+
+def singular_spectrum(delta: Tensor) -> Tensor:
+    """Singular values of ΔW (flattened to 2-D), largest first, in fp32."""
+    return torch.linalg.svdvals(delta.detach().flatten(1).double()).float()
+
+
+def effective_rank(x: Tensor) -> float:
+    """Roy & Vetterli's effective rank exp(H(σ/Σσ)) of a matrix, or of its singular values (1-D input).
+
+    Equals k for k equal non-zero singular values; 0 for the zero matrix.
+    """
+    s = x.double() if x.dim() == 1 else singular_spectrum(x).double()
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s[s > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@dataclass(frozen=True)
+class Amplification:
+    """One row block of the paper's Table 7 for one layer: Frobenius norms and the amplification factor."""
+
+    r: int
+    delta_norm: float  # ‖ΔW‖_F
+    weight_norm: float  # ‖W‖_F
+    proj_delta: float  # ‖UᵀWVᵀ‖_F, U, V: ΔW's top-r singular vectors
+    proj_weight: float  # same with W's own top-r singular vectors
+    proj_random: float  # same with a random r-dimensional subspace
+
+    @property
+    def factor(self) -> float:
+        """‖ΔW‖_F / ‖UᵀWVᵀ‖_F with ΔW's directions: how much ΔW amplifies what W already has there."""
+        return self.delta_norm / self.proj_delta if self.proj_delta > 0 else math.inf
+
+
+def _project(W: Tensor, U: Tensor, Vh: Tensor) -> float:
+    return float(torch.linalg.matrix_norm(U.T @ W @ Vh.T))
+
+
+def amplification(W: Tensor, delta: Tensor, r: int | None = None, seed: int = 0) -> Amplification:
+    """Project W onto ΔW's top-r singular subspaces, W's own and a random one (Sec. 7.3, Table 7).
+
+    W, ΔW: (d, k) in the same orientation (conv weights are flattened). `r` defaults to rank(ΔW).
+    """
+    W64, D64 = W.detach().flatten(1).double(), delta.detach().flatten(1).double()
+    if W64.shape != D64.shape:
+        raise ValueError(f"W has shape {tuple(W64.shape)} but ΔW has {tuple(D64.shape)}: pass the matching base weight")
+    r = int(torch.linalg.matrix_rank(D64)) if r is None else r
+    if not 1 <= r <= min(W64.shape):
+        raise ValueError(f"r must be in [1, {min(W64.shape)}] for a {tuple(W64.shape)} weight, got {r}")
+    Ud, _, Vd = torch.linalg.svd(D64, full_matrices=False)
+    Uw, _, Vw = torch.linalg.svd(W64, full_matrices=False)
+    g = torch.Generator().manual_seed(seed)
+    Ur = torch.linalg.qr(torch.randn(W64.shape[0], r, generator=g, dtype=torch.float64)).Q
+    Vr = torch.linalg.qr(torch.randn(W64.shape[1], r, generator=g, dtype=torch.float64)).Q.T
+    return Amplification(
+        r=r,
+        delta_norm=float(torch.linalg.matrix_norm(D64)),
+        weight_norm=float(torch.linalg.matrix_norm(W64)),
+        proj_delta=_project(W64, Ud[:, :r], Vd[:r]),
+        proj_weight=_project(W64, Uw[:, :r], Vw[:r]),
+        proj_random=_project(W64, Ur, Vr),
+    )
+
+
+# ---- adapters on disk -----------------------------------------------------------------------------
+
+
+@dataclass
+class LayerUpdate:
+    """One adapted layer of a saved adapter: A (r, d_in[, kernel]), B (d_out, r[, 1..]) and the scale."""
+
+    A: Tensor
+    B: Tensor
+    scale: float
+    embedding: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def delta(self) -> Tensor:
+        """ΔW = scale·B·A as (d_out, d_in·kernel) in fp32, the paper's orientation."""
+        return (self.B.float().flatten(1) @ self.A.float().flatten(1)) * self.scale
+
+
+@dataclass
+class AdapterInfo:
+    """A saved adapter folder read for analysis: per-layer updates by module path, and its base model."""
+
+    path: str
+    base: str | None
+    layers: dict[str, LayerUpdate] = field(default_factory=dict)
+
+
+def adapter_updates(path: str | os.PathLike) -> AdapterInfo:
+    """Read an adapter folder (lorakit's or PEFT's) into per-layer A, B and scale, keyed by module path."""
+    fields, tensors, cfg = read_adapter(path)
+    info = AdapterInfo(str(path), fields.get("base_model_name_or_path") or cfg.base_model_name_or_path)
+    slots = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "eA", ".lora_embedding_B": "eB"}
+    found: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        for suffix, slot in slots.items():
+            if key.endswith(suffix):
+                found.setdefault(key[len(PREFIX) if key.startswith(PREFIX) else 0 : -len(suffix)], {})[slot] = t
+    for mpath, parts in sorted(found.items(), key=lambda kv: _natural_key(kv[0])):
+        A, B = parts.get("A", parts.get("eA")), parts.get("B", parts.get("eB"))
+        if A is None or B is None:
+            raise ValueError(f"adapter {path} has only one of lora_A / lora_B for {mpath}: the file is incomplete")
+        scale = lora_scale(cfg.alpha_for(mpath), cfg.rank_for(mpath), cfg.use_rslora)
+        info.layers[mpath] = LayerUpdate(A.float(), B.float(), scale, embedding="eA" in parts)
+    if not info.layers:
+        raise ValueError(f"adapter {path} holds no LoRA A/B tensors to analyse")
+    return info
+
+
+def _natural_key(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def weight_type(path: str) -> str:
+    """The weight type of a module path, as the paper groups layers: its last name (``q_proj``)."""
+    return path.rsplit(".", 1)[-1]
+
+
+def layer_index(path: str) -> int | None:
+    """The block number in a module path (``model.layers.7.self_attn.q_proj`` -> 7), None if there is none."""
+    match = re.search(r"\.(\d+)\.", "." + path + ".")
+    return int(match.group(1)) if match else None
+
+
+def base_weight(model: nn.Module, mpath: str) -> Tensor:
+    """The base weight at `mpath` in the paper's orientation (d_out, d_in), matching `LayerUpdate.delta`."""
+    module = dict(model.named_modules()).get(mpath)
+    if module is None or not isinstance(getattr(module, "weight", None), Tensor):
+        raise ValueError(f"the base model has no weight at {mpath!r}: the adapter was trained on another model")
+    W = module.weight.detach()
+    return W.T if (is_conv1d_gpt2(module) or isinstance(module, nn.Embedding)) else W.flatten(1)
+
+
+# ---- reports --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Analysis:
+    """Everything `analyze` computes, by module path; `write_report` renders it."""
+
+    adapters: list[AdapterInfo]
+    spectra: dict[str, list[Tensor]]  # path -> singular values of ΔW, one per adapter
+    similarity: dict[str, Tensor] = field(default_factory=dict)  # path -> φ (r1, r2), two adapters
+    amplification: dict[str, list[Amplification]] = field(default_factory=dict)  # path -> one per adapter
+    skipped: list[str] = field(default_factory=list)  # layers in only one of the two adapters
+
+
+def check_comparable(a: AdapterInfo, b: AdapterInfo) -> list[str]:
+    """The layers two adapters share; raises if they come from different bases or share no layer."""
+    if a.base and b.base and a.base != b.base:
+        raise ValueError(
+            f"the adapters were trained on different base models ({a.base!r} vs {b.base!r}); "
+            "subspace similarity only means something for the same base"
+        )
+    common = [p for p in a.layers if p in b.layers]
+    if not common:
+        raise ValueError(
+            f"the adapters share no adapted layer ({a.path}: {list(a.layers)[:4]}…, {b.path}: {list(b.layers)[:4]}…); "
+            "train both on the same target_modules"
+        )
+    for p in common:
+        ka, kb = a.layers[p].A.flatten(1).shape[1], b.layers[p].A.flatten(1).shape[1]
+        if ka != kb:
+            raise ValueError(f"layer {p} has input size {ka} in {a.path} but {kb} in {b.path}: not the same base model")
+    return common
+
+
+def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> Analysis:
+    """Spectra of ΔW for one or two adapters, φ between two, and amplification when the base `model` is given."""
+    if not 1 <= len(paths) <= 2:
+        raise ValueError(f"analyze takes one or two adapter folders, got {len(paths)}")
+    infos = [adapter_updates(p) for p in paths]
+    layers = check_comparable(*infos) if len(infos) == 2 else list(infos[0].layers)
+    result = Analysis(infos, {})
+    result.skipped = sorted({p for info in infos for p in info.layers} - set(layers), key=_natural_key)
+    for p in layers:
+        updates = [info.layers[p] for info in infos]
+        result.spectra[p] = [singular_spectrum(u.delta) for u in updates]
+        if len(updates) == 2:
+            result.similarity[p] = subspace_similarity(updates[0].A, updates[1].A)
+        if model is not None:
+            W = base_weight(model, p)
+            for info, u in zip(infos, updates):
+                if tuple(W.shape) != tuple(u.delta.shape):
+                    raise ValueError(
+                        f"{info.path}: layer {p} has ΔW {tuple(u.delta.shape)} but the base weight is "
+                        f"{tuple(W.shape)}: the adapter was trained on another model"
+                    )
+            result.amplification[p] = [amplification(W, u.delta, r=u.rank) for u in updates]
+    return result
+
+
+def _save_figure(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_similarity(phis: dict[str, Tensor], path: str | os.PathLike, title: str = "") -> None:
+    """Heatmaps of φ(i, j) (rows i ≤ r1, columns j ≤ r2), one panel per layer, as in the paper's Figure 3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(phis)
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 1.2 + 2.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        phi = phis[name].numpy()
+        im = ax.imshow(phi, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest",
+                       extent=(0.5, phi.shape[1] + 0.5, phi.shape[0] + 0.5, 0.5))
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("j", fontsize=8)
+        ax.set_ylabel("i", fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="φ(i, j)")
+    fig.suptitle(title)
+    _save_figure(fig, Path(path))
+    plt.close(fig)
+
+
+def plot_spectra(spectra: dict[str, Tensor], path: str | os.PathLike, title: str = "") -> None:
+    """Normalised singular values σ_i/σ_1 of ΔW, one line per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in spectra.items():
+        s = s[s > 0]
+        if len(s):
+            ax.plot(range(1, len(s) + 1), (s / s[0]).numpy(), marker=".", linewidth=1, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("i")
+    ax.set_ylabel("σ_i / σ_1 of ΔW")
+    ax.set_title(title)
+    if len(spectra) <= 12:
+        ax.legend(fontsize=6)
+    _save_figure(fig, Path(path))
+    plt.close(fig)
+
+
+def _by_type(paths: list[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        groups.setdefault(weight_type(p), []).append(p)
+    return groups
+
+
+def _short(path: str) -> str:
+    idx = layer_index(path)
+    return f"layer {idx} {weight_type(path)}" if idx is not None else path
+
+
+def write_report(result: Analysis, out_dir: str | os.PathLike) -> Path:
+    """Write ``report.md`` with the tables and the PNG figures into `out_dir`; returns the report's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [Path(a.path).name or a.path for a in result.adapters]
+    if len(set(names)) < len(names):
+        names = [f"adapter {i + 1}" for i in range(len(names))]
+    lines = ["# LoRA adapter analysis", ""]
+    for a in result.adapters:
+        ranks = sorted({u.rank for u in a.layers.values()})
+        lines.append(f"- `{a.path}`: {len(a.layers)} adapted layers, r = {ranks}, base `{a.base}`")
+    if result.skipped:
+        lines.append(f"- layers in only one adapter (not compared): {', '.join(result.skipped)}")
+    lines += ["", "## Singular spectrum of ΔW", "",
+              "Effective rank = exp(entropy of σ/Σσ) (Roy & Vetterli 2007); σ₁/‖ΔW‖_F = share of the top direction.", ""]
+    header = "| layer | " + " | ".join(f"‖ΔW‖_F ({n}) | eff. rank ({n}) | σ₁/‖ΔW‖_F ({n})" for n in names) + " |"
+    lines += [header, "|" + "---|" * (1 + 3 * len(names))]
+    for p, spectra in result.spectra.items():
+        cells = []
+        for s in spectra:
+            norm = float(s.norm())
+            cells += [f"{norm:.3g}", f"{effective_rank(s):.2f}", f"{float(s[0]) / norm:.2f}" if norm > 0 else "–"]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    for wt, paths in _by_type(list(result.spectra)).items():
+        for a, n in enumerate(names):
+            fname = f"spectrum_{wt}_{a}.png"
+            plot_spectra({_short(p): result.spectra[p][a] for p in paths}, out / fname, f"ΔW spectrum, {wt}, {n}")
+            lines += ["", f"![spectrum {wt} {n}]({fname})"]
+    if result.similarity:
+        lines += ["", f"## Subspace similarity φ({names[0]}, {names[1]}) (paper Sec. 7.2, Figures 3-4)", "",
+                  "φ(i, j) = ‖U₁[:, :i]ᵀU₂[:, :j]‖²_F / min(i, j) over the right-singular vectors of A; "
+                  "1 = same subspace, 0 = orthogonal. A random pair of i- and j-dim subspaces of ℝᵏ gives ≈ max(i, j)/k.", "",
+                  "| layer | r₁ | r₂ | φ(1,1) | φ(1, r₂) | mean φ(i,j), i,j ≤ min(r₁,r₂) | random baseline φ(1,1) |",
+                  "|---|---|---|---|---|---|---|"]
+        for p, phi in result.similarity.items():
+            m = min(phi.shape)
+            k = result.adapters[0].layers[p].A.flatten(1).shape[1]
+            lines.append(f"| {p} | {phi.shape[0]} | {phi.shape[1]} | {phi[0, 0]:.3f} | {phi[0, -1]:.3f} | "
+                         f"{phi[:m, :m].mean():.3f} | {1 / k:.4f} |")
+        for wt, paths in _by_type(list(result.similarity)).items():
+            fname = f"similarity_{wt}.png"
+            plot_similarity({_short(p): result.similarity[p] for p in paths}, out / fname,
+                            f"φ({names[0]}, {names[1]}, i, j), {wt}")
+            lines += ["", f"![similarity {wt}]({fname})"]
+    if result.amplification:
+        lines += ["", "## Amplification of W by ΔW (paper Sec. 7.3, Table 7)", "",
+                  "‖UᵀWVᵀ‖_F with U, V the top-r singular vectors of ΔW, of W itself, or random; "
+                  "factor = ‖ΔW‖_F / ‖UᵀWVᵀ‖_F with ΔW's directions.", "",
+                  "| layer | adapter | r | ‖ΔW‖_F | ‖W‖_F | ‖UᵀWVᵀ‖ ΔW dirs | ‖UᵀWVᵀ‖ W dirs | ‖UᵀWVᵀ‖ random | factor |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for p, amps in result.amplification.items():
+            for n, a in zip(names, amps):
+                lines.append(f"| {p} | {n} | {a.r} | {a.delta_norm:.3g} | {a.weight_norm:.3g} | {a.proj_delta:.3g} | "
+                             f"{a.proj_weight:.3g} | {a.proj_random:.3g} | {a.factor:.2f} |")
+    report = out / "report.md"
+    atomic_write_bytes(report, ("\n".join(lines) + "\n").encode())
+    return report

@@ -1,0 +1,141 @@
+"""The paper's analyses against hand-computed cases, and `lorakit analyze` on saved adapters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lorakit
+from conftest import tiny_llama
+from lorakit.analysis import amplification, analyze, effective_rank, singular_spectrum, subspace_similarity
+from lorakit.cli import main
+
+
+def test_identical_subspaces_give_one():
+    A = torch.randn(4, 20, generator=torch.Generator().manual_seed(0))
+    mix = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))  # same row space, other basis
+    phi = subspace_similarity(A, mix @ A)
+    assert phi.shape == (4, 4)
+    assert phi[-1, -1] == pytest.approx(1.0, abs=1e-6)  # the whole 4-dim spaces coincide
+    assert torch.allclose(torch.diagonal(subspace_similarity(A, 3 * A)), torch.ones(4), atol=1e-6)
+
+
+def test_orthogonal_subspaces_give_zero():
+    eye = torch.eye(10)
+    phi = subspace_similarity(eye[:3] * torch.tensor([[3.0], [2.0], [1.0]]), eye[3:8])
+    assert phi.shape == (3, 5)
+    assert phi.abs().max() < 1e-9
+
+
+def test_nested_subspaces_hand_computed():
+    """A1 spans e1, e2 (e1 strongest); A2 spans e2, e3 (e2 strongest): φ(1,1) = 0, φ(2,1) = 1, φ(2,2) = 1/2."""
+    e = torch.eye(6)
+    A1 = torch.stack([3 * e[0], e[1]])
+    A2 = torch.stack([3 * e[1], e[2]])
+    phi = subspace_similarity(A1, A2)
+    assert torch.allclose(phi, torch.tensor([[0.0, 0.0], [1.0, 0.5]]), atol=1e-6)
+
+
+def test_subspace_similarity_rejects_different_inputs():
+    with pytest.raises(ValueError, match="different input sizes"):
+        subspace_similarity(torch.randn(2, 5), torch.randn(2, 6))
+
+
+def test_amplification_constructed():
+    """W = diag(10, 5, 1, 0.5); ΔW = 7·e3 e3ᵀ: ΔW's direction holds W's 1, W's top direction its 10."""
+    W = torch.diag(torch.tensor([10.0, 5.0, 1.0, 0.5]))
+    delta = torch.zeros(4, 4)
+    delta[2, 2] = 7.0
+    amp = amplification(W, delta)
+    assert amp.r == 1
+    assert amp.delta_norm == pytest.approx(7.0)
+    assert amp.weight_norm == pytest.approx(math.sqrt(100 + 25 + 1 + 0.25))
+    assert amp.proj_delta == pytest.approx(1.0)
+    assert amp.proj_weight == pytest.approx(10.0)
+    assert amp.factor == pytest.approx(7.0)
+    assert 0 <= amp.proj_random <= 10.0 + 1e-9
+    assert amplification(W, delta, r=2).proj_weight == pytest.approx(math.sqrt(125))
+
+
+def test_effective_rank_and_spectrum():
+    assert effective_rank(torch.diag(torch.tensor([2.0, 2.0, 2.0, 0.0]))) == pytest.approx(3.0)
+    assert effective_rank(torch.zeros(3, 3)) == 0.0
+    B, A = torch.randn(8, 2), torch.randn(2, 6)
+    s = singular_spectrum(B @ A)
+    assert s.shape == (6,) and s[2:].abs().max() < 1e-5 * s[0]
+    assert 1.0 <= effective_rank(s) <= 2.0 + 1e-6
+
+
+def _trained_adapter(tmp_path, name: str, r: int, seed: int) -> str:
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2 * r, target_modules=["q_proj", "v_proj"]))
+    lorakit.adapters.randomize_adapters(model, std=0.1, seed=seed)
+    return str(lorakit.save_adapter(model, tmp_path / name))
+
+
+def test_analyze_from_files_matches_model(tmp_path):
+    a8, a2 = _trained_adapter(tmp_path, "r8", 8, 0), _trained_adapter(tmp_path, "r2", 2, 1)
+    model = tiny_llama()
+    result = analyze([a8, a2], model)
+    path = "model.layers.0.self_attn.q_proj"
+    assert set(result.similarity) == {f"model.layers.{i}.self_attn.{t}_proj" for i in (0, 1) for t in "qv"}
+    assert result.similarity[path].shape == (8, 2)
+    loaded = lorakit.load_adapter(tiny_llama(), a8)
+    layer = dict(loaded.named_modules())[path]
+    expected = singular_spectrum(layer.delta_weight("default"))
+    assert torch.allclose(result.spectra[path][0], expected, atol=1e-5)
+    amp = result.amplification[path]
+    assert [a.r for a in amp] == [8, 2]
+    assert amp[0].proj_weight >= amp[0].proj_delta - 1e-6  # W's own top directions capture the most of W
+
+
+def test_cli_analyze_writes_report_and_figures(tmp_path):
+    a8, a2 = _trained_adapter(tmp_path, "r8", 8, 0), _trained_adapter(tmp_path, "r2", 2, 1)
+    out = tmp_path / "report"
+    assert main(["analyze", a8, a2, "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "Subspace similarity" in report and "model.layers.1.self_attn.v_proj" in report
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["similarity_q_proj.png", "similarity_v_proj.png", "spectrum_q_proj_0.png",
+                    "spectrum_q_proj_1.png", "spectrum_v_proj_0.png", "spectrum_v_proj_1.png"]
+    assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_analyze_refuses_adapters_without_shared_layers(tmp_path, capsys):
+    a = _trained_adapter(tmp_path, "qv", 2, 0)
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["k_proj"]))
+    b = str(lorakit.save_adapter(model, tmp_path / "k"))
+    out = tmp_path / "out"
+    assert main(["analyze", a, b, "--out", str(out)]) == 1
+    assert "share no adapted layer" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_analyze_refuses_different_bases(tmp_path):
+    a = _trained_adapter(tmp_path, "a", 2, 0)
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], base_model_name_or_path="other/model"))
+    model2 = tiny_llama()
+    lorakit.inject(model2, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], base_model_name_or_path="some/base"))
+    b, c = lorakit.save_adapter(model, tmp_path / "b"), lorakit.save_adapter(model2, tmp_path / "c")
+    with pytest.raises(ValueError, match="different base models"):
+        analyze([b, c])
+    analyze([a, b])  # an unknown base on one side is not a conflict
+
+
+def test_analyze_refuses_adapter_of_another_model(tmp_path):
+    a = _trained_adapter(tmp_path, "a", 2, 0)
+    bigger = transformers_llama_with_hidden(48)
+    with pytest.raises(ValueError, match="another model"):
+        analyze([a], bigger)
+
+
+def transformers_llama_with_hidden(hidden: int) -> torch.nn.Module:
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg)
