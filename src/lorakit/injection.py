@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import LoraConfig
-from .layers import LoraLayer, LoraSpec, attach, base_shape, is_conv1d_gpt2, supports
+from .layers import LoraLayer, LoraSpec, adapter_shapes, attach, base_shape, is_conv1d_gpt2, supports
 from .state import DEFAULT_ADAPTER, AdapterRecord, LoraState, get_state, lora_layers
 
 #: The paper's default targets (Wq, Wv) for common architectures, by ``config.model_type``.
@@ -173,6 +173,7 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
                 f"enable_lora for {p.path!r} splits {d_out} outputs into {len(p.spec.enabled)} equal slices, "
                 "which does not divide evenly"
             )
+        adapter_shapes(p.module, p.spec)  # raises for layouts lorakit cannot adapt (grouped convs), before any change
     return planned
 
 
@@ -235,7 +236,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
     config = resolve_config(model, config)
     planned = plan(model, config, adapter)
     saved = _find_saved_modules(model, config.modules_to_save)
-    if state is None:
+    created = state is None
+    if created:
         state = LoraState()
         _freeze_record(model, state)
         model.__dict__["_lorakit"] = state
@@ -248,6 +250,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
             if isinstance(p.module, LoraLayer):
                 p.module.remove_adapter(adapter)
         _drop_empty_layers(model)
+        if created:
+            del model.__dict__["_lorakit"]
         raise
     state.adapters[adapter] = AdapterRecord(
         config=config,

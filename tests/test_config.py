@@ -1,0 +1,70 @@
+"""LoraConfig: validation at construction and per-module resolution of patterns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lorakit import LoraConfig
+
+
+@pytest.mark.parametrize("r", [0, -1, 2.5, True, "8", None])
+def test_bad_rank_is_refused_at_construction(r):
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        LoraConfig(r=r)
+
+
+@pytest.mark.parametrize("alpha", [0, -1.0, math.inf, math.nan, "16", True])
+def test_bad_alpha_is_refused_at_construction(alpha):
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        LoraConfig(alpha=alpha)
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5, "0.1"])
+def test_dropout_outside_zero_one_is_refused(dropout):
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        LoraConfig(dropout=dropout)
+
+
+def test_unknown_bias_and_init_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match="bias must be one of .*'lora_only'"):
+        LoraConfig(bias="some")
+    with pytest.raises(ValueError, match="init must be one of .*'gaussian'"):
+        LoraConfig(init="xavier")
+
+
+def test_bad_patterns_and_enable_lora_are_refused():
+    with pytest.raises(ValueError, match=r"rank_pattern\['q'\]"):
+        LoraConfig(rank_pattern={"q": 0})
+    with pytest.raises(ValueError, match=r"alpha_pattern\['q'\]"):
+        LoraConfig(alpha_pattern={"q": -2})
+    with pytest.raises(ValueError, match="enable_lora"):
+        LoraConfig(enable_lora={"c_attn": [False, False, False]})
+    with pytest.raises(ValueError, match="empty list"):
+        LoraConfig(target_modules=[])
+
+
+def test_valid_config_keeps_its_values_and_normalises_collections():
+    cfg = LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=("v_proj", "q_proj"), modules_to_save=("score",))
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+    assert cfg.modules_to_save == ["score"]
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.bias, cfg.init) == (4, 8, 0.1, "none", "kaiming")
+
+
+def test_rank_and_alpha_patterns_match_the_path_suffix():
+    cfg = LoraConfig(r=8, alpha=16, rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 4}, alpha_pattern={"q_proj": 3})
+    assert cfg.rank_for("model.layers.0.self_attn.v_proj") == 2
+    assert cfg.rank_for("model.layers.1.self_attn.q_proj") == 4
+    assert cfg.rank_for("model.layers.0.self_attn.q_proj") == 8
+    assert cfg.rank_for("model.layers.0.self_attn.xv_proj") == 8  # suffix match is per dotted segment
+    assert cfg.alpha_for("model.layers.0.self_attn.q_proj") == 3.0
+    assert cfg.alpha_for("model.layers.0.self_attn.v_proj") == 16.0
+
+
+def test_replace_validates_and_to_dict_round_trips():
+    cfg = LoraConfig(r=4, target_modules=["q"])
+    assert LoraConfig(**cfg.to_dict()) == cfg
+    with pytest.raises(ValueError):
+        cfg.replace(r=0)
+    assert cfg.replace(r=2).r == 2 and cfg.r == 4

@@ -1,0 +1,313 @@
+"""Injection into tiny LLaMA / GPT-2 / BERT: targets, defaults, patterns, freezing, bad input."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import BUILDERS, logits, tiny_bert, tiny_gpt2, tiny_llama
+from torch import nn
+
+import lorakit
+from lorakit.adapters import randomize_adapters
+from lorakit.layers import LoraLayer
+
+archs = pytest.mark.parametrize("arch", list(BUILDERS))
+
+
+def _adapted(model: nn.Module) -> dict[str, LoraLayer]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _snapshot(model: nn.Module) -> tuple:
+    """Everything 'untouched' means: classes, state dict keys and values, requires_grad, no lorakit state."""
+    return (
+        [(p, type(m)) for p, m in model.named_modules()],
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        "_lorakit" in model.__dict__,
+    )
+
+
+def _assert_same(before: tuple, after: tuple) -> None:
+    assert before[0] == after[0]
+    assert list(before[1]) == list(after[1])
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    assert before[2] == after[2]
+    assert before[3] == after[3]
+
+
+# ---- default targets -------------------------------------------------------------------------------
+
+def test_default_targets_llama_are_q_and_v_proj():
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2))
+    assert sorted(_adapted(model)) == [f"model.layers.{i}.self_attn.{n}" for i in (0, 1) for n in ("q_proj", "v_proj")]
+
+
+def test_default_targets_gpt2_are_the_q_and_v_slices_of_c_attn():
+    model = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=2))
+    layers = _adapted(model)
+    assert sorted(layers) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert all(m.lora_specs["default"].enabled == (True, False, True) for m in layers.values())
+    assert lorakit.trainable_parameters(model)[0] == 2 * 2 * 2 * (32 + 32)  # layers · slices · r · (d_in + d_slice)
+
+
+def test_default_targets_bert_are_query_and_value():
+    model = lorakit.inject(tiny_bert(), lorakit.LoraConfig(r=2))
+    assert sorted(_adapted(model)) == sorted(
+        f"bert.encoder.layer.{i}.attention.self.{n}" for i in (0, 1) for n in ("query", "value")
+    )
+
+
+def test_default_targets_fall_back_on_common_names_without_a_config():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wq, self.wk, self.wv = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    model = lorakit.inject(nn.Sequential(Attn()), lorakit.LoraConfig(r=1))
+    assert sorted(_adapted(model)) == ["0.wq", "0.wv"]
+
+
+def test_unknown_architecture_without_targets_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"cannot pick default target modules .*pass target_modules"):
+        lorakit.inject(model, lorakit.LoraConfig(r=1))
+    _assert_same(before, _snapshot(model))
+
+
+# ---- target forms and filters ----------------------------------------------------------------------
+
+def test_all_linear_adapts_every_linear_but_the_output_head():
+    llama = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules="all-linear"))
+    names = {p.rsplit(".", 1)[-1] for p in _adapted(llama)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(_adapted(llama)) == 14 and "lm_head" not in _adapted(llama)
+    gpt2 = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=2, target_modules="all-linear"))
+    assert len(_adapted(gpt2)) == 8 and "lm_head" not in _adapted(gpt2)
+    assert all(m.lora_specs["default"].enabled is None for m in _adapted(gpt2).values())
+
+
+def test_regex_target_matches_the_full_path():
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=r".*\.1\.self_attn\.(q|v)_proj"))
+    assert sorted(_adapted(model)) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+def test_list_targets_match_dotted_suffixes_only():
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["self_attn.q_proj"]))
+    assert sorted(_adapted(model)) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    with pytest.raises(ValueError, match="matched no module"):
+        lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["_proj"]))
+
+
+@pytest.mark.parametrize("layers", [1, [1]])
+def test_layers_restricts_to_block_indices(layers):
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], layers=layers))
+    assert sorted(_adapted(model)) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    bert = lorakit.inject(tiny_bert(), lorakit.LoraConfig(r=2, target_modules=["query"], layers=layers, layers_pattern="layer"))
+    assert sorted(_adapted(bert)) == ["bert.encoder.layer.1.attention.self.query"]
+
+
+def test_exclude_modules_wins_over_targets():
+    model = lorakit.inject(
+        tiny_llama(), lorakit.LoraConfig(r=2, target_modules="all-linear", exclude_modules=["v_proj", "mlp.down_proj"])
+    )
+    names = {p.rsplit(".", 1)[-1] for p in _adapted(model)}
+    assert names == {"q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"}
+    regex = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"], exclude_modules=r".*\.0\..*"))
+    assert sorted(_adapted(regex)) == ["model.layers.1.self_attn.q_proj"]
+
+
+def test_rank_and_alpha_patterns_give_per_module_r_alpha_and_shapes():
+    cfg = lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+                             alpha_pattern={r"layers\.1\.self_attn\.q_proj": 32})
+    model = lorakit.inject(tiny_llama(), cfg)
+    layers = _adapted(model)
+    v0, q0, q1 = (layers[f"model.layers.{i}.self_attn.{n}"] for i, n in ((0, "v_proj"), (0, "q_proj"), (1, "q_proj")))
+    assert (v0.lora_specs["default"].r, v0.lora_specs["default"].scale) == (2, 4.0)
+    assert tuple(v0.lora_A["default"].shape) == (2, 32) and tuple(v0.lora_B["default"].shape) == (16, 2)
+    assert (q0.lora_specs["default"].r, q0.lora_specs["default"].scale) == (4, 2.0)
+    assert (q1.lora_specs["default"].r, q1.lora_specs["default"].scale) == (4, 8.0)
+    assert lorakit.trainable_parameters(model)[0] == 2 * (4 * (32 + 32) + 2 * (32 + 16))
+
+
+def test_use_rslora_scales_by_alpha_over_sqrt_r():
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, alpha=6, target_modules=["q_proj"], use_rslora=True))
+    layer = _adapted(model)["model.layers.0.self_attn.q_proj"]
+    assert layer.lora_specs["default"].scale == pytest.approx(6 / math.sqrt(4))
+    randomize_adapters(model)
+    expected = 3.0 * layer.lora_B["default"] @ layer.lora_A["default"]
+    torch.testing.assert_close(layer.delta_weight("default"), expected.detach())
+
+
+def test_r_above_min_d_k_warns_naming_the_layer():
+    with pytest.warns(UserWarning, match=r"r=20 exceeds min\(d_out, d_in\)=16 of layer 'model.layers.0.self_attn.v_proj'"):
+        lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=20, target_modules=["q_proj", "v_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+
+
+# ---- the model after injection --------------------------------------------------------------------
+
+@archs
+def test_output_equals_base_at_init_exactly(arch, input_ids):
+    model = BUILDERS[arch]()
+    base = logits(model, input_ids)
+    assert lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear")) is model
+    assert torch.equal(logits(model, input_ids), base)
+
+
+@archs
+def test_trainable_count_is_sum_of_r_times_d_in_plus_d_out(arch):
+    model = BUILDERS[arch]()
+    total = sum(p.numel() for p in model.parameters())
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8))
+    expected = 0
+    for layer in _adapted(model).values():
+        d_out, d_in = layer.base_shape()
+        enabled = layer.lora_specs["default"].enabled
+        expected += 4 * (d_in + d_out) if enabled is None else sum(enabled) * 4 * (d_in + d_out // len(enabled))
+    assert lorakit.trainable_parameters(model) == (expected, total + expected)
+
+
+@archs
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_only_adapter_params_saved_modules_and_chosen_biases_train(arch, bias, input_ids):
+    model = BUILDERS[arch]()
+    head = {"llama": "lm_head", "gpt2": "ln_f", "bert": "classifier"}[arch]
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, bias=bias, modules_to_save=[head]))
+    randomize_adapters(model, std=0.05)
+    adapted = _adapted(model)
+    expected = {n for n, _ in model.named_parameters() if ".lora_" in n}
+    expected |= {n for n, _ in model.named_parameters() if n.split(".")[-2] == head.split(".")[-1]}
+    if bias == "all":
+        expected |= {n for n, _ in model.named_parameters() if n.endswith(".bias") and ".lora_" not in n}
+    elif bias == "lora_only":
+        expected |= {f"{p}.bias" for p, m in adapted.items() if m.bias is not None}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(input_ids).logits.float().pow(2).mean().backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in expected), n
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n not in expected or p.grad.abs().sum() == 0), n
+
+
+def test_modules_to_save_are_never_adapted_and_train_whole():
+    model = lorakit.inject(tiny_bert(), lorakit.LoraConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"]))
+    assert "classifier" not in _adapted(model)
+    assert model.classifier.weight.requires_grad and model.classifier.bias.requires_grad
+    assert lorakit.trainable_parameters(model)[0] == sum(
+        p.numel() for n, p in model.named_parameters() if ".lora_" in n or n.startswith("classifier.")
+    )
+
+
+def test_gpt3_shaped_model_on_meta_reports_the_papers_18_9m():
+    class Block(nn.Module):
+        def __init__(self, d: int):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    class GPT3(nn.Module):
+        def __init__(self, n_layer: int = 96, d: int = 12288):
+            super().__init__()
+            self.layers = nn.ModuleList(Block(d) for _ in range(n_layer))
+
+    with torch.device("meta"):
+        model = GPT3()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=4, target_modules=["q", "v"]))
+    trainable, total = lorakit.trainable_parameters(model)
+    assert trainable == 18_874_368  # the paper's Table 4: 18.9M for r=4 on Wq, Wv
+    assert trainable // 4 == 4_718_592  # 4.7M per rank unit
+    assert total == 96 * 4 * 12288**2 + trainable
+    layer = model.layers[0].q
+    assert layer.lora_A["default"].is_meta and layer.lora_A["default"].shape == (4, 12288)
+    assert not layer.weight.requires_grad
+    assert "trainable params: 18,874,368" in lorakit.summary(model)
+
+
+def test_tiny_llama_on_meta_injects_and_materialises():
+    with torch.device("meta"):
+        model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    layer = _adapted(model)["model.layers.0.self_attn.q_proj"]
+    assert layer.lora_A["default"].is_meta and layer.lora_B["default"].shape == (32, 2)
+    model.to_empty(device="cpu")
+    assert layer.lora_A["default"].device.type == "cpu"
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+
+@archs
+def test_target_matching_nothing_lists_close_names_and_leaves_the_model_untouched(arch):
+    model = BUILDERS[arch]()
+    before = _snapshot(model)
+    wanted = {"llama": "q_prj", "gpt2": "c_atn", "bert": "querry"}[arch]
+    close = {"llama": "q_proj", "gpt2": "c_attn", "bert": "query"}[arch]
+    with pytest.raises(ValueError, match=rf"matched no module.*Closest names that exist: \[.*'{close}'"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=[wanted]))
+    _assert_same(before, _snapshot(model))
+
+
+def test_one_unmatched_name_in_a_list_fails_the_whole_injection():
+    model = tiny_llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"\['v_prj'\] matched no module.*'v_proj'"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_prj"]))
+    _assert_same(before, _snapshot(model))
+
+
+def test_targets_restricted_by_layers_to_nothing_name_the_layers():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"in layers \[7\]"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], layers=[7]))
+    assert not _adapted(model)
+
+
+def test_unsupported_target_type_is_refused_before_any_change():
+    model = tiny_llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="LlamaRMSNorm.*Name the linear layers"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "input_layernorm"]))
+    _assert_same(before, _snapshot(model))
+
+
+def test_grouped_conv_is_refused_before_any_change():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="grouped convolutions"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0", "1"]))
+    _assert_same(before, _snapshot(model))
+
+
+def test_unknown_modules_to_save_is_refused_before_any_change():
+    model = tiny_bert()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"modules_to_save \['clasifier'\] matched no module.*classifier"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, modules_to_save=["clasifier"]))
+    _assert_same(before, _snapshot(model))
+
+
+def test_injecting_twice_under_one_name_is_refused_and_another_name_works(input_ids):
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    before = _snapshot(model)
+    out = logits(model, input_ids)
+    with pytest.raises(ValueError, match="adapter 'default' is already injected"):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["v_proj"]))
+    _assert_same(before, _snapshot(model))
+    torch.testing.assert_close(logits(model, input_ids), out)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["v_proj"]), adapter="second")
+    assert lorakit.list_adapters(model) == ["default", "second"]
+    assert lorakit.active_adapters(model) == ["second"]
+
+
+def test_config_must_be_a_lora_config():
+    with pytest.raises(TypeError, match="LoraConfig"):
+        lorakit.inject(tiny_llama(), {"r": 8})

@@ -1,0 +1,311 @@
+"""Every LoRA layer type on small hand-built models: Linear, GPT-2 Conv1D (whole and fused slices),
+Embedding, Conv1d, Conv2d. Invariants: equal to the base at init, counts, grads, merge/unmerge."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.adapters import randomize_adapters
+from lorakit.layers import LoraLayer, adapter_shapes, attach, detach, supports
+
+Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+
+
+@dataclass
+class Case:
+    """A tiny model, an input for it, the config that adapts it, and the paper's trainable count."""
+
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], torch.Tensor]
+    cfg: lorakit.LoraConfig
+    count: Callable[[int], int]  # r -> expected number of adapter parameters
+
+
+def _x(*shape: int) -> Callable[[], torch.Tensor]:
+    return lambda: torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+
+
+CASES = {
+    # Σ r·(d_in + d_out) over the adapted layers
+    "linear": Case(
+        lambda: nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 6)),
+        _x(4, 5, 12),
+        lorakit.LoraConfig(r=3, alpha=6, target_modules=["0", "2"]),
+        lambda r: r * (12 + 10) + r * (10 + 6),
+    ),
+    "conv1d_gpt2": Case(
+        lambda: nn.Sequential(Conv1D(18, 12), nn.Tanh(), Conv1D(12, 18)),
+        _x(2, 5, 12),
+        lorakit.LoraConfig(r=3, alpha=6, target_modules=["0", "2"]),
+        lambda r: r * (12 + 18) + r * (18 + 12),
+    ),
+    # fused q,k,v in one Conv1D (GPT-2's c_attn): only q and v adapted, r·(d_in + d_slice) per slice
+    "conv1d_gpt2_fused_qv": Case(
+        lambda: nn.Sequential(Conv1D(3 * 8, 12)),
+        _x(2, 5, 12),
+        lorakit.LoraConfig(r=2, alpha=4, target_modules=["0"], enable_lora={"0": [True, False, True]}),
+        lambda r: 2 * r * (12 + 8),
+    ),
+    "embedding": Case(
+        lambda: nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 4)),
+        lambda: torch.randint(0, 20, (3, 7), generator=torch.Generator().manual_seed(3)),
+        lorakit.LoraConfig(r=4, alpha=8, target_modules=["0"]),
+        lambda r: r * (20 + 8),
+    ),
+    # convolutions: A is a conv with the base kernel, so r·(c_in·kernel + c_out)
+    "conv1d": Case(
+        lambda: nn.Sequential(nn.Conv1d(3, 5, 3, padding=1)),
+        _x(2, 3, 10),
+        lorakit.LoraConfig(r=2, alpha=4, target_modules=["0"]),
+        lambda r: r * (3 * 3 + 5),
+    ),
+    "conv2d": Case(
+        lambda: nn.Sequential(nn.Conv2d(3, 4, (3, 3), stride=2, padding=1), nn.Tanh(), nn.Conv2d(4, 6, 1)),
+        _x(2, 3, 8, 8),
+        lorakit.LoraConfig(r=2, alpha=4, target_modules=["0", "2"]),
+        lambda r: r * (3 * 9 + 4) + r * (4 * 1 + 6),
+    ),
+}
+
+case_names = pytest.mark.parametrize("name", list(CASES))
+
+
+def _build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, Case]:
+    case = CASES[name]
+    torch.manual_seed(seed)
+    return case.build().eval(), case.inputs(), case
+
+
+def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@case_names
+def test_output_equals_base_at_init_exactly(name):
+    model, x, case = _build(name)
+    base = _out(model, x)
+    lorakit.inject(model, case.cfg)
+    assert any(isinstance(m, LoraLayer) for m in model.modules())
+    assert torch.equal(_out(model, x), base)
+
+
+@case_names
+def test_trainable_count_is_sum_of_r_times_d_in_plus_d_out(name):
+    model, _, case = _build(name)
+    total = sum(p.numel() for p in model.parameters())
+    lorakit.inject(model, case.cfg)
+    expected = case.count(case.cfg.r)
+    assert lorakit.trainable_parameters(model) == (expected, total + expected)
+
+
+@case_names
+def test_only_adapter_tensors_get_grads_and_change(name):
+    model, x, case = _build(name)
+    lorakit.inject(model, case.cfg)
+    randomize_adapters(model, std=0.1)
+    before = _weights(model)
+    lora = {n for n, p in model.named_parameters() if ".lora_" in n}
+    assert lora and {n for n, p in model.named_parameters() if p.requires_grad} == lora
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x).float().pow(2).mean().backward()
+    for n, p in model.named_parameters():
+        if n in lora:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+    opt.step()
+    after = _weights(model)
+    for k in before:
+        assert torch.equal(before[k], after[k]) == (k not in lora), k
+
+
+@case_names
+def test_merged_equals_unmerged_and_unmerge_restores_w0(name):
+    model, x, case = _build(name)
+    w0 = _weights(model)
+    lorakit.inject(model, case.cfg)
+    randomize_adapters(model, std=0.1)
+    unmerged = _out(model, x)
+    assert not torch.allclose(unmerged, _out(_build(name)[0], x), atol=1e-4)  # the adapter does something
+    lorakit.merge(model)
+    merged_w = _weights(model)
+    torch.testing.assert_close(_out(model, x), unmerged, atol=1e-5, rtol=0)
+    lorakit.merge(model)  # idempotent
+    assert all(torch.equal(merged_w[k], v) for k, v in _weights(model).items())
+    lorakit.unmerge(model)
+    lorakit.unmerge(model)  # idempotent
+    for k, v in w0.items():
+        torch.testing.assert_close(model.state_dict()[k], v, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_out(model, x), unmerged, atol=1e-5, rtol=0)
+
+
+@case_names
+def test_merge_and_unload_gives_the_plain_model_with_the_same_output(name):
+    model, x, case = _build(name)
+    classes = [type(m) for m in model.modules()]
+    keys = list(model.state_dict())
+    lorakit.inject(model, case.cfg)
+    randomize_adapters(model, std=0.1)
+    unmerged = _out(model, x)
+    plain = lorakit.merge_and_unload(model)
+    assert plain is model
+    assert [type(m) for m in plain.modules()] == classes
+    assert list(plain.state_dict()) == keys
+    assert "_lorakit" not in plain.__dict__
+    torch.testing.assert_close(_out(plain, x), unmerged, atol=1e-5, rtol=0)
+    fresh = _build(name)[0]
+    fresh.load_state_dict(plain.state_dict(), strict=True)  # a merged checkpoint loads into a plain model
+    torch.testing.assert_close(_out(fresh, x), unmerged, atol=1e-5, rtol=0)
+
+
+@case_names
+def test_unload_restores_classes_and_w0_exactly(name):
+    model, x, case = _build(name)
+    classes = [type(m) for m in model.modules()]
+    w0, base = _weights(model), _out(model, x)
+    lorakit.inject(model, case.cfg)
+    randomize_adapters(model, std=0.1)
+    lorakit.merge(model)
+    plain = lorakit.unload(model)
+    assert [type(m) for m in plain.modules()] == classes
+    assert all(p.requires_grad for p in plain.parameters())
+    for k, v in w0.items():
+        torch.testing.assert_close(plain.state_dict()[k], v, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_out(plain, x), base, atol=1e-5, rtol=0)
+
+
+@case_names
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_base_with_fp32_adapters(name, dtype):
+    model, x, case = _build(name)
+    model.to(dtype)
+    x = x.to(dtype) if x.is_floating_point() else x
+    base = _out(model, x)
+    lorakit.inject(model, case.cfg)
+    lora = [p for n, p in model.named_parameters() if ".lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert torch.equal(_out(model, x), base)
+    randomize_adapters(model, std=0.1)
+    unmerged = _out(model, x)
+    assert unmerged.dtype == dtype
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    expected = [(m.weight.float() + m.delta_weight("default")).to(dtype) for m in layers]
+    lorakit.merge(model)
+    for m, w in zip(layers, expected):
+        assert m.weight.dtype == dtype
+        assert torch.equal(m.weight, w)  # computed in fp32, cast back once
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(_out(model, x).float(), unmerged.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", ["linear", "conv1d_gpt2", "conv2d"])
+def test_lora_bias_trains_and_merges_into_the_base_bias(name):
+    model, x, case = _build(name)
+    bias0 = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")}
+    lorakit.inject(model, case.cfg.replace(lora_bias=True))
+    lb = {n: p for n, p in model.named_parameters() if "lora_B_bias" in n}
+    assert len(lb) == len(case.cfg.target_modules) and all(p.requires_grad for p in lb.values())
+    randomize_adapters(model, std=0.1)
+    unmerged = _out(model, x)
+    lorakit.merge(model)
+    torch.testing.assert_close(_out(model, x), unmerged, atol=1e-5, rtol=0)
+    assert any(not torch.equal(model.state_dict()[n], b) for n, b in bias0.items())
+    lorakit.unmerge(model)
+    for n, b in bias0.items():
+        torch.testing.assert_close(model.state_dict()[n], b, atol=1e-6, rtol=0)
+
+
+def test_lora_bias_on_a_layer_without_bias_refuses_to_merge_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 4, bias=False))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0", "1"], lora_bias=True))
+    randomize_adapters(model, std=0.1)
+    before = _weights(model)
+    with pytest.raises(ValueError, match="bias"):
+        lorakit.merge(model)
+    after = _weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer))
+
+
+def test_dropout_applies_in_train_mode_only():
+    model, x, case = _build("linear")
+    lorakit.inject(model, case.cfg.replace(dropout=0.5))
+    randomize_adapters(model, std=0.3)
+    eval_out = _out(model, x)
+    torch.testing.assert_close(_out(model, x), eval_out)  # deterministic in eval
+    model.train()
+    torch.manual_seed(0)
+    train_out = _out(model, x)
+    assert not torch.allclose(train_out, eval_out, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["linear", "embedding", "conv2d", "conv1d_gpt2_fused_qv"])
+def test_adapter_tensor_shapes_follow_peft_layout(name):
+    model, _, case = _build(name)
+    lorakit.inject(model, case.cfg)
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            shapes = adapter_shapes(m, m.lora_specs["default"])
+            assert tuple(m.lora_A["default"].shape) == shapes["lora_A"]
+            assert tuple(m.lora_B["default"].shape) == shapes["lora_B"]
+            assert m.delta_weight("default").shape == m.weight.shape
+    if name == "embedding":  # PEFT's embedding init: A zero, B random
+        emb = model[0]
+        assert torch.count_nonzero(emb.lora_A["default"]) == 0 and torch.count_nonzero(emb.lora_B["default"]) > 0
+    elif name != "conv1d_gpt2_fused_qv":
+        first = model[0]
+        assert torch.count_nonzero(first.lora_B["default"]) == 0 and torch.count_nonzero(first.lora_A["default"]) > 0
+
+
+def test_fused_slices_leave_the_k_outputs_untouched():
+    model, x, case = _build("conv1d_gpt2_fused_qv")
+    base = _out(model, x)
+    lorakit.inject(model, case.cfg)
+    randomize_adapters(model, std=0.2)
+    out = _out(model, x)
+    torch.testing.assert_close(out[..., 8:16], base[..., 8:16], atol=1e-6, rtol=0)  # k slice
+    assert not torch.allclose(out[..., :8], base[..., :8], atol=1e-3)
+    assert not torch.allclose(out[..., 16:], base[..., 16:], atol=1e-3)
+
+
+def test_attach_keeps_the_object_and_detach_restores_the_class():
+    lin = nn.Linear(4, 3)
+    weight = lin.weight
+    layer = attach(lin)
+    assert layer is lin and isinstance(lin, nn.Linear) and isinstance(lin, LoraLayer)
+    assert type(lin).__name__ == "LoraLinear" and lin.weight is weight
+    assert attach(lin) is lin  # attaching twice is a no-op
+    detach(lin)
+    assert type(lin) is nn.Linear and list(lin.state_dict()) == ["weight", "bias"]
+    assert not hasattr(lin, "lora_A") and "_lora_base_class" not in lin.__dict__
+
+
+def test_supported_layer_types():
+    assert supports(nn.Linear(2, 2)) and supports(Conv1D(2, 2)) and supports(nn.Embedding(3, 2))
+    assert supports(nn.Conv1d(1, 1, 1)) and supports(nn.Conv2d(1, 1, 1)) and supports(nn.Conv3d(1, 1, 1))
+    assert not supports(nn.LayerNorm(2)) and not supports(nn.ConvTranspose2d(1, 1, 1))
+
+
+def test_gaussian_init_as_the_paper():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512))
+    lorakit.inject(model, lorakit.LoraConfig(r=16, target_modules=["0"], init="gaussian"))
+    A = model[0].lora_A["default"]
+    assert A.std().item() == pytest.approx(1 / 16, rel=0.05)
+    assert torch.count_nonzero(model[0].lora_B["default"]) == 0
+    torch.manual_seed(0)
+    kaiming = nn.Sequential(nn.Linear(512, 512))
+    lorakit.inject(kaiming, lorakit.LoraConfig(r=16, target_modules=["0"]))
+    assert kaiming[0].lora_A["default"].abs().max() <= 1 / math.sqrt(512)
