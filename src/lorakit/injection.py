@@ -132,6 +132,8 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
     for path, module in model.named_modules():
         if not path:
             continue
+        if isinstance(targets, list):  # a name that matches only excluded modules is no typo
+            hit.update(n for n in targets if path == n or path.endswith("." + n))
         if cfg.exclude_modules and _name_match(cfg.exclude_modules, path):
             continue
         if is_saved_module(path, cfg.modules_to_save):
@@ -141,8 +143,6 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
                 continue
         elif not _name_match(targets, path):
             continue
-        if isinstance(targets, list):
-            hit.update(n for n in targets if path == n or path.endswith("." + n))
         if layers is not None and _layer_index(path, cfg.layers_pattern) not in layers:
             continue
         if not supports(module):
@@ -173,6 +173,8 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
                 f"enable_lora for {p.path!r} splits {d_out} outputs into {len(p.spec.enabled)} equal slices, "
                 "which does not divide evenly"
             )
+        if p.spec.lora_bias and isinstance(p.module, nn.Embedding):
+            raise ValueError(f"lora_bias applies to linear and conv layers, not to the embedding {p.path!r}; exclude it")
         adapter_shapes(p.module, p.spec)  # raises for layouts lorakit cannot adapt (grouped convs), before any change
     return planned
 

@@ -16,6 +16,12 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None) -> nn.Module
     """W ← W + (alpha/r)·B·A for the active adapters (or `adapter`); idempotent."""
     state = get_state(model)
     names = state.active if adapter is None else ([adapter] if isinstance(adapter, str) else adapter)
+    for path, layer in lora_layers(model):  # all or nothing: check every layer before changing any
+        if getattr(layer, "bias", None) is None and any(n in layer.lora_B_bias for n in names):
+            raise ValueError(
+                f"cannot merge: {path!r} has a lora_bias but no base bias to fold it into; "
+                "keep the adapter unmerged, or inject with lora_bias=False"
+            )
     for _, layer in lora_layers(model):
         for name in names:
             if name in layer.lora_specs:

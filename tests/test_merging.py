@@ -1,0 +1,147 @@
+"""Merging on tiny LLaMA / GPT-2 / BERT: merged == unmerged == merge_and_unload, W0 restored, idempotent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BUILDERS, logits, tiny_llama
+from torch import nn
+
+import lorakit
+from lorakit.adapters import randomize_adapters
+from lorakit.layers import LoraLayer
+
+archs = pytest.mark.parametrize("arch", list(BUILDERS))
+targets = pytest.mark.parametrize("target", [None, "all-linear"])
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _adapted(arch: str, target, **kw) -> nn.Module:
+    model = lorakit.inject(BUILDERS[arch](), lorakit.LoraConfig(r=4, alpha=8, target_modules=target, **kw))
+    randomize_adapters(model, std=0.1, seed=1)
+    return model
+
+
+@archs
+@targets
+def test_merged_equals_unmerged_equals_merge_and_unload(arch, target, input_ids):
+    model = _adapted(arch, target)
+    base = logits(BUILDERS[arch](), input_ids)
+    unmerged = logits(model, input_ids)
+    assert (unmerged - base).abs().max() > 1e-4  # the random adapter changes the output
+    lorakit.merge(model)
+    torch.testing.assert_close(logits(model, input_ids), unmerged, atol=1e-5, rtol=0)
+    plain = lorakit.merge_and_unload(model)
+    assert not any(isinstance(m, LoraLayer) for m in plain.modules())
+    assert not any(".lora_" in k for k in plain.state_dict())
+    torch.testing.assert_close(logits(plain, input_ids), unmerged, atol=1e-5, rtol=0)
+    fresh = BUILDERS[arch]()
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+    torch.testing.assert_close(logits(fresh, input_ids), unmerged, atol=1e-5, rtol=0)
+
+
+@archs
+def test_merge_and_unload_from_unmerged_state(arch, input_ids):
+    model = _adapted(arch, None)
+    unmerged = logits(model, input_ids)
+    torch.testing.assert_close(logits(lorakit.merge_and_unload(model), input_ids), unmerged, atol=1e-5, rtol=0)
+
+
+@archs
+def test_merge_and_unmerge_are_idempotent_and_unmerge_restores_w0(arch, input_ids):
+    w0 = _weights(BUILDERS[arch]())
+    model = _adapted(arch, "all-linear")
+    unmerged = logits(model, input_ids)
+    lorakit.merge(model)
+    once = _weights(model)
+    assert any(not torch.equal(once[k], w0[k]) for k in w0)
+    lorakit.merge(model)
+    assert all(torch.equal(once[k], v) for k, v in _weights(model).items())
+    lorakit.unmerge(model)
+    restored = _weights(model)
+    for k, v in w0.items():
+        torch.testing.assert_close(restored[k], v, atol=1e-6, rtol=0)
+    lorakit.unmerge(model)
+    assert all(torch.equal(restored[k], v) for k, v in _weights(model).items())
+    torch.testing.assert_close(logits(model, input_ids), unmerged, atol=1e-5, rtol=0)
+
+
+def test_merge_does_not_happen_on_eval_or_train():
+    model = _adapted("llama", None)
+    w = _weights(model)
+    model.train()
+    model.eval()
+    assert all(torch.equal(w[k], v) for k, v in _weights(model).items())
+    assert all(not m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer))
+
+
+@archs
+def test_unload_drops_adapters_and_gives_back_w0_and_the_base_output(arch, input_ids):
+    base_model = BUILDERS[arch]()
+    base, w0 = logits(base_model, input_ids), _weights(base_model)
+    classes = [type(m) for m in base_model.modules()]
+    model = _adapted(arch, "all-linear")
+    lorakit.merge(model)
+    plain = lorakit.unload(model)
+    assert [type(m) for m in plain.modules()] == classes
+    assert list(plain.state_dict()) == list(w0)
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(v, w0[k], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(plain, input_ids), base, atol=1e-5, rtol=0)
+    assert "_lorakit" not in plain.__dict__
+
+
+@pytest.mark.parametrize("strip", [lorakit.unload, lorakit.merge_and_unload])
+def test_unload_restores_requires_grad_as_before_injection(strip):
+    model = tiny_llama()
+    model.model.embed_tokens.weight.requires_grad_(False)  # the user had frozen this
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], bias="all", modules_to_save=["lm_head"]))
+    assert not model.model.layers[0].mlp.up_proj.weight.requires_grad
+    strip(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_merge_computes_in_fp32_and_casts_back(dtype, input_ids):
+    model = tiny_llama().to(dtype)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize_adapters(model, std=0.05)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert all(m.lora_A["default"].dtype == torch.float32 for m in layers)
+    w0 = [m.weight.detach().clone() for m in layers]
+    expected = [(w.float() + m.delta_weight("default")).to(dtype) for w, m in zip(w0, layers)]
+    unmerged = logits(model, input_ids)
+    lorakit.merge(model)
+    for m, w in zip(layers, expected):
+        assert m.weight.dtype == dtype and torch.equal(m.weight, w)
+    merged = logits(model, input_ids)
+    assert merged.dtype == dtype and torch.isfinite(merged).all()
+    torch.testing.assert_close(merged.float(), unmerged.float(), atol=0.1, rtol=0.05)
+    lorakit.unmerge(model)
+    for m, w in zip(layers, w0):
+        assert (m.weight.float() - w.float()).abs().max() <= 2 * torch.finfo(dtype).eps * w.float().abs().max()
+
+
+def test_merge_of_a_lora_bias_adapter_is_all_or_nothing():
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 4, bias=False))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0", "1"], lora_bias=True))
+    randomize_adapters(model, std=0.1)
+    before = _weights(model)
+    with pytest.raises(ValueError, match="lora_bias"):
+        lorakit.merge(model)
+    with pytest.raises(ValueError, match="lora_bias"):
+        lorakit.merge_and_unload(model)
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    assert all(not m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer))
+    assert "_lorakit" in model.__dict__
+
+
+def test_merge_without_adapters_is_a_clear_error():
+    with pytest.raises(ValueError, match="carries no lorakit adapter"):
+        lorakit.merge(tiny_llama())
+    with pytest.raises(ValueError, match="carries no lorakit adapter"):
+        lorakit.unload(tiny_llama())
