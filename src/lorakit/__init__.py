@@ -21,6 +21,7 @@ from .functional import delta_weight, lora_scale
 from .injection import inject
 from .layers import LoraLayer
 from .merging import merge, merge_and_unload, unload, unmerge
+from .multi import combine_adapters, mixed_batch
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,8 @@ __all__ = [
     "lora_scale",
     "merge",
     "merge_and_unload",
+    "mixed_batch",
+    "combine_adapters",
     "read_adapter",
     "save_adapter",
     "set_adapter",

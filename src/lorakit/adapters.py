@@ -41,13 +41,9 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
     layers = lora_layers(model)
     was_merged = any(layer.merged_adapters for _, layer in layers)
     for _, layer in layers:
-        for name in list(layer.merged_adapters):
-            if name not in names:
-                layer.unmerge_adapter(name)
         layer.active_adapters = [n for n in names if n in layer.lora_specs]
-        if was_merged:
-            for name in layer.active_adapters:
-                layer.merge_adapter(name)
+        # one fused pass per layer: W ← W0 + ΔW_new (exact W0 kept while merged, so no drift)
+        layer.set_merged(layer.active_adapters if was_merged else [])
     state.active = names
     _refresh_trainable(model)
 

@@ -106,28 +106,60 @@ class LoraLayer:
     # ---- merging ---------------------------------------------------------------------------
     @torch.no_grad()
     def merge_adapter(self, name: str) -> None:
-        """W ← W + ΔW (computed in fp32, cast back); does nothing if already merged."""
-        if name in self.merged_adapters:
-            return
-        self.weight.data = (self.weight.float() + self.delta_weight(name)).to(self.weight.dtype)
-        if name in self.lora_B_bias:
-            self._shift_bias(self.lora_B_bias[name] * self.lora_specs[name].scale)
-        self.merged_adapters.append(name)
+        """W ← W0 + ΔW with `name` added to the merged set; does nothing if already merged."""
+        if name not in self.merged_adapters:
+            self.set_merged([*self.merged_adapters, name])
 
     @torch.no_grad()
     def unmerge_adapter(self, name: str) -> None:
-        """W ← W − ΔW; does nothing if `name` is not merged."""
-        if name not in self.merged_adapters:
-            return
-        self.weight.data = (self.weight.float() - self.delta_weight(name)).to(self.weight.dtype)
-        if name in self.lora_B_bias:
-            self._shift_bias(-self.lora_B_bias[name] * self.lora_specs[name].scale)
-        self.merged_adapters.remove(name)
+        """Take `name` out of the merged set (W ← W0 + ΔW of the rest); does nothing if not merged."""
+        if name in self.merged_adapters:
+            self.set_merged([n for n in self.merged_adapters if n != name])
 
-    def _shift_bias(self, delta: Tensor) -> None:
-        if self.bias is None:
+    @torch.no_grad()
+    def set_merged(self, names: list[str]) -> None:
+        """Make exactly `names` merged in one pass per layer: W ← W0 + Σ ΔW (fp32, cast back).
+
+        While anything is merged an exact copy of W0 (and of the bias) is kept as the
+        non-persistent buffer ``lora_w0`` (``lora_b0``), so swaps never accumulate round-off and
+        unmerging everything restores W0 bit for bit, after any number of swaps.
+        """
+        names = list(dict.fromkeys(names))
+        unknown = [n for n in names if n not in self.lora_specs]
+        if unknown:
+            raise ValueError(f"cannot merge {unknown}: this layer has adapters {list(self.lora_specs)}")
+        if names == self.merged_adapters:
+            return
+        if getattr(self, "bias", None) is None and any(n in self.lora_B_bias for n in names):
             raise ValueError("lora_bias needs a base layer with a bias to merge into")
-        self.bias.data = (self.bias.float() + delta.float()).to(self.bias.dtype)
+        if not names:
+            self.weight.copy_(self._buffers.pop("lora_w0"))
+            if "lora_b0" in self._buffers:
+                self.bias.copy_(self._buffers.pop("lora_b0"))
+            self.merged_adapters = []
+            return
+        if "lora_w0" not in self._buffers:
+            self.register_buffer("lora_w0", self.weight.detach().clone(), persistent=False)
+            if getattr(self, "bias", None) is not None:  # nn.Embedding has no bias
+                self.register_buffer("lora_b0", self.bias.detach().clone(), persistent=False)
+        w0 = self._buffers["lora_w0"]
+        A, B = self.lora_A[names[0]], self.lora_B[names[0]]
+        spec = self.lora_specs[names[0]]
+        plain = spec.enabled is None and not (self.fan_in_fan_out or self.is_embedding) and A.dim() == 2
+        if len(names) == 1 and plain and w0.dtype == A.dtype == B.dtype == torch.float32:
+            self.weight.copy_(torch.addmm(w0, B, A, alpha=spec.scale))  # W0 + s·B·A in one GEMM
+        else:
+            total = w0.to(torch.float32, copy=True)
+            for name in names:
+                total += self.delta_weight(name)
+            self.weight.copy_(total)
+        if "lora_b0" in self._buffers:
+            bias = self._buffers["lora_b0"].to(torch.float32, copy=True)
+            for name in names:
+                if name in self.lora_B_bias:
+                    bias += self.lora_B_bias[name].float() * self.lora_specs[name].scale
+            self.bias.copy_(bias)
+        self.merged_adapters = names
 
     def _unmerged_active(self) -> list[str]:
         if self.lora_disabled:
@@ -283,6 +315,8 @@ def detach(module: LoraLayer) -> nn.Module:
     """Drop every adapter's tensors and give the module back its original class."""
     for name in ("lora_A", "lora_B", "lora_B_bias"):
         delattr(module, name)
+    for name in ("lora_w0", "lora_b0"):  # exact copies of W0 kept while merged
+        module._buffers.pop(name, None)
     for name in ("lora_specs", "active_adapters", "merged_adapters", "lora_disabled"):
         module.__dict__.pop(name, None)
     module.__class__ = module.__dict__.pop("_lora_base_class")

@@ -1,0 +1,265 @@
+"""Many tasks on one base model: mixed-adapter batches and combining adapters.
+
+`mixed_batch` lets row i of a batch use its own adapter (S-LoRA/Punica's idea): per layer the
+adapters' A and B are stacked once (ranks zero-padded to the largest), gathered per row and
+applied with two batched matrix products, so a batch over N adapters costs two `bmm`s per layer,
+never a forward per adapter and never a Python loop over rows.
+
+`combine_adapters` builds a new adapter from weighted existing ones ("cat", "linear", "svd").
+Every source's own scale (alpha/r or rsLoRA's alpha/√r) is folded into its B and the result
+gets scale 1 (alpha = r, no rsLoRA), so mixed scaling rules cannot go wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import set_adapter
+from .config import LoraConfig
+from .functional import expand_sliced_B
+from .layers import LoraLayer, LoraSpec
+from .state import AdapterRecord, get_state, lora_layers
+
+COMBINE_METHODS = ("cat", "linear", "svd")
+
+
+# ---- mixed batches -------------------------------------------------------------------------------
+
+class _RowAdapters:
+    """One layer's adapters stacked for a mixed batch; a forward hook adds row i's update.
+
+    Slot 0 is all zeros (the base model); A: (S, r_max, d_in), B: (S, d_out, r_max) with the
+    scale folded in, bias: (S, d_out) or None. `slots`: (batch,) slot of each row.
+    """
+
+    def __init__(self, layer: LoraLayer, rows: list[str | None]) -> None:
+        names = [n for n in dict.fromkeys(rows) if n is not None and n in layer.lora_specs]
+        pairs = [self._dense(layer, n) for n in names]
+        d_out, d_in = _io_dims(layer)
+        r_max = max([A.shape[0] for A, _ in pairs], default=1)
+        dtype = layer.lora_A[names[0]].dtype if names else torch.float32
+        device = layer.weight.device
+        self.A = torch.zeros(len(names) + 1, r_max, d_in, dtype=dtype, device=device)
+        self.B = torch.zeros(len(names) + 1, d_out, r_max, dtype=dtype, device=device)
+        for i, (A, B) in enumerate(pairs, start=1):
+            self.A[i, : A.shape[0]] = A
+            self.B[i, :, : B.shape[1]] = B
+        self.bias = None
+        if any(n in layer.lora_B_bias for n in names):
+            self.bias = torch.zeros(len(names) + 1, d_out, dtype=dtype, device=device)
+            for i, n in enumerate(names, start=1):
+                if n in layer.lora_B_bias:
+                    self.bias[i] = layer.lora_B_bias[n] * layer.lora_specs[n].scale
+        slot_of = {n: i for i, n in enumerate(names, start=1)}
+        self.slots = torch.tensor([slot_of.get(n, 0) for n in rows], dtype=torch.long, device=device)
+        self.embedding = layer.is_embedding
+        if self.embedding:  # ids index A's columns: keep A as (S, num_embeddings, r)
+            self.A = self.A.transpose(1, 2).contiguous()
+        self._cast: dict[torch.dtype, tuple[Tensor, Tensor, Tensor | None]] = {}
+
+    @staticmethod
+    def _dense(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
+        """(A (r, d_in), scale·B (d_out, r)) of adapter `name`, fused slices made dense."""
+        spec = layer.lora_specs[name]
+        A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
+        if spec.enabled is not None:
+            B = expand_sliced_B(B, list(spec.enabled))
+        return A, B * spec.scale
+
+    def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+        if dtype not in self._cast:
+            bias = self.bias.to(dtype) if self.bias is not None else None
+            self._cast[dtype] = (self.A.to(dtype), self.B.to(dtype), bias)
+        return self._cast[dtype]
+
+    def _row_slots(self, n: int) -> Tensor:
+        """Slots for a batch of `n` rows: generate's num_beams / num_return_sequences repeat each row."""
+        b = self.slots.shape[0]
+        if n == b:
+            return self.slots
+        if n % b:
+            raise ValueError(
+                f"mixed_batch was given {b} adapter names but the model got a batch of {n} rows: "
+                "pass one name per row"
+            )
+        return self.slots.repeat_interleave(n // b)
+
+    def __call__(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        x = args[0]
+        slots = self._row_slots(x.shape[0])
+        if self.embedding:
+            A, B, bias = self._weights(out.dtype)
+            h = A[slots.view(-1, *([1] * (x.dim() - 1))), x]  # (b, ..., r): row i's A at its token ids
+            h = h.reshape(x.shape[0], -1, h.shape[-1])
+        else:
+            A, B, bias = self._weights(x.dtype)
+            h = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), A[slots].transpose(1, 2))  # (b, T, r_max)
+        delta = torch.bmm(h, B[slots].transpose(1, 2))  # (b, T, d_out)
+        if bias is not None:
+            delta = delta + bias[slots].unsqueeze(1)
+        return out + delta.view(out.shape).to(out.dtype)
+
+
+def _io_dims(layer: LoraLayer) -> tuple[int, int]:
+    """(d_out, d_in) of the LoRA update as A and B see it (embedding: (dim, num_embeddings))."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        raise ValueError(
+            f"mixed_batch supports linear and embedding LoRA layers, not {layer._lora_base_class.__name__}; "
+            "use set_adapter for convolutional adapters"
+        )
+    return layer.base_shape()
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block, row i of every batch uses adapter ``adapters[i]`` (None: the base model).
+
+    Works through ``model.generate`` (rows keep their adapter at every decoding step, with a KV
+    cache; beams repeat their row's adapter). Merged adapters are unmerged for the block and merged
+    back after; the active adapters are ignored inside it. Inference only: no gradients reach A, B.
+    """
+    state = get_state(model)
+    rows = list(adapters)
+    if not rows:
+        raise ValueError("mixed_batch needs one adapter name (or None) per batch row; got an empty list")
+    unknown = sorted({n for n in rows if n is not None and n not in state.adapters})
+    if unknown:
+        raise ValueError(f"mixed_batch: no adapter named {unknown}; this model has {list(state.adapters)} (or None for the base)")
+    layers = [layer for _, layer in lora_layers(model)]
+    with torch.no_grad():
+        stacks = [_RowAdapters(layer, rows) for layer in layers]
+    merged = {id(layer): list(layer.merged_adapters) for layer in layers}
+    disabled = {id(layer): layer.lora_disabled for layer in layers}
+    handles = []
+    try:
+        for layer, stack in zip(layers, stacks):
+            layer.set_merged([])
+            layer.lora_disabled = True  # the hook adds the per-row update instead
+            handles.append(layer.register_forward_hook(stack))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in layers:
+            layer.lora_disabled = disabled[id(layer)]
+            layer.set_merged(merged[id(layer)])
+
+
+# ---- combining -----------------------------------------------------------------------------------
+
+def _source_factors(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
+    """(A (r, ...), scale·B (d_out, r, ...)) in fp32, fused slices as the equivalent dense B."""
+    spec = layer.lora_specs[name]
+    A, B = layer.lora_A[name].detach().float(), layer.lora_B[name].detach().float()
+    if spec.enabled is not None:
+        B = expand_sliced_B(B, list(spec.enabled))
+    return A, B * spec.scale
+
+
+def _combine_layer(
+    layer: LoraLayer, weights: dict[str, float], method: str, rank: int | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(A, B, bias) of the combined adapter on one layer, scale 1."""
+    names = [n for n in weights if n in layer.lora_specs]
+    factors = {n: _source_factors(layer, n) for n in names}
+    if method == "cat":  # exact: Σ w_i·s_i·B_i·A_i = [w_1 s_1 B_1 | w_2 s_2 B_2] · [A_1; A_2]
+        A = torch.cat([factors[n][0] for n in names], dim=0)
+        B = torch.cat([factors[n][1] * weights[n] for n in names], dim=1)
+    elif method == "linear":  # PEFT's "linear": (Σ √w_i·s_i·B_i)(Σ √w_i·A_i), same ranks only
+        ranks = {n: factors[n][0].shape[0] for n in names}
+        if len(set(ranks.values())) > 1:
+            raise ValueError(f"method='linear' needs equal ranks, got {ranks}; use method='cat' (exact) or 'svd'")
+        A = sum(factors[n][0] * math.sqrt(weights[n]) for n in names)
+        B = sum(factors[n][1] * math.sqrt(weights[n]) for n in names)
+    else:  # svd: best rank-`rank` fit of Σ w_i ΔW_i, split as B = U√S, A = √S·Vh
+        A0 = factors[names[0]][0]
+        delta = sum(weights[n] * (factors[n][1].flatten(1) @ factors[n][0].flatten(1)) for n in names)
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank or max(factors[n][0].shape[0] for n in names), S.shape[0])
+        root = S[:r].sqrt()
+        A = (root[:, None] * Vh[:r]).reshape(r, *A0.shape[1:])
+        B = (U[:, :r] * root).reshape(U.shape[0], r, *factors[names[0]][1].shape[2:])
+    bias = None
+    if any(n in layer.lora_B_bias for n in names):
+        bias = sum(
+            layer.lora_B_bias[n].detach().float() * layer.lora_specs[n].scale * weights[n]
+            for n in names
+            if n in layer.lora_B_bias
+        )
+    return A, B, bias
+
+
+def combine_adapters(
+    model: nn.Module,
+    weights: dict[str, float],
+    name: str,
+    method: str = "cat",
+    rank: int | None = None,
+) -> nn.Module:
+    """Add adapter `name` with ΔW = Σ w_i·ΔW_i over the adapters in `weights`; returns `model`.
+
+    - ``"cat"``: exact; ranks add up (A's stacked, weighted scaled B's side by side).
+    - ``"linear"``: PEFT's weighted sum of the A's and of the B's (√w each); equal ranks only,
+      not exact unless the sources share their row space; weights must be ≥ 0.
+    - ``"svd"``: the best rank-`rank` approximation (default: the largest source rank) of the
+      exact sum, by truncated SVD per layer.
+    The new adapter has scale 1 (alpha = r, no rsLoRA) and is not activated: ``set_adapter`` it.
+    """
+    state = get_state(model)
+    if method not in COMBINE_METHODS:
+        raise ValueError(f"method must be one of {COMBINE_METHODS}, got {method!r}")
+    if not weights:
+        raise ValueError("combine_adapters needs at least one adapter in weights, e.g. {'a': 0.5, 'b': 0.5}")
+    unknown = [n for n in weights if n not in state.adapters]
+    if unknown:
+        raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}")
+    if name in state.adapters:
+        raise ValueError(f"adapter {name!r} already exists; pick another name or delete_adapter it first")
+    if method == "linear" and any(w < 0 for w in weights.values()):
+        raise ValueError(f"method='linear' takes √w, so weights must be ≥ 0, got {weights}; use 'cat' or 'svd'")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    extras = [n for n in weights if state.adapters[n].saved_modules or state.adapters[n].bias_params]
+    if extras:
+        raise ValueError(
+            f"adapters {extras} train modules_to_save or biases, which live in the base model and cannot be "
+            "combined; combine adapters that hold only A and B"
+        )
+    weights = {n: float(w) for n, w in weights.items()}
+    computed: list[tuple[str, LoraLayer, Tensor, Tensor, Tensor | None]] = []
+    for path, layer in lora_layers(model):
+        if any(n in layer.lora_specs for n in weights):
+            computed.append((path, layer, *_combine_layer(layer, weights, method, rank)))
+    lora_bias = any(bias is not None for *_, bias in computed)
+    ranks = [A.shape[0] for _, _, A, _, _ in computed]
+    r0 = max(set(ranks), key=ranks.count)
+    exact = {re.escape(path): A.shape[0] for path, _, A, _, _ in computed if A.shape[0] != r0}
+    config = LoraConfig(
+        r=r0, alpha=r0, target_modules=[path for path, *_ in computed], rank_pattern=exact,
+        alpha_pattern=dict(exact), lora_bias=lora_bias,
+        base_model_name_or_path=state.adapters[next(iter(weights))].config.base_model_name_or_path,
+    )
+    added: list[LoraLayer] = []
+    try:
+        with torch.no_grad():
+            for _, layer, A, B, bias in computed:
+                layer.add_adapter(name, LoraSpec(r=A.shape[0], alpha=float(A.shape[0]), lora_bias=lora_bias))
+                added.append(layer)
+                dtype = layer.lora_A[name].dtype
+                layer.lora_A[name].copy_(A.to(dtype))
+                layer.lora_B[name].copy_(B.to(dtype))
+                if lora_bias and bias is not None:
+                    layer.lora_B_bias[name].copy_(bias.to(dtype))
+    except Exception:
+        for layer in added:
+            layer.remove_adapter(name)
+        raise
+    state.adapters[name] = AdapterRecord(config=config, layers=[path for path, *_ in computed])
+    set_adapter(model, list(state.active))  # keep the active set as it was (add_adapter activated `name`)
+    return model

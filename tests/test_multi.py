@@ -1,0 +1,319 @@
+"""Many tasks on one base model: named adapters, merged swapping, mixed-adapter batches, combining."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import lorakit
+from conftest import BUILDERS, logits, tiny_llama
+from lorakit.adapters import randomize_adapters
+from lorakit.state import lora_layers
+
+CFG_A = lorakit.LoraConfig(r=4, alpha=8)
+CFG_B = lorakit.LoraConfig(r=8, alpha=16, use_rslora=True)
+
+
+def two_adapters(arch: str = "llama", cfg_b: lorakit.LoraConfig = CFG_B, seed: int = 0):
+    """A tiny model with adapters "a" (r=4) and "b" (r=8, rsLoRA), random non-zero A and B."""
+    model = BUILDERS[arch]()
+    lorakit.inject(model, CFG_A, adapter="a")
+    lorakit.inject(model, cfg_b, adapter="b")
+    randomize_adapters(model, std=0.1, seed=seed)
+    return model
+
+
+def per_adapter_reference(model, ids, rows):
+    """Row i's logits with only rows[i] active (full batch each time, so padding is identical)."""
+    out = torch.empty_like(logits(model, ids))
+    for name in dict.fromkeys(rows):
+        if name is None:
+            with lorakit.disable_adapters(model):
+                ref = logits(model, ids)
+        else:
+            lorakit.set_adapter(model, name)
+            ref = logits(model, ids)
+        for i, n in enumerate(rows):
+            if n == name:
+                out[i] = ref[i]
+    return out
+
+
+# ---- named adapters -------------------------------------------------------------------------------
+
+def test_named_adapters_listed_switched_and_stacked(input_ids):
+    model = two_adapters()
+    assert lorakit.list_adapters(model) == ["a", "b"]
+    lorakit.set_adapter(model, "a")
+    out_a = logits(model, input_ids)
+    lorakit.set_adapter(model, "b")
+    out_b = logits(model, input_ids)
+    assert not torch.allclose(out_a, out_b)
+    lorakit.set_adapter(model, ["a", "b"])  # several active adapters add their updates
+    both = logits(model, input_ids)
+    lorakit.merge(model)
+    assert torch.allclose(logits(model, input_ids), both, atol=1e-5)
+    for _, layer in lora_layers(model):
+        assert layer.merged_adapters == ["a", "b"]
+
+
+def test_delete_adapter_frees_its_tensors(input_ids):
+    model = two_adapters()
+    lorakit.set_adapter(model, "b")
+    out_b = logits(model, input_ids)
+    refs = [weakref.ref(layer.lora_A["a"]) for _, layer in lora_layers(model)]
+    lorakit.delete_adapter(model, "a")
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert lorakit.list_adapters(model) == ["b"]
+    assert torch.equal(logits(model, input_ids), out_b)
+    with pytest.raises(ValueError, match="no adapter named"):
+        lorakit.set_adapter(model, "a")
+
+
+def test_training_one_adapter_leaves_the_others_frozen(input_ids):
+    model = two_adapters()
+    lorakit.set_adapter(model, "b")
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    a_before = {k: v.detach().clone() for k, v in lorakit.adapter_state_dict(model, "a").items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in lorakit.adapter_parameters(model, "b").values()}
+    opt = torch.optim.SGD(trainable, lr=0.1)
+    model(input_ids, labels=input_ids).loss.backward()
+    opt.step()
+    for _, layer in lora_layers(model):
+        assert layer.lora_A["a"].grad is None and layer.lora_B["a"].grad is None
+    assert all(torch.equal(v, a_before[k]) for k, v in lorakit.adapter_state_dict(model, "a").items())
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k[-2:] == ".b" for k in changed)  # only lora_A.b / lora_B.b moved
+
+
+def test_save_and_load_named_adapters_round_trip(tmp_path, input_ids):
+    model = two_adapters()
+    lorakit.save_adapter(model, tmp_path / "a", adapter="a")
+    lorakit.save_adapter(model, tmp_path / "b", adapter="b")
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path / "b", adapter="nli")
+    lorakit.load_adapter(fresh, tmp_path / "a", adapter="sql")
+    for src, dst in (("a", "sql"), ("b", "nli")):
+        lorakit.set_adapter(model, src)
+        lorakit.set_adapter(fresh, dst)
+        assert torch.equal(logits(model, input_ids), logits(fresh, input_ids))
+        saved, loaded = lorakit.adapter_state_dict(model, src), lorakit.adapter_state_dict(fresh, dst)
+        assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+# ---- merged swapping ------------------------------------------------------------------------------
+
+def test_merged_swap_equals_unmerged_and_restores_w0_exactly(input_ids):
+    model = two_adapters()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    lorakit.set_adapter(model, "b")
+    ref_b = logits(model, input_ids)
+    lorakit.set_adapter(model, "a")
+    ref_a = logits(model, input_ids)
+    lorakit.merge(model)
+    assert torch.allclose(logits(model, input_ids), ref_a, atol=1e-5)
+    lorakit.set_adapter(model, "b")  # unmerges a and merges b
+    assert all(layer.merged_adapters == ["b"] for _, layer in lora_layers(model))
+    assert torch.allclose(logits(model, input_ids), ref_b, atol=1e-5)
+    lorakit.unmerge(model)
+    assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
+    assert not any(name.endswith(("lora_w0", "lora_b0")) for name, _ in model.named_buffers())
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny GEMMs run far faster on one thread on the shared, busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_thousand_merged_swaps_do_not_drift(one_thread):
+    model = two_adapters("gpt2")  # fused slices + Conv1D take the general (non-GEMM) merge path
+    llama = two_adapters("llama")
+    for m in (model, llama):
+        w0 = {k: v.clone() for k, v in m.state_dict().items()}
+        lorakit.set_adapter(m, "a")
+        lorakit.merge(m)
+        merged_a = {k: v.clone() for k, v in m.state_dict().items()}
+        for i in range(1000):
+            lorakit.set_adapter(m, "b" if i % 2 == 0 else "a")
+        assert all(torch.equal(v, merged_a[k]) for k, v in m.state_dict().items())
+        lorakit.unmerge(m)
+        assert all(torch.equal(v, w0[k]) for k, v in m.state_dict().items())
+
+
+def test_merge_and_unload_drops_the_w0_copy(input_ids):
+    model = two_adapters()
+    lorakit.set_adapter(model, "a")
+    lorakit.merge(model)
+    merged = logits(model, input_ids)
+    plain = lorakit.merge_and_unload(model)
+    assert not any("lora" in name for name, _ in plain.named_buffers())
+    assert torch.equal(logits(plain, input_ids), merged)
+
+
+# ---- mixed batches --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_mixed_batch_rows_use_their_own_adapter(arch):
+    model = two_adapters(arch)
+    ids = torch.randint(3, 128, (5, 7), generator=torch.Generator().manual_seed(2))
+    rows = ["a", "b", None, "a", "b"]
+    ref = per_adapter_reference(model, ids, rows)
+    lorakit.set_adapter(model, "a")
+    with lorakit.mixed_batch(model, rows):
+        mixed = logits(model, ids)
+    assert torch.allclose(mixed, ref, atol=1e-5)
+    assert torch.allclose(logits(model, ids), per_adapter_reference(model, ids, ["a"] * 5), atol=1e-6)
+
+
+def test_mixed_batch_on_embedding_and_all_linear_layers():
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]), adapter="emb")
+    lorakit.inject(model, lorakit.LoraConfig(r=6, alpha=3, target_modules="all-linear"), adapter="lin")
+    randomize_adapters(model, std=0.1)
+    ids = torch.randint(3, 128, (4, 6), generator=torch.Generator().manual_seed(3))
+    rows = ["lin", "emb", "emb", None]
+    ref = per_adapter_reference(model, ids, rows)
+    with lorakit.mixed_batch(model, rows):
+        assert torch.allclose(logits(model, ids), ref, atol=1e-5)
+
+
+def test_mixed_batch_runs_each_layer_once_per_forward_and_restores_merges():
+    model = two_adapters()
+    lorakit.set_adapter(model, "b")
+    lorakit.merge(model)
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    layer = lora_layers(model)[0][1]
+    calls = []
+    handle = layer.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    ids = torch.randint(3, 128, (4, 5), generator=torch.Generator().manual_seed(4))
+    with lorakit.mixed_batch(model, ["a", "b", None, "a"]):
+        assert all(not lay.merged_adapters for _, lay in lora_layers(model))  # base weights inside the block
+        logits(model, ids)
+    handle.remove()
+    assert calls == [4]  # one forward for the whole batch, not one per adapter or per row
+    assert all(torch.equal(v, merged[k]) for k, v in model.state_dict().items())
+    assert all(lay.merged_adapters == ["b"] and not lay.lora_disabled for _, lay in lora_layers(model))
+
+
+def test_mixed_batch_through_generate_with_kv_cache():
+    model = two_adapters(seed=5)
+    ids = torch.randint(3, 128, (4, 5), generator=torch.Generator().manual_seed(6))
+    rows = ["b", None, "a", "b"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    with lorakit.mixed_batch(model, rows), torch.no_grad():
+        mixed = model.generate(ids, **kwargs)
+    expected = torch.empty_like(mixed)
+    for name in dict.fromkeys(rows):
+        with torch.no_grad():
+            if name is None:
+                with lorakit.disable_adapters(model):
+                    out = model.generate(ids, **kwargs)
+            else:
+                lorakit.set_adapter(model, name)
+                out = model.generate(ids, **kwargs)
+        for i, n in enumerate(rows):
+            if n == name:
+                expected[i] = out[i]
+    assert torch.equal(mixed, expected)
+    assert len({tuple(r) for r in mixed[:, 5:].tolist()}) > 1  # the adapters do change the text
+
+
+def test_mixed_batch_rejects_bad_input_and_leaves_model_unchanged(input_ids):
+    model = two_adapters()
+    lorakit.set_adapter(model, "a")
+    before = logits(model, input_ids)
+    with pytest.raises(ValueError, match="no adapter named \\['zzz'\\]"), lorakit.mixed_batch(model, ["a", "zzz"]):
+        pass
+    with pytest.raises(ValueError, match="one name per row"), lorakit.mixed_batch(model, ["a", "b", "a"]):
+        logits(model, input_ids)  # 2 rows, 3 names
+    with pytest.raises(ValueError, match="empty"), lorakit.mixed_batch(model, []):
+        pass
+    assert torch.equal(logits(model, input_ids), before)
+    assert all(not layer._forward_hooks for _, layer in lora_layers(model))
+
+
+# ---- combining ------------------------------------------------------------------------------------
+
+def explicit_sum(model, weights):
+    """Σ w_i·ΔW_i per layer path, from each layer's own delta_weight (which applies rsLoRA)."""
+    out = {}
+    for path, layer in lora_layers(model):
+        for n, w in weights.items():
+            if n in layer.lora_specs:
+                out[path] = out.get(path, 0) + w * layer.delta_weight(n)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_combine_cat_is_exact_with_rslora_and_different_ranks(arch, input_ids, tmp_path):
+    model = two_adapters(arch)
+    weights = {"a": 0.7, "b": -0.3}
+    lorakit.combine_adapters(model, weights, name="ab", method="cat")
+    assert lorakit.active_adapters(model) == ["b"]  # combining does not change what is active
+    want = explicit_sum(model, weights)
+    for path, layer in lora_layers(model):
+        assert layer.lora_specs["ab"].r == sum(layer.lora_A[n].shape[0] for n in weights)
+        assert torch.allclose(layer.delta_weight("ab"), want[path], atol=1e-6)
+    lorakit.set_adapter(model, "ab")
+    out = logits(model, input_ids)
+    lorakit.save_adapter(model, tmp_path, adapter="ab")
+    fresh = BUILDERS[arch]()
+    lorakit.load_adapter(fresh, tmp_path, adapter="ab")
+    assert torch.equal(logits(fresh, input_ids), out)
+
+
+def test_combine_linear_follows_its_formula_and_needs_equal_ranks():
+    model = two_adapters(cfg_b=lorakit.LoraConfig(r=4, alpha=32, use_rslora=True))
+    lorakit.combine_adapters(model, {"a": 0.25, "b": 0.64}, name="lin", method="linear")
+    for _, layer in lora_layers(model):
+        sa, sb = layer.lora_specs["a"].scale, layer.lora_specs["b"].scale
+        A = 0.5 * layer.lora_A["a"] + 0.8 * layer.lora_A["b"]
+        B = 0.5 * sa * layer.lora_B["a"] + 0.8 * sb * layer.lora_B["b"]
+        assert torch.allclose(layer.delta_weight("lin"), B @ A, atol=1e-6)
+    lorakit.combine_adapters(model, {"a": 1.0}, name="same", method="linear")
+    for _, layer in lora_layers(model):
+        assert torch.allclose(layer.delta_weight("same"), layer.delta_weight("a"), atol=1e-6)
+    uneven = two_adapters()
+    with pytest.raises(ValueError, match="equal ranks"):
+        lorakit.combine_adapters(uneven, {"a": 0.5, "b": 0.5}, name="x", method="linear")
+    with pytest.raises(ValueError, match="≥ 0"):
+        lorakit.combine_adapters(uneven, {"a": -0.5}, name="x", method="linear")
+    assert lorakit.list_adapters(uneven) == ["a", "b"]
+
+
+def test_combine_svd_refits_to_the_target_rank():
+    model = two_adapters("gpt2")
+    weights = {"a": 0.5, "b": 0.5}
+    want = explicit_sum(model, weights)
+    lorakit.combine_adapters(model, weights, name="full", method="svd", rank=24)  # fused q,v slices: 2·4 + 2·8, exact
+    lorakit.combine_adapters(model, weights, name="r3", method="svd", rank=3)
+    for path, layer in lora_layers(model):
+        assert torch.allclose(layer.delta_weight("full"), want[path], atol=1e-5)
+        assert layer.lora_specs["r3"].r == 3
+        best = torch.linalg.svdvals(want[path])
+        err = torch.linalg.matrix_norm(layer.delta_weight("r3") - want[path])
+        assert torch.isclose(err, best[3:].norm(), rtol=1e-4, atol=1e-6)  # Eckart–Young optimum
+
+
+def test_combine_rejects_bad_input():
+    model = two_adapters()
+    for kwargs, msg in (
+        (dict(weights={"zz": 1.0}, name="n"), "no adapter named"),
+        (dict(weights={"a": 1.0}, name="b"), "already exists"),
+        (dict(weights={"a": 1.0}, name="n", method="ties"), "method must be one of"),
+        (dict(weights={"a": 1.0}, name="n", method="svd", rank=0), "positive integer"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            lorakit.combine_adapters(model, **kwargs)
+    assert lorakit.list_adapters(model) == ["a", "b"]
+    assert all(set(layer.lora_specs) == {"a", "b"} for _, layer in lora_layers(model))
