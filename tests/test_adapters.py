@@ -1,0 +1,182 @@
+"""Adapters on a model: counts, summary, state dicts in PEFT's keys, named adapters, delete, disable."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import logits, tiny_bert, tiny_gpt2, tiny_llama
+from torch import nn
+
+import lorakit
+from lorakit.adapters import randomize_adapters
+from lorakit.layers import LoraLayer
+
+
+def _two_adapters() -> nn.Module:
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter="a")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["v_proj", "o_proj"]), adapter="b")
+    randomize_adapters(model, std=0.1)
+    return model
+
+
+def test_trainable_parameters_counts_tied_tensors_once():
+    model = tiny_gpt2()  # lm_head.weight is wte.weight
+    assert model.lm_head.weight is model.transformer.wte.weight
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert lorakit.trainable_parameters(model) == (sum(unique.values()), sum(unique.values()))
+    lorakit.inject(model, lorakit.LoraConfig(r=2))
+    assert lorakit.trainable_parameters(model)[1] == sum(unique.values()) + 2 * 2 * 2 * (32 + 32)
+
+
+def test_summary_lists_module_shape_r_alpha_params_and_totals():
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, alpha=16, target_modules=["q_proj", "v_proj"],
+                                                            rank_pattern={"v_proj": 2}))
+    text = lorakit.summary(model)
+    header = text.splitlines()[0].split()
+    for column in ("module", "shape", "r", "alpha", "params"):
+        assert column in header
+    row = next(line for line in text.splitlines() if line.startswith("model.layers.0.self_attn.v_proj"))
+    assert re.search(r"16×32\s+default\s+2\s+16\s+96\b", row)  # 2·(32 + 16) = 96
+    row = next(line for line in text.splitlines() if line.startswith("model.layers.1.self_attn.q_proj"))
+    assert re.search(r"32×32\s+default\s+4\s+16\s+256\b", row)
+    trainable, total = lorakit.trainable_parameters(model)
+    assert trainable == 2 * (256 + 96)
+    assert f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)" in text
+    assert "LoRA layers: 4" in text
+
+
+def test_summary_marks_fused_slices_and_merged_state():
+    model = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=2))
+    assert "Conv1D[x-x]" in lorakit.summary(model)
+    lorakit.merge(model)
+    assert all(line.endswith("merged") for line in lorakit.summary(model).splitlines()[2:4])
+
+
+def test_adapter_state_dict_uses_peft_keys_and_holds_only_adapter_tensors():
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    keys = sorted(lorakit.adapter_state_dict(model))
+    assert keys == sorted(
+        f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{m}.weight" for i in (0, 1) for m in ("A", "B")
+    )
+    sd = lorakit.adapter_state_dict(model)
+    assert sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (2, 32)
+    assert sd["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (32, 2)
+
+
+def test_adapter_state_dict_covers_embeddings_fused_slices_saved_modules_and_biases():
+    emb = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["embed_tokens"]))
+    assert sorted(lorakit.adapter_state_dict(emb)) == [
+        "base_model.model.model.embed_tokens.lora_embedding_A", "base_model.model.model.embed_tokens.lora_embedding_B"
+    ]
+    gpt2 = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=2))
+    B = lorakit.adapter_state_dict(gpt2)["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert B.shape == (96, 4)  # dense, block-structured: q rows use A's first r rows, v rows the last r
+    bert = lorakit.inject(tiny_bert(), lorakit.LoraConfig(r=2, modules_to_save=["classifier"], bias="all", lora_bias=True))
+    sd = lorakit.adapter_state_dict(bert)
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(sd)
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.bias" in sd
+    assert "base_model.model.bert.encoder.layer.0.output.LayerNorm.bias" in sd  # bias="all"
+    trainable = {id(p) for p in bert.parameters() if p.requires_grad}
+    assert sum(t.numel() for t in sd.values()) == sum(p.numel() for p in bert.parameters() if id(p) in trainable)
+
+
+def test_adapter_parameters_are_exactly_the_trainable_tensors():
+    model = lorakit.inject(tiny_bert(), lorakit.LoraConfig(r=2, modules_to_save=["classifier"], bias="lora_only"))
+    params = lorakit.adapter_parameters(model)
+    assert {id(p) for p in params.values()} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert "bert.encoder.layer.0.attention.self.query.lora_A.default" in params
+    assert "bert.encoder.layer.0.attention.self.query.bias" in params
+
+
+def test_named_adapters_switch_and_only_the_active_one_trains(input_ids):
+    model = _two_adapters()
+    assert lorakit.list_adapters(model) == ["a", "b"] and lorakit.active_adapters(model) == ["b"]
+    out_b = logits(model, input_ids)
+    assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"b"}
+    lorakit.set_adapter(model, "a")
+    out_a = logits(model, input_ids)
+    assert not torch.allclose(out_a, out_b, atol=1e-4)
+    assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"a"}
+    lorakit.set_adapter(model, ["a", "b"])  # updates add
+    both = logits(model, input_ids)
+    lorakit.merge(model)
+    torch.testing.assert_close(logits(model, input_ids), both, atol=1e-5, rtol=0)
+    lorakit.set_adapter(model, "b")  # a merged model stays merged, with the new adapter
+    torch.testing.assert_close(logits(model, input_ids), out_b, atol=1e-5, rtol=0)
+    assert all(m.merged_adapters in ([], ["b"]) for m in model.modules() if isinstance(m, LoraLayer))
+    with pytest.raises(ValueError, match=r"no adapter named \['c'\]; this model has \['a', 'b'\]"):
+        lorakit.set_adapter(model, "c")
+
+
+def test_delete_adapter_frees_it_and_keeps_the_other(input_ids):
+    model = _two_adapters()
+    lorakit.set_adapter(model, "a")
+    out_a = logits(model, input_ids)
+    lorakit.delete_adapter(model, "b")
+    assert lorakit.list_adapters(model) == ["a"] and lorakit.active_adapters(model) == ["a"]
+    assert not any(".b" in n for n, _ in model.named_parameters())
+    assert not hasattr(model.model.layers[0].self_attn.o_proj, "lora_A")  # o_proj had only b: plain again
+    assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear
+    torch.testing.assert_close(logits(model, input_ids), out_a)
+    assert {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} == {"a"}
+
+
+def test_deleting_the_last_adapter_gives_back_the_plain_model(input_ids):
+    base_model = tiny_llama()
+    base = logits(base_model, input_ids)
+    classes = [type(m) for m in base_model.modules()]
+    model = _two_adapters()
+    lorakit.merge(model)
+    lorakit.delete_adapter(model, "b")
+    lorakit.delete_adapter(model, "a")
+    assert [type(m) for m in model.modules()] == classes
+    assert "_lorakit" not in model.__dict__ and all(p.requires_grad for p in model.parameters())
+    assert list(model.state_dict()) == list(base_model.state_dict())
+    torch.testing.assert_close(logits(model, input_ids), base, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="carries no lorakit adapter"):
+        lorakit.delete_adapter(model, "a")
+
+
+def test_delete_a_merged_adapter_unmerges_it_first(input_ids):
+    model = _two_adapters()
+    lorakit.set_adapter(model, "a")
+    out_a = logits(model, input_ids)
+    lorakit.set_adapter(model, ["a", "b"])
+    lorakit.merge(model)
+    lorakit.delete_adapter(model, "b")
+    torch.testing.assert_close(logits(model, input_ids), out_a, atol=1e-5, rtol=0)
+
+
+def test_delete_unknown_adapter_names_the_choices():
+    model = _two_adapters()
+    with pytest.raises(ValueError, match=r"no adapter named 'x'; this model has \['a', 'b'\]"):
+        lorakit.delete_adapter(model, "x")
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_disable_adapters_computes_the_base_and_restores(merged, input_ids):
+    base = logits(tiny_llama(), input_ids)
+    model = _two_adapters()
+    if merged:
+        lorakit.merge(model)
+    out = logits(model, input_ids)
+    merged_before = [list(m.merged_adapters) for m in model.modules() if isinstance(m, LoraLayer)]
+    assert any(merged_before) == merged
+    with lorakit.disable_adapters(model):
+        torch.testing.assert_close(logits(model, input_ids), base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, input_ids), out, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError), lorakit.disable_adapters(model):
+        raise RuntimeError("inside")
+    torch.testing.assert_close(logits(model, input_ids), out, atol=1e-5, rtol=0)
+    assert [m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer)] == merged_before
+
+
+def test_resolve_needs_a_name_when_several_adapters_are_active():
+    model = _two_adapters()
+    lorakit.set_adapter(model, ["a", "b"])
+    with pytest.raises(ValueError, match="2 adapters are active"):
+        lorakit.adapter_state_dict(model)
+    assert lorakit.adapter_state_dict(model, "a")
