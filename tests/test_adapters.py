@@ -6,10 +6,10 @@ import re
 
 import pytest
 import torch
-from conftest import logits, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
+from conftest import logits, tiny_bert, tiny_gpt2, tiny_llama
 from lorakit.adapters import randomize_adapters
 from lorakit.layers import LoraLayer
 

@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import BUILDERS, logits, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
+from conftest import BUILDERS, logits, tiny_bert, tiny_gpt2, tiny_llama
 from lorakit.adapters import randomize_adapters
 from lorakit.layers import LoraLayer
 

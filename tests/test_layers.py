@@ -4,8 +4,8 @@ Embedding, Conv1d, Conv2d. Invariants: equal to the base at init, counts, grads,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BUILDERS, logits, tiny_llama
 from torch import nn
 
 import lorakit
+from conftest import BUILDERS, logits, tiny_llama
 from lorakit.adapters import randomize_adapters
 from lorakit.layers import LoraLayer
 

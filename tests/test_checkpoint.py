@@ -1,0 +1,327 @@
+"""The adapter folder (PEFT layout): round trips, byte-for-byte stability, refusal of bad files, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lorakit
+import lorakit.checkpoint as ckpt
+from conftest import BUILDERS, logits, tiny_bert, tiny_gpt2, tiny_llama
+from lorakit.adapters import randomize_adapters
+from lorakit.layers import LoraLayer
+
+CONFIGS = {
+    "llama": lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], rank_pattern={"v_proj": 2}),
+    "gpt2": lorakit.LoraConfig(r=4, alpha=8, lora_bias=True, exclude_modules=["wte", "wpe"]),  # c_attn q,v slices
+    "bert": lorakit.LoraConfig(r=4, alpha=8, use_rslora=True, bias="all", modules_to_save=["classifier"], init="gaussian"),
+}
+
+
+def _trained(arch: str, seed: int = 0, cfg: lorakit.LoraConfig | None = None) -> nn.Module:
+    """A model with a random non-zero adapter and, where saved, changed head and biases (as after training)."""
+    model = lorakit.inject(BUILDERS[arch](seed=seed), cfg or CONFIGS[arch])
+    randomize_adapters(model, std=0.1, seed=seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not any(p is q for m in model.modules() if isinstance(m, LoraLayer)
+                                           for q in (*m.lora_A.values(), *m.lora_B.values(), *m.lora_B_bias.values())):
+                p.add_(0.1)
+    return model
+
+
+def _snapshot(model: nn.Module) -> tuple:
+    return (
+        [(p, type(m)) for p, m in model.named_modules()],
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        lorakit.list_adapters(model),
+        lorakit.active_adapters(model),
+        [(p, list(m.merged_adapters), list(m.active_adapters)) for p, m in model.named_modules() if isinstance(m, LoraLayer)],
+    )
+
+
+def _assert_same(before: tuple, after: tuple) -> None:
+    assert before[0] == after[0]
+    assert list(before[1]) == list(after[1])
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    assert before[2:] == after[2:]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# ---- round trips ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
+def test_save_then_load_into_a_fresh_base_reproduces_outputs(arch, tmp_path, input_ids):
+    model = _trained(arch)
+    out = logits(model, input_ids)
+    assert lorakit.save_adapter(model, tmp_path / "out") == tmp_path / "out"
+    assert sorted(os.listdir(tmp_path / "out")) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = BUILDERS[arch]()
+    assert not torch.allclose(logits(fresh, input_ids), out, atol=1e-4)
+    assert lorakit.load_adapter(fresh, tmp_path / "out") is fresh
+    torch.testing.assert_close(logits(fresh, input_ids), out, atol=1e-6, rtol=0)
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
+def test_save_load_save_is_byte_for_byte_identical(arch, tmp_path):
+    lorakit.save_adapter(_trained(arch), tmp_path / "one")
+    fresh = lorakit.load_adapter(BUILDERS[arch](), tmp_path / "one")
+    lorakit.save_adapter(fresh, tmp_path / "two")
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+
+
+def test_folder_is_peft_layout(tmp_path):
+    lorakit.save_adapter(_trained("llama"), tmp_path)
+    fields = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert fields["peft_type"] == "LORA" and fields["r"] == 4 and fields["lora_alpha"] == 8
+    assert sorted(fields["target_modules"]) == ["embed_tokens", "q_proj", "v_proj"]
+    assert fields["rank_pattern"] == {"v_proj": 2} and fields["use_dora"] is False
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
+    assert tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].shape == (16, 2)
+    assert tensors["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (4, 128)
+    assert all(".lora_" in k for k in tensors)
+    with safe_open(tmp_path / "adapter_model.safetensors", framework="pt") as f:
+        assert f.metadata()["format"] == "pt"
+
+
+def test_save_in_half_precision(tmp_path, input_ids):
+    model = _trained("llama")
+    lorakit.save_adapter(model, tmp_path, dtype=torch.float16)
+    assert all(t.dtype == torch.float16 for t in load_file(tmp_path / "adapter_model.safetensors").values())
+    fresh = lorakit.load_adapter(tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(fresh, input_ids), logits(model, input_ids), atol=1e-2, rtol=1e-2)
+
+
+def test_load_beside_another_adapter_and_under_a_taken_name(tmp_path, input_ids):
+    lorakit.save_adapter(_trained("llama"), tmp_path)
+    model = _trained("llama", seed=0, cfg=lorakit.LoraConfig(r=2, target_modules=["o_proj"]))
+    lorakit.load_adapter(model, tmp_path, adapter="loaded")
+    assert lorakit.list_adapters(model) == ["default", "loaded"] and lorakit.active_adapters(model) == ["loaded"]
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="adapter 'loaded' is already on the model"):
+        lorakit.load_adapter(model, tmp_path, adapter="loaded")
+    _assert_same(before, _snapshot(model))
+
+
+def test_plain_tensor_dict_bin_loads_through_weights_only(tmp_path, input_ids):
+    model = _trained("llama", cfg=lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    lorakit.save_adapter(model, tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save(dict(lorakit.adapter_state_dict(model)), tmp_path / "adapter_model.bin")
+    fresh = lorakit.load_adapter(tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(fresh, input_ids), logits(model, input_ids), atol=1e-6, rtol=0)
+
+
+# ---- files that do not fit the model ------------------------------------------------------------
+
+def test_wrong_shape_names_key_and_both_shapes_and_leaves_model_unchanged(tmp_path):
+    lorakit.save_adapter(_trained("llama"), tmp_path)
+    model = tiny_llama(vocab=96)  # the adapter's embedding LoRA is for 128 tokens
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.lora_embedding_A: file has shape \[4, 128\], model expects \[4, 96\]"):
+        lorakit.load_adapter(model, tmp_path)
+    _assert_same(before, _snapshot(model))
+    assert "_lorakit" not in model.__dict__
+
+
+def test_edited_tensor_shape_is_reported(tmp_path):
+    lorakit.save_adapter(_trained("llama"), tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    tensors[key] = torch.zeros(32, 3)
+    save_file(tensors, file)
+    model = tiny_llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"{key.replace('.', '[.]')}: file has shape \[32, 3\], model expects \[32, 4\]"):
+        lorakit.load_adapter(model, tmp_path)
+    _assert_same(before, _snapshot(model))
+
+
+def test_missing_module_names_the_key_and_leaves_model_unchanged(tmp_path):
+    lorakit.save_adapter(_trained("llama"), tmp_path)
+    model = tiny_llama(layers=1)  # the adapter also has layer 1
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"unexpected key base_model\.model\.model\.layers\.1\.self_attn\.q_proj\.lora_A\.weight \(shape \[4, 32\]\)"):
+        lorakit.load_adapter(model, tmp_path)
+    _assert_same(before, _snapshot(model))
+
+
+def test_missing_tensor_in_file_names_the_key_and_expected_shape(tmp_path):
+    lorakit.save_adapter(_trained("bert"), tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    del tensors["base_model.model.classifier.weight"]
+    save_file(tensors, file, metadata={"format": "pt"})
+    model = tiny_bert()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"missing key base_model\.model\.classifier\.weight \(the model expects shape \[3, 32\]\)"):
+        lorakit.load_adapter(model, tmp_path)
+    _assert_same(before, _snapshot(model))
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failure_after_injection_rolls_everything_back(tmp_path, existing):
+    """A fused-slice B with weight outside its q/v blocks passes the shape check and fails while copying."""
+    cfg = lorakit.LoraConfig(r=2, alpha=4, bias="all", modules_to_save=["ln_f"])
+    lorakit.save_adapter(_trained("gpt2", cfg=cfg), tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    with safe_open(file, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(file)
+    tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"][40, 0] = 1.0  # a k row
+    save_file(tensors, file, metadata=metadata)
+    model = tiny_gpt2()
+    if existing:
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["c_fc"], modules_to_save=["ln_f"]), adapter="first")
+        randomize_adapters(model)
+        lorakit.merge(model)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="block structured"):
+        lorakit.load_adapter(model, tmp_path, adapter="second")
+    _assert_same(before, _snapshot(model))
+    assert ("_lorakit" in model.__dict__) == existing
+
+
+# ---- broken and unsafe files --------------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    lorakit.save_adapter(_trained("llama"), tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header", "empty"])
+def test_truncated_or_corrupted_safetensors_is_a_clear_error(saved, damage):
+    file = saved / "adapter_model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes({"truncate": data[: len(data) // 2], "garbage_header": b"\xff" * 8 + data[8:], "empty": b""}[damage])
+    model = tiny_llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        lorakit.load_adapter(model, saved)
+    _assert_same(before, _snapshot(model))
+
+
+def test_bad_json_is_a_clear_error(saved):
+    (saved / "adapter_config.json").write_text('{"r": 8, "lora_alpha": ')
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
+        lorakit.load_adapter(tiny_llama(), saved)
+
+
+def test_missing_folder_or_files_are_clear_errors(tmp_path, saved):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lorakit.load_adapter(tiny_llama(), tmp_path / "nope")
+    (saved / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has neither adapter_model.safetensors nor adapter_model.bin"):
+        lorakit.load_adapter(tiny_llama(), saved)
+    (saved / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        lorakit.load_adapter(tiny_llama(), saved)
+
+
+class _Payload:
+    """Unpickling this object would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_that_needs_full_unpickling_is_refused_and_never_run(saved):
+    marker = saved / "ran"
+    (saved / "adapter_model.safetensors").unlink()
+    torch.save({"base_model.model.x.lora_A.weight": torch.zeros(1), "payload": _Payload(marker)}, saved / "adapter_model.bin")
+    with pytest.raises(ValueError, match="needs full unpickling.*refuses"):
+        lorakit.load_adapter(tiny_llama(), saved)
+    assert not marker.exists()
+
+
+def test_bin_that_is_not_a_tensor_dict_is_refused(saved):
+    (saved / "adapter_model.safetensors").unlink()
+    torch.save([torch.zeros(1)], saved / "adapter_model.bin")
+    with pytest.raises(ValueError, match="does not hold a dict of tensors"):
+        lorakit.load_adapter(tiny_llama(), saved)
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fail_at", ["serialize", "replace_config", "replace_weights"])
+def test_a_failed_save_leaves_the_previous_files_intact(saved, monkeypatch, fail_at):
+    before = _files(saved)
+    other = _trained("llama", seed=5)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == {"replace_config": "adapter_config.json", "replace_weights": "adapter_model.safetensors"}[fail_at]:
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    if fail_at == "serialize":
+        monkeypatch.setattr(ckpt, "st_save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    else:
+        monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises((OSError, RuntimeError)):
+        lorakit.save_adapter(other, saved)
+    after = _files(saved)
+    assert sorted(after) == sorted(before)  # no temp files left behind
+    if fail_at != "replace_config":
+        assert after == before
+    else:  # the weights were replaced, the config was not: each file is whole, old or new
+        assert after["adapter_config.json"] == before["adapter_config.json"]
+        load_file(saved / "adapter_model.safetensors")
+
+
+def test_atomic_write_bytes_replaces_whole_files_only(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    ckpt.atomic_write_bytes(target, b"old")
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("io error")))
+    with pytest.raises(OSError):
+        ckpt.atomic_write_bytes(target, b"new content")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_saving_a_meta_model_is_a_clear_error(tmp_path):
+    with torch.device("meta"):
+        model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="meta device"):
+        lorakit.save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_load_into_a_merged_model_applies_the_loaded_update(tmp_path, input_ids):
+    lorakit.save_adapter(_trained("llama"), tmp_path)
+    expected = logits(lorakit.load_adapter(tiny_llama(), tmp_path), input_ids)
+    model = _trained("llama", cfg=lorakit.LoraConfig(r=2, target_modules=["q_proj", "o_proj"]))
+    lorakit.merge(model)
+    lorakit.load_adapter(model, tmp_path, adapter="second")  # becomes the active adapter, merged
+    assert any("second" in m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer))
+    torch.testing.assert_close(logits(model, input_ids), expected, atol=1e-5, rtol=0)
+    lorakit.unmerge(model)
+    torch.testing.assert_close(logits(model, input_ids), expected, atol=1e-5, rtol=0)
+
+
+def test_metadata_order_is_stable_across_saves(tmp_path):
+    model = _trained("gpt2")
+    files = {lorakit.save_adapter(model, tmp_path / str(i)) / "adapter_model.safetensors" for i in range(6)}
+    assert len({f.read_bytes() for f in files}) == 1
+    with safe_open(next(iter(files)), framework="pt") as f:
+        assert set(f.metadata()) == {"format", "lorakit_config"}
