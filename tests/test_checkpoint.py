@@ -325,3 +325,13 @@ def test_metadata_order_is_stable_across_saves(tmp_path):
     assert len({f.read_bytes() for f in files}) == 1
     with safe_open(next(iter(files)), framework="pt") as f:
         assert set(f.metadata()) == {"format", "lorakit_config"}
+
+
+def test_adapter_of_another_architecture_is_refused_and_model_unchanged(tmp_path):
+    lorakit.save_adapter(_trained("llama", cfg=lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])), tmp_path)
+    model = tiny_gpt2()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="matched no module"):
+        lorakit.load_adapter(model, tmp_path)
+    _assert_same(before, _snapshot(model))
+    assert "_lorakit" not in model.__dict__
