@@ -11,8 +11,8 @@ Per adapter `name` a layer holds ``lora_A[name]``, ``lora_B[name]`` (PEFT orient
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
