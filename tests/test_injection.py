@@ -111,6 +111,13 @@ def test_layers_restricts_to_block_indices(layers):
     assert sorted(_adapted(bert)) == ["bert.encoder.layer.1.attention.self.query"]
 
 
+def test_layers_finds_blocks_at_the_top_level_too():
+    model = nn.Module()
+    model.layers = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(4, 4), "v": nn.Linear(4, 4)}) for _ in range(3))
+    lorakit.inject(model, lorakit.LoraConfig(r=1, target_modules=["q", "v"], layers=[0, 2]))
+    assert sorted(_adapted(model)) == ["layers.0.q", "layers.0.v", "layers.2.q", "layers.2.v"]
+
+
 def test_exclude_modules_wins_over_targets():
     model = lorakit.inject(
         tiny_llama(), lorakit.LoraConfig(r=2, target_modules="all-linear", exclude_modules=["v_proj", "mlp.down_proj"])

@@ -102,7 +102,7 @@ def _name_match(names: list[str] | str, path: str) -> bool:
 def _layer_index(path: str, patterns: list[str] | str | None) -> int | None:
     """The block index in `path` (the first numbered segment, or after `patterns`)."""
     if not patterns:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+        match = re.match(r"(?:.*?\.)?[^.]*\.(?P<idx>\d+)\.", path)  # blocks may sit at the top level (layers.3.q)
     else:
         match = None
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
