@@ -158,6 +158,14 @@ def test_r_above_min_d_k_warns_naming_the_layer():
         lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
 
 
+def test_r_above_a_fused_slice_size_warns():
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Sequential(Conv1D(3 * 4, 12))
+    with pytest.warns(UserWarning, match=r"r=5 exceeds min\(d_out, d_in\)=4 of layer '0'"):
+        lorakit.inject(model, lorakit.LoraConfig(r=5, target_modules=["0"], enable_lora={"0": [True, False, True]}))
+
+
 # ---- the model after injection --------------------------------------------------------------------
 
 @archs

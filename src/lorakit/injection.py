@@ -162,9 +162,10 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
         raise ValueError(_no_match_message(model, cfg, missing or targets, layers))
     for p in planned:
         d_out, d_in = base_shape(p.module)
-        if p.spec.r > min(d_out, d_in):
+        d_upd = d_out // len(p.spec.enabled) if p.spec.enabled else d_out  # a fused slice's update is d_slice×d_in
+        if p.spec.r > min(d_upd, d_in):
             warnings.warn(
-                f"r={p.spec.r} exceeds min(d_out, d_in)={min(d_out, d_in)} of layer {p.path!r}: "
+                f"r={p.spec.r} exceeds min(d_out, d_in)={min(d_upd, d_in)} of layer {p.path!r}: "
                 "the update cannot use that rank",
                 stacklevel=3,
             )
