@@ -145,3 +145,17 @@ def test_merge_without_adapters_is_a_clear_error():
         lorakit.merge(tiny_llama())
     with pytest.raises(ValueError, match="carries no lorakit adapter"):
         lorakit.unload(tiny_llama())
+
+
+def test_meta_device_model_forwards_merges_and_unloads_without_memory():
+    with torch.device("meta"):
+        model = tiny_llama()
+    classes = [type(m) for m in model.modules()]
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules="all-linear"))
+    assert model(torch.zeros(1, 4, dtype=torch.long, device="meta")).logits.shape == (1, 4, 128)
+    lorakit.merge(model)
+    assert all(m.merged_adapters == ["default"] for m in model.modules() if isinstance(m, LoraLayer))
+    lorakit.unmerge(model)
+    plain = lorakit.merge_and_unload(model)
+    assert [type(m) for m in plain.modules()] == classes
+    assert all(p.is_meta for p in plain.parameters())
