@@ -94,7 +94,8 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
 
     ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A/B`` for
     embeddings, ``lora_B.bias`` for `lora_bias`); saved modules and trained biases under their
-    own names. Fused-slice layers are written as the equivalent dense, block-structured B.
+    own names (``<layer>.base_layer.bias`` inside an adapted layer, as PEFT). Fused-slice layers are
+    written as the equivalent dense, block-structured B.
     """
     name = resolve_adapter(model, adapter)
     record = get_state(model).adapters[name]
@@ -119,8 +120,14 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
             out[f"{PREFIX}{path}.{key}"] = t.detach()
     params = dict(model.named_parameters())
     for pname in record.bias_params:
-        out[f"{PREFIX}{pname}"] = params[pname].detach()
+        out[f"{PREFIX}{peft_param_name(pname, record.layers)}"] = params[pname].detach()
     return out
+
+
+def peft_param_name(pname: str, adapted: list[str]) -> str:
+    """PEFT's name for base parameter `pname`: ``<layer>.base_layer.<leaf>`` when its layer carries LoRA."""
+    path, _, leaf = pname.rpartition(".")
+    return f"{path}.base_layer.{leaf}" if path in adapted else pname
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
@@ -129,7 +136,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
 
     state = get_state(model)
     name = resolve_adapter(model, adapter)
-    for path, layer in lora_layers(model):
+    for _, layer in lora_layers(model):
         if name in layer.lora_specs:
             layer.remove_adapter(name)
     del state.adapters[name]

@@ -23,12 +23,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .adapters import PREFIX, adapter_state_dict
+from .adapters import PREFIX, adapter_state_dict, peft_param_name
 from .config import LoraConfig
 from .functional import compress_sliced_B
 from .injection import inject, plan, resolve_config
 from .layers import adapter_shapes, is_conv1d_gpt2
-from .state import DEFAULT_ADAPTER, get_state, resolve_adapter
+from .state import DEFAULT_ADAPTER, get_state, lora_layers, resolve_adapter
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 METADATA_KEY = "lorakit_config"
+LORA_SLOTS = ("lora_A", "lora_B", "lora_B_bias")
 
 #: PEFT fields that change the math and that lorakit does not implement: refused when set.
 UNSUPPORTED_FIELDS: dict[str, Any] = {
@@ -54,6 +55,8 @@ UNSUPPORTED_FIELDS: dict[str, Any] = {
 }
 #: init_lora_weights values whose saved weights load into an untouched base as they are.
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+#: init_lora_weights values (prefixes) that also rewrite the base weights W0 when the adapter is created.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 #: PEFT fields that lorakit reads; any other field is metadata and ignored (with a debug log).
 KNOWN_FIELDS = {
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
@@ -118,7 +121,13 @@ def from_peft_config(fields: dict[str, Any]) -> LoraConfig:
     bad = [f"{k}={fields[k]!r}" for k, off in UNSUPPORTED_FIELDS.items() if fields.get(k, off) not in (off, None, False, [], {})]
     init = fields.get("init_lora_weights", True)
     if init not in PLAIN_INITS:
-        bad.append(f"init_lora_weights={init!r} (it changes the base weights; convert the adapter to plain LoRA in PEFT first)")
+        why = (
+            "it rewrites the base weights, so the adapter only fits that modified base; save it from PEFT with "
+            "path_initial_model_for_weight_conversion to get plain LoRA"
+            if str(init).lower().startswith(BASE_CHANGING_INITS)
+            else f"lorakit knows only {list(PLAIN_INITS)}"
+        )
+        bad.append(f"init_lora_weights={init!r} ({why})")
     if bad:
         raise ValueError(f"adapter config uses PEFT features lorakit does not implement: {', '.join(bad)}")
     for key in sorted(set(fields) - KNOWN_FIELDS - set(UNSUPPORTED_FIELDS)):
@@ -178,20 +187,47 @@ def save_adapter(
     metadata = {"format": "pt", METADATA_KEY: json.dumps(cfg.to_dict())}
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / WEIGHTS_NAME, st_save(tensors, metadata=metadata))
+    atomic_write_bytes(folder / WEIGHTS_NAME, _sorted_metadata(st_save(tensors, metadata=metadata)))
     config_text = json.dumps(to_peft_config(model, name), indent=2, sort_keys=True) + "\n"
     atomic_write_bytes(folder / CONFIG_NAME, config_text.encode())
     return folder
 
 
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors bytes with the header's metadata in key order, so equal adapters give equal files.
+
+    safetensors writes metadata from a hash map, in an order that changes from call to call. Layout:
+    8-byte little-endian header length, the JSON header (space-padded to 8 bytes), the tensor data.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], LoraConfig]:
     """(PEFT config fields, tensors, LoraConfig) of an adapter folder; never unpickles."""
+    fields, tensors, metadata = read_adapter_files(path)
+    cfg = LoraConfig(**json.loads(metadata[METADATA_KEY])) if METADATA_KEY in metadata else from_peft_config(fields)
+    return fields, tensors, cfg
+
+
+def read_adapter_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
+    """(config fields, tensors, safetensors header metadata) of an adapter folder, as stored; never unpickles.
+
+    Unlike `read_adapter` it does not judge the config, so a tool can inspect adapters lorakit cannot load.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_NAME}: it is not an adapter folder")
+        named = sorted(d.name for d in folder.iterdir() if (d / CONFIG_NAME).is_file())
+        hint = f"; it holds named adapters (PEFT saves non-default ones in subfolders): {named}, pass e.g. {str(folder / named[0])!r}" if named else ""
+        raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_NAME}: it is not an adapter folder{hint}")
     try:
         fields = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -203,11 +239,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Ten
         tensors = _read_legacy_bin(folder / LEGACY_WEIGHTS_NAME)
     else:
         raise FileNotFoundError(f"{str(folder)!r} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
-    if METADATA_KEY in metadata:
-        cfg = LoraConfig(**json.loads(metadata[METADATA_KEY]))
-    else:
-        cfg = from_peft_config(fields)
-    return fields, tensors, cfg
+    return fields, tensors, metadata
 
 
 def _read_safetensors(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -241,10 +273,21 @@ def _read_legacy_bin(file: Path) -> dict[str, Tensor]:
 
 # ---- loading into a model --------------------------------------------------------------------------
 
-def _expected(model: nn.Module, cfg: LoraConfig, adapter: str) -> dict[str, tuple[str, str, tuple[int, ...]]]:
-    """file key -> (module path, slot, shape) for everything the adapter must contain."""
-    expected: dict[str, tuple[str, str, tuple[int, ...]]] = {}
-    for p in plan(model, cfg, adapter, strict=False):
+Expected = dict[str, tuple[str, str, tuple[int, ...]]]
+
+
+def _expected(model: nn.Module, cfg: LoraConfig, adapter: str) -> tuple[Expected, Expected]:
+    """file key -> (module path, slot, shape): what the adapter must contain, and what it may contain.
+
+    The optional keys are the adapted layers' own base weights (``<layer>.base_layer.weight``), which
+    PEFT writes for embeddings (``save_embedding_layers``, e.g. after resizing the vocabulary).
+    """
+    expected: Expected = {}
+    optional: Expected = {}
+    planned = plan(model, cfg, adapter, strict=False)
+    for p in planned:
+        for leaf, t in p.module.named_parameters(recurse=False):
+            optional[f"{PREFIX}{p.path}.base_layer.{leaf}"] = (p.path, leaf, tuple(t.shape))
         shapes = adapter_shapes(p.module, p.spec)
         a_shape, b_shape = shapes["lora_A"], shapes["lora_B"]
         if p.spec.enabled is not None:  # stored as the dense block-structured B
@@ -265,21 +308,29 @@ def _expected(model: nn.Module, cfg: LoraConfig, adapter: str) -> dict[str, tupl
     for path in saved:
         for key, t in modules[path].state_dict().items():
             expected[f"{PREFIX}{path}.{key}"] = (path, key, tuple(t.shape))
-    layers = [v[0] for v in expected.values()]
+    layers = [p.path for p in planned]
     params = dict(model.named_parameters())
     for pname in _bias_params(model, cfg, layers):
-        expected[f"{PREFIX}{pname}"] = (pname, "bias", tuple(params[pname].shape))
-    return expected
+        key = f"{PREFIX}{peft_param_name(pname, layers)}"
+        expected[key] = (pname, "bias", tuple(params[pname].shape))
+        optional.pop(key, None)
+    return expected, optional
 
 
-def _check_fit(expected: dict, tensors: dict[str, Tensor], source: str) -> None:
+def _check_fit(expected: Expected, optional: Expected, tensors: dict[str, Tensor], source: str) -> None:
     problems = []
+    for key, (_, _, shape) in optional.items():
+        if key in tensors and tuple(tensors[key].shape) != tuple(shape):
+            problems.append(
+                f"{key}: file has shape {list(tensors[key].shape)}, model expects {list(shape)} "
+                "(resize the model's embeddings to the adapter's vocabulary first)"
+            )
     for key, (_, _, shape) in expected.items():
         if key not in tensors:
             problems.append(f"missing key {key} (the model expects shape {list(shape)})")
         elif tuple(tensors[key].shape) != tuple(shape):
             problems.append(f"{key}: file has shape {list(tensors[key].shape)}, model expects {list(shape)}")
-    extra = [k for k in tensors if k not in expected]
+    extra = [k for k in tensors if k not in expected and k not in optional]
     for key in extra:
         problems.append(f"unexpected key {key} (shape {list(tensors[key].shape)}): no such module in this model")
     if problems:
@@ -294,37 +345,77 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     exactly as it was.
     """
     _, tensors, cfg = read_adapter(path)
-    cfg = resolve_config(model, cfg)
+    cfg = _as_peft_resolves(model, resolve_config(model, cfg))
     state = get_state(model, required=False)
     if state is not None and adapter in state.adapters:
         raise ValueError(f"adapter {adapter!r} is already on the model; load with adapter='<another name>'")
-    expected = _expected(model, cfg, adapter)
-    _check_fit(expected, tensors, str(path))
+    expected, optional = _expected(model, cfg, adapter)
+    _check_fit(expected, optional, tensors, str(path))
+    expected.update({k: loc for k, loc in optional.items() if k in tensors})
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    backup = {key: _target_tensor(modules, params, loc).detach().clone() for key, loc in expected.items() if loc[1] not in ("lora_A", "lora_B", "lora_B_bias")}
+    specs = {p.path: p.spec for p in plan(model, cfg, adapter, strict=False)}
+    values = {}
+    for key, (mpath, slot, _) in expected.items():  # everything that can fail on the file's values, before any change
+        values[key] = tensors[key]
+        if slot == "lora_B" and specs[mpath].enabled is not None:
+            try:
+                values[key] = compress_sliced_B(tensors[key], list(specs[mpath].enabled), specs[mpath].r)
+            except ValueError as e:
+                raise ValueError(f"adapter {path}: {key}: {e}; the model is unchanged") from e
+    backup = {key: _target_tensor(modules, params, loc).detach().clone() for key, loc in expected.items() if loc[1] not in LORA_SLOTS}
+    before_active = list(state.active) if state is not None else []
+    before_merged = {p: list(layer.merged_adapters) for p, layer in lora_layers(model)}
     inject(model, cfg, adapter)
     try:
         with torch.no_grad():
+            merged = [layer for p in specs if adapter in (layer := modules[p]).merged_adapters]
+            for layer in merged:  # merged at zero ΔW by inject on a merged model: fold in the loaded ΔW below
+                layer.unmerge_adapter(adapter)
             for key, (mpath, slot, _) in expected.items():
-                t = tensors[key]
-                if slot in ("lora_A", "lora_B", "lora_B_bias"):
-                    layer = modules[mpath]
-                    spec = layer.lora_specs[adapter]
-                    if slot == "lora_B" and spec.enabled is not None:
-                        t = compress_sliced_B(t, list(spec.enabled), spec.r)
-                    getattr(layer, slot)[adapter].copy_(t)
+                if slot in LORA_SLOTS:
+                    getattr(modules[mpath], slot)[adapter].copy_(values[key])
                 else:
-                    _target_tensor(modules, params, (mpath, slot, None)).copy_(t)
+                    _target_tensor(modules, params, (mpath, slot, None)).copy_(values[key])
+            for layer in merged:
+                layer.merge_adapter(adapter)
     except Exception:
-        from .adapters import delete_adapter
+        from .adapters import delete_adapter, set_adapter
 
         delete_adapter(model, adapter)
         with torch.no_grad():
             for key, t in backup.items():
                 _target_tensor(modules, params, expected[key]).copy_(t)
+        if before_active:
+            set_adapter(model, before_active)
+        for p, layer in lora_layers(model):
+            for name in before_merged.get(p, []):
+                layer.merge_adapter(name)
         raise
     return model
+
+
+def _as_peft_resolves(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
+    """Drop the names in `target_modules` / `modules_to_save` lists that match no module of `model`.
+
+    PEFT ignores them (``task_type="SEQ_CLS"`` saves ``modules_to_save=["classifier", "score"]``;
+    adapters list every projection name of a family); if nothing matches, injection still fails.
+    """
+    paths = [p for p, _ in model.named_modules() if p]
+
+    def present(names: list[str]) -> list[str]:
+        return [n for n in names if any(p == n or p.endswith("." + n) for p in paths)]
+
+    changes: dict[str, Any] = {}
+    if isinstance(cfg.target_modules, list) and present(cfg.target_modules):
+        changes["target_modules"] = present(cfg.target_modules)
+    if cfg.modules_to_save:
+        changes["modules_to_save"] = present(cfg.modules_to_save) or None
+    dropped = {k: sorted(set(getattr(cfg, k) or []) - set(v or [])) for k, v in changes.items()}
+    for key, names in dropped.items():
+        if names:
+            log.debug("adapter %s %s match no module of %s: ignored, as PEFT does", key, names, type(model).__name__)
+    return cfg.replace(**changes) if changes else cfg
 
 
 def _target_tensor(modules: dict, params: dict, loc: tuple) -> Tensor:

@@ -1,0 +1,273 @@
+"""Interop with the real `peft` package: its adapter folders load in lorakit, lorakit's load in PEFT,
+with the same logits (fp32, max |Δ| ≤ 1e-5); plus the bad-input cases (pickles, unsupported fields)
+and the merged model saved with transformers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from conftest import logits, tiny_bert, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft", reason="PEFT interop tests need the `peft` package: pip install -e '.[dev]'")
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls run fastest on one thread, and do not stall when the shared CPU is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Case:
+    """One PEFT configuration on a tiny model; `lorakit_kwargs` is the same adapter in lorakit's terms."""
+
+    build: Callable[[], nn.Module]
+    peft_kwargs: dict[str, Any]
+    lorakit_kwargs: dict[str, Any] | None = field(default=None)  # None: not expressible in lorakit
+
+    def lorakit_config(self) -> lorakit.LoraConfig:
+        return lorakit.LoraConfig(**copy.deepcopy(self.lorakit_kwargs))
+
+
+def _both(build: Callable[[], nn.Module], r: int = 4, alpha: float = 8, **kw: Any) -> Case:
+    """A case whose PEFT and lorakit configs differ only in field names."""
+    names = {"layers_to_transform": "layers"}
+    lk = {names.get(k, k): v for k, v in kw.items() if k not in ("task_type", "fan_in_fan_out")}
+    return Case(build, dict(r=r, lora_alpha=alpha, **kw), dict(r=r, alpha=alpha, **lk))
+
+
+QV = ["q_proj", "v_proj"]
+CASES = {
+    "llama_qv": _both(tiny_llama, target_modules=QV),
+    "llama_all_linear": _both(tiny_llama, target_modules="all-linear"),
+    "llama_all_linear_exclude": _both(tiny_llama, target_modules="all-linear", exclude_modules=["down_proj"]),
+    "llama_regex_targets": _both(tiny_llama, target_modules=r".*\.layers\.1\..*(q_proj|up_proj)"),
+    "llama_rslora": _both(tiny_llama, r=8, alpha=4, target_modules=QV, use_rslora=True),
+    "llama_rank_alpha_pattern": _both(
+        tiny_llama,
+        target_modules=["q_proj", "v_proj", "o_proj"],
+        rank_pattern={"q_proj": 2, r"model\.layers\.1\.self_attn\.v_proj": 6},
+        alpha_pattern={"v_proj": 3, "o_proj": 20},
+    ),
+    "llama_layers_to_transform": _both(tiny_llama, target_modules=QV, layers_to_transform=[1], layers_pattern="layers"),
+    "llama_layers_no_pattern": _both(tiny_llama, target_modules=QV, layers_to_transform=0),
+    "gpt2_conv1d_fan_in_fan_out": _both(tiny_gpt2, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    "llama_embedding": _both(tiny_llama, target_modules=["embed_tokens", "q_proj"]),
+    "bert_modules_to_save": _both(tiny_bert, target_modules=["query", "value"], modules_to_save=["classifier"]),
+    "bert_seq_cls_task": _both(tiny_bert, target_modules=["query", "value"], task_type="SEQ_CLS", modules_to_save=["classifier"]),
+    "bert_lora_bias": _both(tiny_bert, target_modules=["query", "value"], lora_bias=True),
+    "bert_bias_all": _both(tiny_bert, target_modules=["query", "value"], bias="all"),
+    "bert_bias_lora_only": _both(tiny_bert, target_modules=["query", "value"], bias="lora_only"),
+}
+ADAPTER_NAMES = ["default", "task_b"]  # PEFT writes a non-default adapter into a subfolder of that name
+
+
+def _randomize(params: list[torch.Tensor], seed: int = 0) -> None:
+    """Fill every adapter tensor (A, B, biases, saved heads) with noise so that nothing is trivially zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def _peft_model(case: Case, adapter: str) -> nn.Module:
+    cfg = peft.LoraConfig(**copy.deepcopy(case.peft_kwargs))  # PEFT extends modules_to_save in place
+    pm = peft.get_peft_model(case.build(), cfg, adapter_name=adapter)
+    _randomize([p for p in pm.parameters() if p.requires_grad])
+    return pm.eval()
+
+
+def _lorakit_model(case: Case, adapter: str) -> nn.Module:
+    model = lorakit.inject(case.build(), case.lorakit_config(), adapter=adapter)
+    _randomize(list(lorakit.adapter_parameters(model, adapter).values()))
+    return model
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("adapter", ADAPTER_NAMES)
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_peft_adapter_loads_in_lorakit(case_id: str, adapter: str, tmp_path: Path, input_ids: torch.Tensor) -> None:
+    case = CASES[case_id]
+    pm = _peft_model(case, adapter)
+    want = logits(pm, input_ids)
+    pm.save_pretrained(tmp_path)
+    folder = tmp_path if adapter == "default" else tmp_path / adapter
+    base = case.build()
+    assert _max_diff(logits(base, input_ids), want) > 1e-3  # the adapter really changes the model
+    model = lorakit.load_adapter(base, folder, adapter=adapter)
+    assert lorakit.list_adapters(model) == [adapter]
+    assert _max_diff(logits(model, input_ids), want) <= TOL
+
+
+@pytest.mark.parametrize("adapter", ADAPTER_NAMES)
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_lorakit_adapter_loads_in_peft(case_id: str, adapter: str, tmp_path: Path, input_ids: torch.Tensor) -> None:
+    case = CASES[case_id]
+    model = _lorakit_model(case, adapter)
+    want = logits(model, input_ids)
+    lorakit.save_adapter(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(case.build(), tmp_path, adapter_name=adapter).eval()
+    assert _max_diff(logits(pm, input_ids), want) <= TOL
+
+
+def test_lorakit_fused_slices_load_in_peft(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    """GPT-2's fused c_attn adapted on q and v only (enable_lora) is written as block-structured dense LoRA."""
+    model = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=4, alpha=8, enable_lora={"c_attn": [True, False, True]}, target_modules=["c_attn"]))
+    _randomize(list(lorakit.adapter_parameters(model).values()))
+    want = logits(model, input_ids)
+    lorakit.save_adapter(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path).eval()
+    assert _max_diff(logits(pm, input_ids), want) <= TOL
+    again = lorakit.load_adapter(tiny_gpt2(), tmp_path)  # and back, as fused slices again
+    assert _max_diff(logits(again, input_ids), want) <= TOL
+
+
+def test_peft_legacy_bin_loads(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    case = CASES["llama_qv"]
+    pm = _peft_model(case, "default")
+    pm.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    model = lorakit.load_adapter(case.build(), tmp_path)
+    assert _max_diff(logits(model, input_ids), logits(pm, input_ids)) <= TOL
+
+
+CALLS: list[str] = []
+
+
+def _record_call() -> dict:
+    CALLS.append("unpickled")
+    return {}
+
+
+class _Payload:
+    """Unpickling this object runs `_record_call`: what a malicious ``.bin`` would do with os.system."""
+
+    def __reduce__(self):
+        return (_record_call, ())
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert lorakit.list_adapters(model) == []
+
+
+def test_bin_that_needs_full_unpickling_is_refused(tmp_path: Path) -> None:
+    pm = _peft_model(CASES["llama_qv"], "default")
+    pm.save_pretrained(tmp_path, safe_serialization=False)
+    tensors = torch.load(tmp_path / "adapter_model.bin", weights_only=True)
+    with open(tmp_path / "adapter_model.bin", "wb") as f:
+        pickle.dump({**tensors, "extra": _Payload()}, f)
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(ValueError, match="needs full unpickling, which can run arbitrary code"):
+        lorakit.load_adapter(model, tmp_path)
+    assert CALLS == []  # the payload never ran
+    _assert_unchanged(model, before)
+
+
+def _peft_folder(tmp_path: Path, **overrides: Any) -> Path:
+    pm = _peft_model(CASES["llama_qv"], "default")
+    pm.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    fields = json.loads(config_file.read_text())
+    fields.update(overrides)
+    config_file.write_text(json.dumps(fields))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"use_dora": True}, ["use_dora=True"]),
+        ({"init_lora_weights": "pissa"}, ["init_lora_weights='pissa'", "rewrites the base weights"]),
+        ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}}, ["init_lora_weights='loftq'"]),
+        ({"init_lora_weights": "some_new_init"}, ["init_lora_weights='some_new_init'", "lorakit knows only"]),
+        (
+            {"use_dora": True, "layer_replication": [[0, 2], [1, 2]], "trainable_token_indices": [3, 4]},
+            ["use_dora=True", "layer_replication=[[0, 2], [1, 2]]", "trainable_token_indices=[3, 4]"],
+        ),
+        ({"peft_type": "IA3"}, ["IA3 adapter", "LoRA adapters only"]),
+    ],
+)
+def test_unsupported_peft_fields_are_refused_by_name(tmp_path: Path, overrides: dict, named: list[str]) -> None:
+    folder = _peft_folder(tmp_path, **overrides)
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(ValueError) as err:
+        lorakit.load_adapter(model, folder)
+    for text in named:
+        assert text in str(err.value)
+    _assert_unchanged(model, before)
+
+
+def test_unknown_harmless_fields_are_ignored_with_a_debug_log(
+    tmp_path: Path, input_ids: torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = _peft_folder(tmp_path, field_from_peft_9000="whatever", qalora_group_size=32)
+    want = logits(peft.PeftModel.from_pretrained(tiny_llama(), folder), input_ids)
+    with caplog.at_level(logging.DEBUG, logger="lorakit.checkpoint"):
+        model = lorakit.load_adapter(tiny_llama(), folder)
+    assert "field_from_peft_9000='whatever'" in caplog.text and "qalora_group_size=32" in caplog.text
+    assert _max_diff(logits(model, input_ids), want) <= TOL
+
+
+def test_parent_folder_of_named_adapters_gets_a_pointer(tmp_path: Path) -> None:
+    _peft_model(CASES["llama_qv"], "task_b").save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="task_b"):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_embedding_of_another_vocabulary_is_refused(tmp_path: Path) -> None:
+    """PEFT saves the embedding's base weight with an embedding LoRA; a model with another vocabulary must not take it."""
+    _peft_model(CASES["llama_embedding"], "default").save_pretrained(tmp_path)
+    model = tiny_llama(vocab=120)
+    before = _state(model)
+    with pytest.raises(ValueError, match="resize the model's embeddings"):
+        lorakit.load_adapter(model, tmp_path)
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("build, cfg", [
+    (tiny_llama, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear")),
+    (tiny_gpt2, lorakit.LoraConfig(r=4, alpha=8)),  # fused c_attn slices
+    (tiny_bert, lorakit.LoraConfig(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], bias="lora_only")),
+], ids=["llama", "gpt2_fused", "bert_head"])
+def test_merged_model_saves_and_loads_with_plain_transformers(build, cfg, tmp_path: Path, input_ids: torch.Tensor) -> None:
+    model = lorakit.inject(build(), cfg)
+    _randomize(list(lorakit.adapter_parameters(model).values()))
+    want = logits(model, input_ids)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    plain = lorakit.merge_and_unload(model)
+    plain.save_pretrained(tmp_path / "merged")
+    loaded = type(plain).from_pretrained(tmp_path / "merged").eval()
+    assert _max_diff(logits(loaded, input_ids), want) <= TOL
+    # PEFT merging the same adapter file into the same base gives the same weights
+    peft_merged = peft.PeftModel.from_pretrained(build(), tmp_path / "adapter").merge_and_unload()
+    ours, theirs = loaded.state_dict(), peft_merged.state_dict()
+    assert set(ours) == set(theirs)
+    assert max(_max_diff(ours[k], theirs[k]) for k in ours) <= 1e-6
