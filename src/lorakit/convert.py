@@ -1,0 +1,200 @@
+"""Inspect and convert adapter folders (PEFT layout) without a model: what is in a folder, and the
+same adapter in another file layout (legacy ``adapter_model.bin`` -> safetensors) or precision."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+
+from .adapters import PREFIX
+from .checkpoint import (
+    CONFIG_NAME,
+    LEGACY_WEIGHTS_NAME,
+    METADATA_KEY,
+    WEIGHTS_NAME,
+    _sorted_metadata,
+    atomic_write_bytes,
+    from_peft_config,
+    read_adapter_files,
+)
+from .config import LoraConfig, match_pattern_key
+from .functional import lora_scale
+
+#: ``--dtype`` names accepted by `convert_adapter`.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_LORA_A = re.compile(r"^(?P<path>.+)\.(lora_A\.weight|lora_embedding_A)$")
+
+
+@dataclass
+class LayerInfo:
+    """One adapted module as stored: rank in the file, alpha, scale and parameter count."""
+
+    path: str
+    r: int
+    alpha: float
+    scale: float
+    params: int
+    fused: list[bool] | None = None  # lorakit's slice flags when the file's rank is n_on·r of a fused projection
+
+
+@dataclass
+class AdapterInfo:
+    """What an adapter folder holds, read from its files alone (no model, no unpickling)."""
+
+    folder: str
+    weights_file: str
+    size_bytes: int
+    written_by: str
+    base_model: str | None
+    peft_type: str
+    r: int
+    alpha: float
+    use_rslora: bool
+    target_modules: Any
+    layers: list[LayerInfo]
+    lora_params: int
+    other_tensors: dict[str, int]  # saved modules and biases: key -> numel
+    dtypes: dict[str, int]  # dtype -> number of tensors
+    modules_to_save: list[str] | None
+    lora_bias: bool
+    loadable: str  # "yes", or why lorakit refuses it
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+    def to_text(self) -> str:
+        """A short human-readable report."""
+        ranks = Counter(layer.r for layer in self.layers)
+        alphas = Counter(layer.alpha for layer in self.layers)
+        leaves = Counter(layer.path.rsplit(".", 1)[-1] for layer in self.layers)
+        other = sum(self.other_tensors.values())
+        lines = [
+            f"adapter      {self.folder}",
+            f"file         {self.weights_file} ({_size(self.size_bytes)}), written by {self.written_by}",
+            f"base model   {self.base_model or '(not recorded)'}",
+            f"type         {self.peft_type}{' (rsLoRA: scale = alpha/sqrt(r))' if self.use_rslora else ''}",
+            f"rank r       {self.r}" + (f"   per layer: {_counts(ranks)}" if set(ranks) - {self.r} else ""),
+            f"alpha        {self.alpha:g}" + (f"   per layer: {_counts(alphas)}" if set(alphas) - {self.alpha} else ""),
+            f"targets      {self.target_modules}",
+            f"adapted      {len(self.layers)} modules: {_counts(leaves)}",
+            f"LoRA params  {self.lora_params:,}" + (f"   + {other:,} in saved modules/biases" if other else ""),
+            f"dtypes       {_counts(Counter(self.dtypes))}",
+        ]
+        fused = [layer for layer in self.layers if layer.fused]
+        if fused:
+            flags = "".join("x" if f else "-" for f in fused[0].fused)
+            lines.append(f"fused        {len(fused)} fused projections adapted slice by slice [{flags}], stored as dense block-structured LoRA")
+        if self.modules_to_save:
+            lines.append(f"saved        modules_to_save={self.modules_to_save}")
+        if self.lora_bias:
+            lines.append("lora_bias    yes (B has a bias)")
+        lines.append(f"lorakit      {'loads it' if self.loadable == 'yes' else 'refuses it: ' + self.loadable}")
+        return "\n".join(lines)
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{k if not isinstance(k, float) else f'{k:g}'}×{n}" for k, n in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _weights_file(folder: Path) -> Path:
+    return folder / WEIGHTS_NAME if (folder / WEIGHTS_NAME).is_file() else folder / LEGACY_WEIGHTS_NAME
+
+
+def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
+    """Rank, alpha, targets, adapted modules, parameter counts, size, dtypes and base model of an adapter folder."""
+    folder = Path(path)
+    fields, tensors, metadata = read_adapter_files(folder)
+    try:
+        cfg = LoraConfig(**json.loads(metadata[METADATA_KEY])) if METADATA_KEY in metadata else from_peft_config(fields)
+        loadable = "yes"
+    except (ValueError, TypeError) as e:
+        cfg, loadable = None, str(e)
+    layers, lora_keys = [], set()
+    for key, A in tensors.items():
+        match = _LORA_A.match(key)
+        if not match:
+            continue
+        path_ = match.group("path").removeprefix(PREFIX)
+        stem = match.group("path")
+        keys = [key, *(k for k in (f"{stem}.lora_B.weight", f"{stem}.lora_embedding_B", f"{stem}.lora_B.bias") if k in tensors)]
+        lora_keys.update(keys)
+        fused = cfg.slices_for(path_) if cfg is not None else None
+        r = int(A.shape[0]) // (sum(fused) if fused else 1)  # the file's rank is n_on·r for fused slices
+        if cfg is not None:
+            alpha = cfg.alpha_for(path_)
+        else:
+            patterns = fields.get("alpha_pattern") or {}
+            key = match_pattern_key(patterns, path_)
+            alpha = float(patterns[key] if key is not None else fields.get("lora_alpha", 8))
+        params = sum(tensors[k].numel() for k in keys)
+        if fused:  # the dense B stores zero blocks for the slices that are not adapted
+            params -= tensors[keys[1]].numel() * (len(fused) - 1) // len(fused)
+        layers.append(LayerInfo(path_, r, alpha, lora_scale(alpha, r, bool(fields.get("use_rslora"))), params, fused))
+    weights = _weights_file(folder)
+    return AdapterInfo(
+        folder=str(folder),
+        weights_file=weights.name,
+        size_bytes=weights.stat().st_size,
+        written_by="lorakit" if METADATA_KEY in metadata else f"PEFT {fields.get('peft_version', '(version not recorded)')}",
+        base_model=fields.get("base_model_name_or_path"),
+        peft_type=str(fields.get("peft_type", "LORA")),
+        r=int(fields.get("r", 8)),
+        alpha=float(fields.get("lora_alpha", 8)),
+        use_rslora=bool(fields.get("use_rslora", False)),
+        target_modules=fields.get("target_modules"),
+        layers=layers,
+        lora_params=sum(layer.params for layer in layers),
+        other_tensors={k.removeprefix(PREFIX): t.numel() for k, t in tensors.items() if k not in lora_keys},
+        dtypes=dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())),
+        modules_to_save=fields.get("modules_to_save"),
+        lora_bias=bool(fields.get("lora_bias", False)),
+        loadable=loadable,
+    )
+
+
+def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
+    """Write the adapter at `src` to the folder `dst` as safetensors, optionally cast to `dtype` ("fp16", ...).
+
+    Reads a legacy ``adapter_model.bin`` through ``torch.load(weights_only=True)`` only. The config and
+    lorakit's header metadata are kept; `src` is never modified. Returns `dst`.
+    """
+    src, dst = Path(src), Path(dst)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+        dtype = DTYPES[dtype]
+    fields, tensors, metadata = read_adapter_files(src)
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"--out {str(dst)!r} is the source folder; write the converted adapter to another folder")
+    if (dst / CONFIG_NAME).exists() or (dst / WEIGHTS_NAME).exists():
+        raise ValueError(f"{str(dst)!r} already holds an adapter; choose an empty --out folder")
+    out = {}
+    for key, t in tensors.items():
+        if dtype is not None and t.is_floating_point():
+            cast = t.to(dtype)
+            if not torch.isfinite(cast).all() and torch.isfinite(t).all():
+                raise ValueError(f"{key} overflows {dtype} (max |value| {t.abs().max().item():.3g}); use bf16, which has fp32's range")
+            t = cast
+        out[key] = t.contiguous().clone()  # a .bin may hold views of one storage; safetensors wants them apart
+    data = _sorted_metadata(st_save(out, metadata={**metadata, "format": "pt"}))
+    dst.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dst / WEIGHTS_NAME, data)
+    atomic_write_bytes(dst / CONFIG_NAME, (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode())
+    return dst
