@@ -20,7 +20,7 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _adapted(arch: str, target, **kw) -> nn.Module:
-    model = lorakit.inject(BUILDERS[arch](), lorakit.LoraConfig(r=4, alpha=8, target_modules=target, **kw))
+    model = lorakit.inject(BUILDERS[arch](), lorakit.LoraConfig(r=3, alpha=6, target_modules=target, **kw))
     randomize_adapters(model, std=0.1, seed=1)
     return model
 
