@@ -17,15 +17,22 @@ from .adapters import (
 )
 from .checkpoint import load_adapter, read_adapter, save_adapter
 from .config import LoraConfig
+from .data import load_data
 from .functional import delta_weight, lora_scale
 from .injection import inject
 from .layers import LoraLayer
 from .merging import merge, merge_and_unload, unload, unmerge
 from .multi import combine_adapters, mixed_batch
+from .training import TrainConfig, TrainingError, TrainResult, finetune
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "finetune",
+    "load_data",
     "LoraConfig",
     "LoraLayer",
     "active_adapters",

@@ -1,0 +1,103 @@
+"""``lorakit finetune``: fine-tune a model with LoRA on a dataset, with a progress bar, checkpoints and resume."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model with LoRA (causal LM or sequence classification)")
+    p.add_argument("--model", required=True, help="bundled short name (smollm2-135m, minilm-l6), hub id or local folder")
+    p.add_argument("--data", required=True, help="train data: .jsonl/.json/.csv/.tsv, an E2E csv, a GLUE task folder, or hf:<name>[:<config>]")
+    p.add_argument("--eval-data", help="eval data (same forms); a GLUE folder or hf: source uses its dev/validation split by default")
+    p.add_argument("--eval-split", default=None, help="split of a folder/hf: source for evaluation (default: dev for GLUE, validation for hf:)")
+    p.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
+    p.add_argument("--method", default="lora", help="lora (default) or full")
+    p.add_argument("--num-labels", type=int, default=2, help="classes of the classification head")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--completion-field", default="completion")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-pair-field", default=None)
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--eval-limit", type=int, default=None, help="use only the first N eval examples")
+    p.add_argument("--target", default=None, help="comma-separated module names (default: the architecture's q,v), or all-linear")
+    p.add_argument("-r", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr-ratio-b", type=float, default=1.0, help="LoRA+: learning rate of B = lr × this")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--warmup", type=float, default=0.06, help="warm-up steps (or a fraction of the steps if < 1)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="of the frozen base (adapters stay fp32)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw even if the tokenizer has a chat template")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder: adapter, checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lorakit.data import load_data
+    from lorakit.models import load_model
+    from lorakit.training import TrainConfig, TrainingError, finetune
+
+    fields = dict(prompt_field=args.prompt_field, completion_field=args.completion_field, text_field=args.text_field,
+                  text_pair_field=args.text_pair_field, label_field=args.label_field)
+    train = load_data(args.data, args.task, "train", **fields)[: args.limit]
+    eval_data = None
+    if args.eval_data or args.eval_split:
+        split = args.eval_split or ("validation" if str(args.eval_data or args.data).startswith("hf:") else "dev")
+        eval_data = load_data(args.eval_data or args.data, args.task, split, **fields)[: args.eval_limit]
+    target = args.target if args.target in (None, "all-linear") else args.target.split(",")
+    cfg = TrainConfig(
+        task=args.task, method=args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=target,
+        lr=args.lr, lr_ratio_b=args.lr_ratio_b, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, max_length=args.max_length, warmup=args.warmup, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, grad_checkpointing=args.grad_checkpointing, eval_every=args.eval_every,
+        save_every=args.save_every, seed=args.seed, precision=args.precision,
+        use_chat_template=False if args.no_chat_template else None,
+    )
+    model, tokenizer = load_model(args.model, args.task, num_labels=args.num_labels)
+    bar = None
+
+    def progress(event: dict) -> None:
+        nonlocal bar
+        if event["event"] == "start":
+            print(f"{event['examples']:,} examples, {event['total']} steps, precision {event['precision']} "
+                  f"(frozen base; trainable weights fp32), trainable {event['trainable']:,} / {event['total_params']:,} "
+                  f"({100 * event['trainable'] / event['total_params']:.3f}%)")
+            bar = tqdm(total=event["total"], initial=event["step"], unit="step", dynamic_ncols=True)
+        elif event["event"] == "step":
+            bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}", tok_s=f"{event['tokens_per_s']:.0f}")
+            bar.update(1)
+        elif event["event"] == "eval":
+            bar.write("step {step}: ".format(**event) + ", ".join(f"{k} {v:.4f}" for k, v in event.items() if k.startswith("eval_")))
+        elif event["event"] == "save":
+            bar.write(f"step {event['step']}: checkpoint {event['path']}")
+        elif event["event"] == "end":
+            bar.close()
+
+    try:
+        result = finetune(model, tokenizer, train, eval_data, cfg, out_dir=args.out, resume=args.resume, callback=progress)
+    except TrainingError as e:
+        if bar is not None:
+            bar.close()
+        print(f"lorakit finetune: stopped: {e}", file=sys.stderr)
+        return 1
+    print(f"done: {result.steps} steps in {result.seconds:.0f}s, last train loss {result.train_loss:.4f}"
+          + "".join(f", {k} {v:.4f}" for k, v in result.eval_metrics.items()))
+    print(f"wrote {args.out}: adapter, metrics.jsonl, loss.png")
+    return 0

@@ -1,0 +1,258 @@
+"""Training data: read records (JSONL, CSV/TSV, E2E NLG, GLUE, Hugging Face `datasets`) and turn them into batches.
+
+Causal LM examples are ``{"prompt", "completion"}``; the loss covers the completion tokens only
+(prompt and padding get label -100), and the prompt goes through the tokenizer's chat template
+when it has one. Classification examples are ``{"text", "text_pair"?, "label": int}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+#: GLUE tasks in the original ``glue_data/<TASK>/`` TSV layout: reader and label names (index = class id).
+GLUE_LABELS: dict[str, list[str]] = {
+    "SST-2": ["0", "1"],
+    "CoLA": ["0", "1"],
+    "RTE": ["entailment", "not_entailment"],
+}
+
+
+# ---- reading records -------------------------------------------------------------------------------
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a ``.jsonl``/``.json`` (list of objects), ``.csv`` or ``.tsv`` file (header row) as dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one JSON object") from e
+        return rows
+    if suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise ValueError(f"{path} must hold a JSON list of objects (or use .jsonl, one object per line)")
+        return rows
+    if suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            if suffix == ".tsv":
+                return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+            return list(csv.DictReader(f))
+    raise ValueError(f"cannot read {path}: use a .jsonl, .json, .csv or .tsv file, a GLUE task folder, or hf:<dataset>")
+
+
+def _require(rows: list[dict], fields: Sequence[str], source: str) -> None:
+    if not rows:
+        raise ValueError(f"{source} has no examples: the dataset is empty")
+    for i, row in enumerate(rows):
+        missing = [f for f in fields if f not in row or row[f] is None]
+        if missing:
+            raise ValueError(
+                f"{source}: example {i} has no field {missing[0]!r} (it has {sorted(row)}); "
+                f"name the right field with the matching --*-field option"
+            )
+
+
+def causal_examples(
+    rows: list[dict], prompt_field: str = "prompt", completion_field: str = "completion", source: str = "data"
+) -> list[dict[str, str]]:
+    """Prompt/completion pairs from records with the given field names."""
+    _require(rows, [prompt_field, completion_field], source)
+    return [{"prompt": str(r[prompt_field]), "completion": str(r[completion_field])} for r in rows]
+
+
+def classification_examples(
+    rows: list[dict],
+    text_field: str = "text",
+    label_field: str = "label",
+    text_pair_field: str | None = None,
+    labels: Sequence[str] | None = None,
+    source: str = "data",
+) -> list[dict[str, Any]]:
+    """Text (+ optional pair) and integer class id; string labels map through `labels` (their order = class id)."""
+    _require(rows, [text_field, label_field] + ([text_pair_field] if text_pair_field else []), source)
+    out = []
+    for i, r in enumerate(rows):
+        raw = r[label_field]
+        if labels is not None and str(raw) in labels:
+            label = list(labels).index(str(raw))
+        else:
+            try:
+                label = int(raw)
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: example {i} has label {raw!r}, which is not a class id (an integer)") from None
+        ex = {"text": str(r[text_field]), "label": label}
+        if text_pair_field:
+            ex["text_pair"] = str(r[text_pair_field])
+        out.append(ex)
+    return out
+
+
+def load_e2e(path: str | os.PathLike) -> list[dict[str, str]]:
+    """E2E NLG CSV (``mr,ref``): meaning representation → reference sentence, one pair per row."""
+    rows = read_records(Path(path))
+    return causal_examples(rows, "mr", "ref", source=str(path))
+
+
+def load_glue(task_dir: str | os.PathLike, split: str = "train") -> list[dict[str, Any]]:
+    """A GLUE task (SST-2, RTE, CoLA) from its ``glue_data/<TASK>/<split>.tsv`` folder, read with QUOTE_NONE."""
+    task_dir = Path(task_dir)
+    task = task_dir.name
+    if task not in GLUE_LABELS:
+        raise ValueError(f"unknown GLUE task folder {task!r}: lorakit reads {sorted(GLUE_LABELS)}")
+    file = task_dir / f"{split}.tsv"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist (GLUE splits are train, dev, test)")
+    with file.open(encoding="utf-8", newline="") as f:
+        if task == "CoLA":  # no header: source, label, original judgment, sentence
+            rows = [{"sentence": r[3], "label": r[1]} for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
+        else:
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if task == "RTE":
+        return classification_examples(rows, "sentence1", "label", "sentence2", GLUE_LABELS[task], source=str(file))
+    return classification_examples(rows, "sentence", "label", labels=GLUE_LABELS[task], source=str(file))
+
+
+def load_hf(name: str, split: str = "train") -> list[dict[str, Any]]:
+    """Records of a Hugging Face dataset (``name`` or ``name:config``) via the optional `datasets` package."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ModuleNotFoundError("hf: datasets need the datasets package: pip install datasets") from e
+    dataset, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(dataset, config or None, split=split)
+    except Exception as e:  # network, unknown name, missing split: all reported the same way
+        raise ValueError(f"cannot load Hugging Face dataset {name!r} split {split!r}: {e}") from e
+    return [dict(r) for r in ds]
+
+
+def load_data(
+    spec: str | os.PathLike,
+    task: str = "causal-lm",
+    split: str = "train",
+    *,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    text_field: str = "text",
+    text_pair_field: str | None = None,
+    label_field: str = "label",
+) -> list[dict[str, Any]]:
+    """Examples for `task` from a file, a GLUE task folder, an E2E CSV (``mr,ref``) or ``hf:<dataset>[:<config>]``.
+
+    For a folder or ``hf:`` source, `split` picks the split (``train``, ``dev``…).
+    """
+    spec = str(spec)
+    if spec.startswith("hf:"):
+        rows, source = load_hf(spec[3:], split), spec
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            if path.name in GLUE_LABELS:
+                return load_glue(path, split)
+            raise ValueError(f"{path} is a folder but not a GLUE task folder ({sorted(GLUE_LABELS)}); pass a data file")
+        rows, source = read_records(path), spec
+        if task == "causal-lm" and rows and {"mr", "ref"} <= set(rows[0]) and prompt_field not in rows[0]:
+            return load_e2e(path)
+    if task == "causal-lm":
+        return causal_examples(rows, prompt_field, completion_field, source=source)
+    if task == "classification":
+        return classification_examples(rows, text_field, label_field, text_pair_field, source=source)
+    raise ValueError(f"task must be 'causal-lm' or 'classification', got {task!r}")
+
+
+# ---- tokenising and batching ---------------------------------------------------------------------
+
+def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool | None = None) -> str:
+    """The prompt text the model sees: the chat template's user turn + assistant header when the tokenizer has one."""
+    if use_chat_template is None:
+        use_chat_template = getattr(tokenizer, "chat_template", None) is not None
+    if use_chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def encode_causal(
+    tokenizer: Any, examples: list[dict[str, str]], max_length: int, use_chat_template: bool | None = None
+) -> list[dict[str, list[int]]]:
+    """Token ids and labels per example: labels copy the completion (+ EOS) and are -100 on the prompt.
+
+    Too-long examples are cut from the end of the prompt's left side, so the completion survives.
+    """
+    if not examples:
+        raise ValueError("the dataset is empty: nothing to train or evaluate on")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for ex in examples:
+        prompt_ids = tokenizer(format_prompt(tokenizer, ex["prompt"], use_chat_template), add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + eos
+        completion_ids = completion_ids[:max_length - 1]
+        prompt_ids = prompt_ids[-(max_length - len(completion_ids)):]
+        out.append({
+            "input_ids": prompt_ids + completion_ids,
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+        })
+    return out
+
+
+def encode_classification(
+    tokenizer: Any, examples: list[dict[str, Any]], max_length: int, num_labels: int
+) -> list[dict[str, Any]]:
+    """Token ids (truncated to `max_length`) and the label; a label the head cannot take is an error."""
+    if not examples:
+        raise ValueError("the dataset is empty: nothing to train or evaluate on")
+    bad = sorted({ex["label"] for ex in examples if not 0 <= ex["label"] < num_labels})
+    if bad:
+        raise ValueError(
+            f"labels {bad[:10]} do not fit a head with {num_labels} classes (ids 0..{num_labels - 1}); "
+            f"pass --num-labels {max(bad) + 1} or fix the data"
+        )
+    out = []
+    for ex in examples:
+        enc = tokenizer(ex["text"], ex.get("text_pair"), truncation=True, max_length=max_length)
+        item = {"input_ids": enc["input_ids"], "labels": ex["label"]}
+        if "token_type_ids" in enc:
+            item["token_type_ids"] = enc["token_type_ids"]
+        out.append(item)
+    return out
+
+
+def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad a list of encoded examples into a batch with an attention mask (labels -100 on padding)."""
+    width = max(len(it["input_ids"]) for it in items)
+    n = len(items)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    batch: dict[str, Tensor] = {"input_ids": ids, "attention_mask": mask}
+    seq_labels = isinstance(items[0]["labels"], list)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long) if seq_labels else torch.tensor([it["labels"] for it in items])
+    types = torch.zeros((n, width), dtype=torch.long) if "token_type_ids" in items[0] else None
+    for i, it in enumerate(items):
+        k = len(it["input_ids"])
+        ids[i, :k] = torch.tensor(it["input_ids"])
+        mask[i, :k] = 1
+        if seq_labels:
+            labels[i, :k] = torch.tensor(it["labels"])
+        if types is not None:
+            types[i, :k] = torch.tensor(it["token_type_ids"])
+    batch["labels"] = labels
+    if types is not None:
+        batch["token_type_ids"] = types
+    return batch

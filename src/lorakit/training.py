@@ -1,0 +1,564 @@
+"""The trainer: fine-tune a model with LoRA (or another method) on prompt/completion pairs or labelled texts.
+
+AdamW over the trainable parameters only (optionally LoRA+: a higher learning rate for B), linear
+warm-up then linear decay, gradient clipping and accumulation, periodic evaluation, and atomic,
+resumable checkpoints (trainable weights, optimizer, scheduler, RNG, step) so a killed run loses
+only the steps since its last checkpoint. Progress goes to a callback the caller supplies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from .adapters import adapter_parameters
+from .checkpoint import atomic_write_bytes, save_adapter
+from .config import LoraConfig
+from .data import IGNORE_INDEX, collate, encode_causal, encode_classification
+from .injection import inject
+from .state import get_state
+
+log = logging.getLogger(__name__)
+
+TASKS = ("causal-lm", "classification")
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+#: TrainConfig fields that must match when a run resumes (the others may change, e.g. eval_every).
+RESUME_FIELDS = ("task", "method", "r", "alpha", "target_modules", "lr", "lr_ratio_b", "steps", "epochs",
+                 "batch_size", "grad_accum", "max_length", "warmup", "weight_decay", "seed", "precision")
+#: Names of sequence-classification heads, trained and saved with the adapter (``modules_to_save``).
+HEAD_NAMES = ("classifier", "score", "classification_head")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped cleanly (NaN loss, disk full…); the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one fine-tuning run.
+
+    `batch_size` is per micro-batch; an optimizer step sees ``batch_size * grad_accum`` examples.
+    `steps` (optimizer steps) wins over `epochs`. `warmup` < 1 is a fraction of the steps, else a
+    step count. `precision`: ``"auto"`` (bf16 frozen base where the CPU/GPU runs bf16 fast, else
+    fp32), ``"bf16"`` or ``"fp32"``; trainable weights and optimizer state stay fp32.
+    """
+
+    task: str = "causal-lm"
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None
+    init: str = "kaiming"
+    lr: float = 2e-4
+    lr_ratio_b: float = 1.0
+    epochs: float = 1.0
+    steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    warmup: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_checkpointing: bool = False
+    eval_every: int = 0
+    eval_batch_size: int = 32
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    precision: str = "auto"
+    use_chat_template: bool | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs!r}")
+        if not (self.lr > 0 and self.lr_ratio_b > 0):
+            raise ValueError(f"lr and lr_ratio_b must be positive, got {self.lr!r}, {self.lr_ratio_b!r}")
+        if self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("warmup, weight_decay and max_grad_norm must be >= 0")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (saved in each checkpoint)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What a run did: steps, last losses and eval metrics, where its files are, and the precision it chose."""
+
+    steps: int
+    train_loss: float
+    eval_metrics: dict[str, float]
+    precision: str
+    trainable: int
+    total: int
+    seconds: float
+    out_dir: Path | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---- methods: how the model is prepared and saved ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Method:
+    """A fine-tuning method: `prepare` sets which parameters train; `save` writes the final artefact."""
+
+    prepare: Callable[[nn.Module, TrainConfig], None]
+    save: Callable[[nn.Module, Path], None]
+
+
+def classification_head(model: nn.Module) -> list[str]:
+    """Names of the model's sequence-classification head module(s), for ``modules_to_save``."""
+    names = [n for n, _ in model.named_children() if n in HEAD_NAMES]
+    if not names:
+        raise ValueError(
+            f"cannot find the classification head of {type(model).__name__} (looked for {HEAD_NAMES}); "
+            "pass modules_to_save=[<head module name>]"
+        )
+    return names
+
+
+def _prepare_lora(model: nn.Module, cfg: TrainConfig) -> None:
+    if get_state(model, required=False) is not None:  # the caller injected its own adapter: train that
+        return
+    saved = cfg.modules_to_save
+    if saved is None and cfg.task == "classification":
+        saved = classification_head(model)
+    inject(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
+                             init=cfg.init, modules_to_save=saved))
+
+
+def _save_lora(model: nn.Module, out: Path) -> None:
+    save_adapter(model, out)
+
+
+def _prepare_full(model: nn.Module, cfg: TrainConfig) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def _save_full(model: nn.Module, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write_bytes(out / "model.safetensors", st_save(_dedupe(tensors), metadata={"format": "pt"}))
+
+
+def _dedupe(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tied weights stored once (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for k, t in tensors.items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out[k] = t
+    return out
+
+
+#: Fine-tuning methods by name; another method registers itself here.
+METHODS: dict[str, Method] = {"lora": Method(_prepare_lora, _save_lora), "full": Method(_prepare_full, _save_full)}
+
+
+# ---- precision ---------------------------------------------------------------------------------------
+
+def choose_precision(requested: str = "auto") -> str:
+    """``"bf16"`` or ``"fp32"``: auto picks bf16 where the CPU has native bf16 matmuls (AMX/AVX512-BF16) or on a GPU."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen floating-point parameters to `dtype`; trainable ones stay (or become) fp32 master weights."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---- loss ---------------------------------------------------------------------------------------------
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    """(mean token cross-entropy over labelled positions, their count).
+
+    The output head runs only at positions that predict a labelled token (the completion), not
+    over the whole sequence: the same loss, without the vocabulary-sized matmul on prompt tokens.
+    """
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    n = int(keep.sum())
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    plain_head = (decoder is not None and decoder is not model and isinstance(head, nn.Linear)
+                  and getattr(model.config, "final_logit_softcapping", None) is None
+                  and getattr(model.config, "logit_scale", None) is None)
+    if plain_head:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = head(hidden[:, :-1][keep])
+        target = labels[keep]
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+        target = labels[keep]
+    return F.cross_entropy(logits.float(), target, reduction="mean") if n else logits.sum() * 0.0, n
+
+
+def classification_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(mean cross-entropy, logits) of a sequence-classification model."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()
+    return F.cross_entropy(logits, batch["labels"]), logits
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+
+def _batches_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def _micro_batch(data: list, cfg: TrainConfig, index: int) -> list:
+    """The `index`-th micro-batch of the run: a fresh seeded permutation per epoch, so any step is reproducible."""
+    per_epoch = _batches_per_epoch(len(data), cfg.batch_size)
+    epoch, j = divmod(index, per_epoch)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    return [data[i] for i in order[j * cfg.batch_size:(j + 1) * cfg.batch_size].tolist()]
+
+
+def total_steps(n_examples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps of the run: `steps`, or `epochs` passes over `n_examples`."""
+    if cfg.steps is not None:
+        return cfg.steps
+    micro = math.ceil(cfg.epochs * _batches_per_epoch(n_examples, cfg.batch_size))
+    return max(1, math.ceil(micro / cfg.grad_accum))
+
+
+def linear_schedule(total: int, warmup: float) -> Callable[[int], float]:
+    """lr multiplier: linear warm-up over `warmup` steps (a fraction of `total` if < 1), then linear decay to 0."""
+    warm = int(round(warmup * total)) if warmup < 1 else int(warmup)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only; with LoRA+ (`lr_ratio_b` > 1) the B matrices get lr × ratio."""
+    b_ids: set[int] = set()
+    if cfg.lr_ratio_b != 1.0 and get_state(model, required=False) is not None:
+        b_ids = {id(p) for name, p in adapter_parameters(model).items() if ".lora_B." in name}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: nothing to fine-tune")
+    groups = [{"params": [p for p in params if id(p) not in b_ids], "lr": cfg.lr}]
+    if b_ids:
+        groups.append({"params": [p for p in params if id(p) in b_ids], "lr": cfg.lr * cfg.lr_ratio_b})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, encoded: list[dict], cfg: TrainConfig, pad_id: int, precision: str = "fp32") -> dict[str, float]:
+    """Eval loss and perplexity (causal LM: per completion token) or loss and accuracy (classification)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, count, correct = 0.0, 0, 0
+    try:
+        for i in range(0, len(encoded), cfg.eval_batch_size):
+            batch = {k: v.to(device) for k, v in collate(encoded[i:i + cfg.eval_batch_size], pad_id).items()}
+            with _autocast(precision, device):
+                if cfg.task == "causal-lm":
+                    loss, n = causal_lm_loss(model, batch)
+                    loss_sum += float(loss) * n
+                    count += n
+                else:
+                    loss, logits = classification_loss(model, batch)
+                    n = len(batch["labels"])
+                    loss_sum += float(loss) * n
+                    count += n
+                    correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    finally:
+        model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    if cfg.task == "causal-lm":
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    return {"eval_loss": loss, "eval_accuracy": correct / max(count, 1)}
+
+
+def finetune(
+    model: nn.Module,
+    tokenizer: Any,
+    train: list[dict[str, Any]],
+    eval: list[dict[str, Any]] | None = None,
+    config: TrainConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Fine-tune `model` in place on `train` examples (see `lorakit.data`); returns a `TrainResult`.
+
+    With `out_dir`: checkpoints every `save_every` steps, ``metrics.jsonl``, ``loss.png`` and the
+    final artefact (the adapter folder for LoRA) in `out_dir`. `resume` continues from the latest
+    checkpoint there. `callback` receives dicts with ``event`` = start / step / eval / save / end.
+    """
+    cfg = config or TrainConfig()
+    out = Path(out_dir) if out_dir is not None else None
+    notify = callback or (lambda event: None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if cfg.task == "causal-lm":
+        train_enc = encode_causal(tokenizer, train, cfg.max_length, cfg.use_chat_template)
+        eval_enc = encode_causal(tokenizer, eval, cfg.max_length, cfg.use_chat_template) if eval else None
+    else:
+        num_labels = int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
+        if not num_labels:
+            raise ValueError("classification needs a model with config.num_labels (a sequence-classification head)")
+        train_enc = encode_classification(tokenizer, train, cfg.max_length, num_labels)
+        eval_enc = encode_classification(tokenizer, eval, cfg.max_length, num_labels) if eval else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_checkpoint(out) if resume and out is not None else None
+    if resume and checkpoint is None:
+        log.warning("no checkpoint in %s to resume from: starting from step 0", out)
+
+    torch.manual_seed(cfg.seed)
+    METHODS[cfg.method].prepare(model, cfg)
+    precision = choose_precision(cfg.precision)
+    cast_frozen(model, torch.bfloat16 if precision == "bf16" else torch.float32)
+    if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    device = next(model.parameters()).device
+    optimizer = build_optimizer(model, cfg)
+    total = total_steps(len(train_enc), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total, cfg.warmup))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    step = 0
+    if checkpoint is not None:
+        step = _load_checkpoint(checkpoint, cfg, named_trainable, optimizer, scheduler)
+        log.info("resumed from %s (step %d)", checkpoint, step)
+    if out is not None:
+        _truncate_metrics(out / "metrics.jsonl", step)
+    n_train, n_all = sum(p.numel() for p in trainable), sum({id(p): p.numel() for p in model.parameters()}.values())
+    notify({"event": "start", "step": step, "total": total, "precision": precision, "trainable": n_train,
+            "total_params": n_all, "examples": len(train_enc)})
+
+    model.train()
+    history: list[dict[str, Any]] = []
+    eval_metrics: dict[str, float] = {}
+    last_loss = float("nan")
+    t_start = time.perf_counter()
+    last_good = checkpoint
+    while step < total:
+        t0 = time.perf_counter()
+        loss_total, tokens = 0.0, 0
+        for k in range(cfg.grad_accum):
+            items = _micro_batch(train_enc, cfg, step * cfg.grad_accum + k)
+            batch = {key: v.to(device) for key, v in collate(items, pad_id).items()}
+            tokens += int(batch["attention_mask"].sum())
+            with _autocast(precision, device):
+                loss = causal_lm_loss(model, batch)[0] if cfg.task == "causal-lm" else classification_loss(model, batch)[0]
+            if not torch.isfinite(loss):
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+                raise TrainingError(f"loss is {float(loss.detach())} at step {step + 1}: training stopped; {where}. "
+                                    "Lower --lr or check the data")
+            (loss / cfg.grad_accum).backward()
+            loss_total += float(loss.detach()) / cfg.grad_accum
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = loss_total
+        dt = time.perf_counter() - t0
+        record = {"step": step, "loss": loss_total, "lr": lr, "tokens_per_s": tokens / dt, "step_s": dt}
+        if step % cfg.log_every == 0 or step == total:
+            history.append(record)
+            _append_metrics(out, record)
+        notify({"event": "step", "total": total, **record})
+        if eval_enc and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+            eval_metrics = evaluate(model, eval_enc, cfg, pad_id, precision)
+            record = {"step": step, **eval_metrics}
+            history.append(record)
+            _append_metrics(out, record)
+            notify({"event": "eval", **record})
+        if out is not None and cfg.save_every and step % cfg.save_every == 0 and step < total:
+            last_good = _save_checkpoint(out, step, model, cfg, named_trainable, optimizer, scheduler, last_good)
+            notify({"event": "save", "step": step, "path": str(last_good)})
+    if eval_enc and not cfg.eval_every:
+        eval_metrics = evaluate(model, eval_enc, cfg, pad_id, precision)
+        history.append({"step": step, **eval_metrics})
+        _append_metrics(out, history[-1])
+    if out is not None:
+        try:
+            METHODS[cfg.method].save(model, out)
+        except OSError as e:
+            raise TrainingError(f"could not write the final result to {out}: {e}; the last good checkpoint is {last_good}") from e
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+    seconds = time.perf_counter() - t_start
+    notify({"event": "end", "step": step, "seconds": seconds, **eval_metrics})
+    return TrainResult(step, last_loss, eval_metrics, precision, n_train, n_all, seconds, out, history)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The highest-step complete checkpoint folder in `out` (half-written ones are hidden temp folders)."""
+    if not out.is_dir():
+        return None
+    found = []
+    for p in out.iterdir():
+        suffix = p.name[len(CHECKPOINT_PREFIX):]
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and (p / STATE_JSON).is_file():
+            found.append((int(suffix), p))
+    return max(found)[1] if found else None
+
+
+def _save_checkpoint(
+    out: Path, step: int, model: nn.Module, cfg: TrainConfig, named: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer, scheduler: Any, last_good: Path | None,
+) -> Path:
+    """Write ``checkpoint-<step>`` into a temp folder and rename it into place; on failure keep the last one."""
+    final = out / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = out / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        tensors = {f"param.{n}": p.detach().contiguous().clone() for n, p in named.items()}
+        opt = optimizer.state_dict()
+        for idx, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"opt.{idx}.{key}"] = value.detach().reshape(value.shape).contiguous().clone()
+        tensors["rng.torch"] = torch.get_rng_state()
+        atomic_write_bytes(tmp / STATE_TENSORS, st_save(tensors))
+        meta = {"step": step, "config": cfg.to_dict(), "param_groups": opt["param_groups"],
+                "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
+        if get_state(model, required=False) is not None:
+            save_adapter(model, tmp / "adapter")
+        atomic_write_bytes(tmp / STATE_JSON, json.dumps(meta, indent=1).encode())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"could not write checkpoint at step {step} ({e}); training stopped; "
+                            f"the last good checkpoint is {last_good or 'none'}") from e
+    old = sorted((int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in out.glob(f"{CHECKPOINT_PREFIX}*")
+                 if p.name[len(CHECKPOINT_PREFIX):].isdigit())
+    for _, p in old[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(
+    path: Path, cfg: TrainConfig, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
+) -> int:
+    """Restore trainable weights, optimizer, scheduler and RNG from `path`; returns its step."""
+    meta = json.loads((path / STATE_JSON).read_text())
+    saved = meta["config"]
+    changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in RESUME_FIELDS
+               if json.loads(json.dumps(getattr(cfg, k))) != saved.get(k)]
+    if changed:
+        raise ValueError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)}); "
+                         "use the same settings or a new --out folder")
+    tensors = st_load((path / STATE_TENSORS).read_bytes())
+    missing = [n for n in named if f"param.{n}" not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks trainable tensors {missing[:5]}: it belongs to another model or method")
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(tensors[f"param.{n}"])
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"])
+
+
+# ---- metrics and plot ---------------------------------------------------------------------------------------
+
+def _append_metrics(out: Path | None, record: dict[str, Any]) -> None:
+    if out is not None:
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(file: Path, step: int) -> None:
+    """Drop records after `step` (a resumed run re-does those steps), atomically."""
+    if not file.is_file():
+        return
+    lines = [ln for ln in file.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    atomic_write_bytes(file, ("\n".join(lines) + "\n" if lines else "").encode())
+
+
+def plot_loss(metrics_file: Path, png: Path) -> None:
+    """Training (and eval) loss against step from ``metrics.jsonl``, as a PNG written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(ln) for ln in metrics_file.read_text().splitlines() if ln.strip()] if metrics_file.is_file() else []
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.5, label="train loss")
+        window = max(1, len(train) // 20)
+        ys = [sum(y for _, y in train[max(0, i - window + 1):i + 1]) / len(train[max(0, i - window + 1):i + 1]) for i in range(len(train))]
+        ax.plot([s for s, _ in train], ys, lw=1.6, label=f"train loss ({window}-step mean)")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(png, buf.getvalue())

@@ -1,0 +1,116 @@
+"""Data loaders on small files in tests/data, completion-only loss masking, and batching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.data import (
+    IGNORE_INDEX,
+    collate,
+    encode_causal,
+    encode_classification,
+    format_prompt,
+    load_data,
+    load_e2e,
+    load_glue,
+    read_records,
+)
+from toy_tokenizer import ByteTokenizer
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_jsonl_with_custom_fields():
+    ex = load_data(DATA / "qa.jsonl", "causal-lm", prompt_field="question", completion_field="answer")
+    assert ex == [{"prompt": "2+2?", "completion": "4"}, {"prompt": "capital of France?", "completion": "Paris"}]
+
+
+def test_missing_field_names_the_field_and_the_option():
+    with pytest.raises(ValueError, match=r"no field 'prompt'.*--\*-field"):
+        load_data(DATA / "qa.jsonl", "causal-lm")
+
+
+def test_empty_dataset_is_an_error():
+    with pytest.raises(ValueError, match="empty"):
+        load_data(DATA / "empty.jsonl", "causal-lm")
+    with pytest.raises(ValueError, match="empty"):
+        encode_causal(ByteTokenizer(), [], 32)
+
+
+def test_csv_classification():
+    assert load_data(DATA / "reviews.csv", "classification") == [
+        {"text": "great movie", "label": 1}, {"text": "awful film", "label": 0}]
+
+
+def test_label_the_head_cannot_take():
+    ex = load_data(DATA / "badlabel.csv", "classification")
+    with pytest.raises(ValueError, match=r"labels \[7\] do not fit a head with 2 classes"):
+        encode_classification(ByteTokenizer(), ex, 16, num_labels=2)
+
+
+def test_e2e_csv_keeps_line_breaks_inside_quotes():
+    ex = load_e2e(DATA / "e2e.csv")
+    assert ex[0] == {"prompt": "name[The Vaults], eatType[pub]", "completion": "The Vaults is a pub."}
+    assert ex[1]["completion"] == "Alimentum is in the city centre.\r\nIt is nice."
+    assert load_data(DATA / "e2e.csv", "causal-lm") == ex  # mr,ref detected
+
+
+def test_glue_sst2_reads_bare_quotes_as_text():
+    ex = load_glue(DATA / "glue" / "SST-2", "train")
+    assert len(ex) == 3
+    assert ex[2] == {"text": 'the " best " film of the year ', "label": 1}
+    assert load_data(DATA / "glue" / "SST-2", "classification", "dev") == load_glue(DATA / "glue" / "SST-2", "dev")
+
+
+def test_glue_rte_pairs_and_label_names():
+    ex = load_glue(DATA / "glue" / "RTE", "train")
+    assert ex[0] == {"text": '"Dana Reeve died.', "text_pair": "Christopher Reeve had an accident.", "label": 1}
+    assert ex[1]["label"] == 0
+
+
+def test_glue_cola_has_no_header():
+    ex = load_glue(DATA / "glue" / "CoLA", "train")
+    assert [e["label"] for e in ex] == [1, 0, 1]
+    assert ex[2]["text"] == "Day by day the facts are getting murkier."
+
+
+def test_unknown_format_and_missing_file():
+    with pytest.raises(FileNotFoundError):
+        read_records(DATA / "nope.jsonl")
+    with pytest.raises(ValueError, match="GLUE"):
+        load_data(DATA / "glue", "classification")
+
+
+def test_loss_masks_the_prompt_tokens():
+    tok = ByteTokenizer()
+    (enc,) = encode_causal(tok, [{"prompt": "abc", "completion": "xy"}], max_length=64, use_chat_template=False)
+    assert enc["input_ids"] == tok.encode("abc") + tok.encode("xy") + [tok.eos_token_id]
+    assert enc["labels"] == [IGNORE_INDEX] * 3 + tok.encode("xy") + [tok.eos_token_id]
+
+
+def test_chat_template_wraps_the_prompt_only():
+    tok = ByteTokenizer(chat_template="toy")
+    prompt = format_prompt(tok, "abc")
+    assert prompt == "<user>abc<assistant>"
+    (enc,) = encode_causal(tok, [{"prompt": "abc", "completion": "xy"}], max_length=64)
+    n = len(tok.encode(prompt))
+    assert enc["labels"][:n] == [IGNORE_INDEX] * n and enc["labels"][n:] == tok.encode("xy") + [2]
+
+
+def test_truncation_keeps_the_completion():
+    tok = ByteTokenizer()
+    (enc,) = encode_causal(tok, [{"prompt": "p" * 50, "completion": "xyz"}], max_length=10, use_chat_template=False)
+    assert len(enc["input_ids"]) == 10
+    assert enc["labels"][-4:] == tok.encode("xyz") + [2]
+
+
+def test_collate_pads_right_with_mask_and_ignored_labels():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    cls = collate([{"input_ids": [5, 6], "labels": 1}, {"input_ids": [7], "labels": 0}], pad_id=0)
+    assert torch.equal(cls["labels"], torch.tensor([1, 0]))

