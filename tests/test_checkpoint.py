@@ -254,6 +254,15 @@ def test_pickle_that_needs_full_unpickling_is_refused_and_never_run(saved):
     assert not marker.exists()
 
 
+def test_truncated_bin_is_a_clear_error(saved):
+    (saved / "adapter_model.safetensors").unlink()
+    torch.save({"w": torch.zeros(64)}, saved / "adapter_model.bin")
+    data = (saved / "adapter_model.bin").read_bytes()
+    (saved / "adapter_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        lorakit.load_adapter(tiny_llama(), saved)
+
+
 def test_bin_that_is_not_a_tensor_dict_is_refused(saved):
     (saved / "adapter_model.safetensors").unlink()
     torch.save([torch.zeros(1)], saved / "adapter_model.bin")
