@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import BUILDERS, logits, tiny_bert, tiny_llama
 
 import lorakit
+from conftest import BUILDERS, logits, tiny_bert, tiny_llama
 from lorakit import baselines
 from lorakit.baselines import prefix_attention
 
@@ -162,3 +162,27 @@ def test_bad_input_is_refused():
     baselines.prefix(model, length=2)
     with pytest.raises(ValueError, match="only once"):
         baselines.prefix(model, length=2)
+
+
+@pytest.mark.parametrize("method", ["adapter-h", "prefix", "lora+prefix", "bitfit"])
+def test_trainer_method_hook(method, tmp_path):
+    """`finetune(..., TrainConfig(method=...))` trains the baseline in bf16 autocast, saves its tensors, loads back."""
+    from lorakit.training import TrainConfig, finetune
+    from toy_tokenizer import ByteTokenizer
+
+    model = tiny_bert(num_labels=2)
+    before = _snapshot(model)
+    data = [{"text": ("good fine " if i % 2 else "bad awful ") * 2, "label": i % 2} for i in range(16)]
+    cfg = TrainConfig(task="classification", method=method, r=4, steps=3, lr=1e-2, batch_size=8, precision="bf16")
+    result = finetune(model, ByteTokenizer(), data, data, cfg, out_dir=tmp_path)
+    assert 0 < result.trainable < result.total and "eval_accuracy" in result.eval_metrics
+    changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(before[n].to(p.dtype), p)}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "classifier.weight" in changed and changed <= trainable
+    fresh = tiny_bert(num_labels=2)
+    baselines.prepare(fresh, method, lora_config=lorakit.LoraConfig(r=4, alpha=16, modules_to_save=["classifier"]),
+                      size=4, train_modules=["classifier"])
+    baselines.load_trainable(fresh, tmp_path)
+    for n, p in fresh.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, dict(model.named_parameters())[n].float())

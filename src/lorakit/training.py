@@ -28,6 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from . import baselines
 from .adapters import adapter_parameters
 from .checkpoint import atomic_write_bytes, save_adapter
 from .config import LoraConfig
@@ -186,8 +187,21 @@ def _dedupe(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _baseline(method: str) -> Method:
+    """A `lorakit.baselines` method; `r` is its size (adapter bottleneck, prefix length; LoRA's r in lora+prefix)."""
+
+    def prepare(model: nn.Module, cfg: TrainConfig) -> None:
+        heads = cfg.modules_to_save or (classification_head(model) if cfg.task == "classification" else None)
+        lora = LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
+                          init=cfg.init, modules_to_save=heads)
+        baselines.prepare(model, method, lora_config=lora, size=cfg.r, train_modules=heads)
+
+    return Method(prepare, lambda model, out: baselines.save_trainable(model, out, method))
+
+
 #: Fine-tuning methods by name; another method registers itself here.
-METHODS: dict[str, Method] = {"lora": Method(_prepare_lora, _save_lora), "full": Method(_prepare_full, _save_full)}
+METHODS: dict[str, Method] = {"lora": Method(_prepare_lora, _save_lora), "full": Method(_prepare_full, _save_full),
+                              **{m: _baseline(m) for m in ("bitfit", "adapter-h", "adapter-l", "prefix", "lora+prefix")}}
 
 
 # ---- precision ---------------------------------------------------------------------------------------
@@ -202,10 +216,18 @@ def choose_precision(requested: str = "auto") -> str:
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
-    """Frozen floating-point parameters to `dtype`; trainable ones stay (or become) fp32 master weights."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+    """Frozen floating-point parameters to `dtype`; trainable ones stay (or become) fp32 master weights.
+
+    A frozen parameter beside a trainable one in a module autocast does not cover (a LayerNorm weight when
+    BitFit trains its bias) stays fp32 too: layer_norm needs one dtype for all its parameters.
+    """
+    autocast_safe = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        mixed = not isinstance(module, autocast_safe) and any(p.requires_grad for p in params)
+        for p in params:
+            if p.is_floating_point():
+                p.data = p.data.to(torch.float32 if p.requires_grad or mixed else dtype)
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-data", help="eval data (same forms); a GLUE folder or hf: source uses its dev/validation split by default")
     p.add_argument("--eval-split", default=None, help="split of a folder/hf: source for evaluation (default: dev for GLUE, validation for hf:)")
     p.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
-    p.add_argument("--method", default="lora", help="lora (default) or full")
+    p.add_argument("--method", default="lora", help="lora (default), full, bitfit, adapter-h, adapter-l, prefix or "
+                   "lora+prefix; -r is the adapter bottleneck / prefix length for the baselines")
     p.add_argument("--num-labels", type=int, default=2, help="classes of the classification head")
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--completion-field", default="completion")
