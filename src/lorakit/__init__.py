@@ -4,6 +4,7 @@
     model = lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
 """
 
+from . import baselines
 from .adapters import (
     active_adapters,
     adapter_parameters,
@@ -15,6 +16,7 @@ from .adapters import (
     summary,
     trainable_parameters,
 )
+from .analysis import amplification, analyze, effective_rank, singular_spectrum, subspace_similarity, write_report
 from .checkpoint import load_adapter, read_adapter, save_adapter
 from .config import LoraConfig
 from .data import load_data
@@ -28,6 +30,13 @@ from .training import TrainConfig, TrainingError, TrainResult, finetune
 __version__ = "0.1.0"
 
 __all__ = [
+    "amplification",
+    "analyze",
+    "baselines",
+    "effective_rank",
+    "singular_spectrum",
+    "subspace_similarity",
+    "write_report",
     "TrainConfig",
     "TrainResult",
     "TrainingError",
