@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,8 +179,7 @@ def test_bin_that_needs_full_unpickling_is_refused(tmp_path: Path) -> None:
     pm = _peft_model(CASES["llama_qv"], "default")
     pm.save_pretrained(tmp_path, safe_serialization=False)
     tensors = torch.load(tmp_path / "adapter_model.bin", weights_only=True)
-    with open(tmp_path / "adapter_model.bin", "wb") as f:
-        pickle.dump({**tensors, "extra": _Payload()}, f)
+    torch.save({**tensors, "extra": _Payload()}, tmp_path / "adapter_model.bin")
     model = tiny_llama()
     before = _state(model)
     with pytest.raises(ValueError, match="needs full unpickling, which can run arbitrary code"):
@@ -271,3 +269,24 @@ def test_merged_model_saves_and_loads_with_plain_transformers(build, cfg, tmp_pa
     ours, theirs = loaded.state_dict(), peft_merged.state_dict()
     assert set(ours) == set(theirs)
     assert max(_max_diff(ours[k], theirs[k]) for k in ours) <= 1e-6
+
+
+def test_merge_into_tied_embeddings_is_refused_until_untied(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    """A LoRA on a tied embedding must not leak into the output head on merge (PEFT's merge does leak)."""
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    _randomize(list(lorakit.adapter_parameters(model).values()))
+    want = logits(model, input_ids)
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"tied to \['lm_head.weight'\].*Untie it first"):
+        lorakit.merge_and_unload(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before) and lorakit.list_adapters(model) == ["default"]
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # the untying the error suggests
+    model.config.tie_word_embeddings = False
+    lorakit.merge_and_unload(model).save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert _max_diff(logits(loaded, input_ids), want) <= TOL

@@ -16,11 +16,22 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None) -> nn.Module
     """W ← W + (alpha/r)·B·A for the active adapters (or `adapter`); idempotent."""
     state = get_state(model)
     names = state.active if adapter is None else ([adapter] if isinstance(adapter, str) else adapter)
+    shared: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(pname)
     for path, layer in lora_layers(model):  # all or nothing: check every layer before changing any
         if getattr(layer, "bias", None) is None and any(n in layer.lora_B_bias for n in names):
             raise ValueError(
                 f"cannot merge: {path!r} has a lora_bias but no base bias to fold it into; "
                 "keep the adapter unmerged, or inject with lora_bias=False"
+            )
+        tied = [n for n in shared[id(layer.weight)] if n != f"{path}.weight"]
+        if tied and any(n in layer.lora_specs and n not in layer.merged_adapters for n in names):
+            raise ValueError(
+                f"cannot merge into {path!r}: its weight is tied to {tied}, which would change too (tied input "
+                "embeddings and output head). Untie it first, e.g. model.lm_head.weight = "
+                "nn.Parameter(model.lm_head.weight.detach().clone()); model.config.tie_word_embeddings = False; "
+                "or keep the adapter unmerged"
             )
     for _, layer in lora_layers(model):
         for name in names:
