@@ -9,7 +9,14 @@ import torch
 
 import lorakit
 from conftest import tiny_llama
-from lorakit.analysis import amplification, analyze, effective_rank, singular_spectrum, subspace_similarity
+from lorakit.analysis import (
+    amplification,
+    analyze,
+    effective_rank,
+    row_space,
+    singular_spectrum,
+    subspace_similarity,
+)
 from lorakit.cli import main
 
 
@@ -36,6 +43,15 @@ def test_nested_subspaces_hand_computed():
     A2 = torch.stack([3 * e[1], e[2]])
     phi = subspace_similarity(A1, A2)
     assert torch.allclose(phi, torch.tensor([[0.0, 0.0], [1.0, 0.5]]), atol=1e-6)
+
+
+def test_row_space_of_an_update_orders_its_directions():
+    e = torch.eye(5)
+    delta = 4 * torch.outer(e[0], e[2]) + torch.outer(e[1], e[3])  # directions e3 (σ=4), e4 (σ=1)
+    rows = row_space(delta, 2)
+    assert torch.allclose(rows.abs(), torch.stack([4 * e[2], e[3]]).double())
+    phi = subspace_similarity(rows, torch.stack([2 * e[3], e[2]]))  # same plane, other order
+    assert torch.allclose(phi, torch.tensor([[0.0, 1.0], [1.0, 1.0]]), atol=1e-6)
 
 
 def test_subspace_similarity_rejects_different_inputs():
@@ -98,7 +114,8 @@ def test_cli_analyze_writes_report_and_figures(tmp_path):
     report = (out / "report.md").read_text()
     assert "Subspace similarity" in report and "model.layers.1.self_attn.v_proj" in report
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["similarity_q_proj.png", "similarity_v_proj.png", "spectrum_q_proj_0.png",
+    assert pngs == ["similarity_delta_q_proj.png", "similarity_delta_v_proj.png", "similarity_q_proj.png",
+                    "similarity_v_proj.png", "spectrum_q_proj_0.png",
                     "spectrum_q_proj_1.png", "spectrum_v_proj_0.png", "spectrum_v_proj_1.png"]
     assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
 

@@ -51,6 +51,16 @@ def subspace_similarity(A1: Tensor, A2: Tensor) -> Tensor:
     return (cum / torch.minimum(i, j)).clamp(0.0, 1.0).float()
 
 
+def row_space(delta: Tensor, r: int) -> Tensor:
+    """The top-r right-singular directions of ΔW, scaled by their singular values: (r, k), rows strongest first.
+
+    ``subspace_similarity(row_space(ΔW1, r1), row_space(ΔW2, r2))`` compares what two updates read from the
+    input, which after short training is clearer than A alone (A keeps most of its random initialisation).
+    """
+    _, S, Vh = torch.linalg.svd(delta.detach().flatten(1).double(), full_matrices=False)
+    return S[:r, None] * Vh[:r]
+
+
 def singular_spectrum(delta: Tensor) -> Tensor:
     """Singular values of ΔW (flattened to 2-D), largest first, in fp32."""
     return torch.linalg.svdvals(delta.detach().flatten(1).double()).float()
@@ -201,7 +211,8 @@ class Analysis:
 
     adapters: list[AdapterInfo]
     spectra: dict[str, list[Tensor]]  # path -> singular values of ΔW, one per adapter
-    similarity: dict[str, Tensor] = field(default_factory=dict)  # path -> φ (r1, r2), two adapters
+    similarity: dict[str, Tensor] = field(default_factory=dict)  # path -> φ (r1, r2) of the A's, two adapters
+    delta_similarity: dict[str, Tensor] = field(default_factory=dict)  # path -> φ of ΔW's top right-singular vectors
     amplification: dict[str, list[Amplification]] = field(default_factory=dict)  # path -> one per adapter
     skipped: list[str] = field(default_factory=list)  # layers in only one of the two adapters
 
@@ -239,6 +250,7 @@ def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> A
         result.spectra[p] = [singular_spectrum(u.delta) for u in updates]
         if len(updates) == 2:
             result.similarity[p] = subspace_similarity(updates[0].A, updates[1].A)
+            result.delta_similarity[p] = subspace_similarity(*(row_space(u.delta, u.rank) for u in updates))
         if model is not None:
             W = base_weight(model, p)
             for info, u in zip(infos, updates):
@@ -351,18 +363,22 @@ def write_report(result: Analysis, out_dir: str | os.PathLike) -> Path:
         lines += ["", f"## Subspace similarity φ({names[0]}, {names[1]}) (paper Sec. 7.2, Figures 3-4)", "",
                   "φ(i, j) = ‖U₁[:, :i]ᵀU₂[:, :j]‖²_F / min(i, j) over the right-singular vectors of A; "
                   "1 = same subspace, 0 = orthogonal. A random pair of i- and j-dim subspaces of ℝᵏ gives ≈ max(i, j)/k.", "",
-                  "| layer | r₁ | r₂ | φ(1,1) | φ(1, r₂) | mean φ(i,j), i,j ≤ min(r₁,r₂) | random baseline φ(1,1) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "Columns marked ΔW use the top right-singular vectors of ΔW = B·A instead of A's (see `row_space`).", "",
+                  "| layer | r₁ | r₂ | φ(1,1) | φ(1, r₂) | mean φ(i,j), i,j ≤ min(r₁,r₂) | ΔW: φ(1,1) | ΔW: mean φ | "
+                  "random baseline φ(1,1) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for p, phi in result.similarity.items():
             m = min(phi.shape)
+            dphi = result.delta_similarity[p]
             k = result.adapters[0].layers[p].A.flatten(1).shape[1]
             lines.append(f"| {p} | {phi.shape[0]} | {phi.shape[1]} | {phi[0, 0]:.3f} | {phi[0, -1]:.3f} | "
-                         f"{phi[:m, :m].mean():.3f} | {1 / k:.4f} |")
+                         f"{phi[:m, :m].mean():.3f} | {dphi[0, 0]:.3f} | {dphi[:m, :m].mean():.3f} | {1 / k:.4f} |")
         for wt, paths in _by_type(list(result.similarity)).items():
-            fname = f"similarity_{wt}.png"
-            plot_similarity({_short(p): result.similarity[p] for p in paths}, out / fname,
-                            f"φ({names[0]}, {names[1]}, i, j), {wt}")
-            lines += ["", f"![similarity {wt}]({fname})"]
+            for kind, phis in (("", result.similarity), ("delta_", result.delta_similarity)):
+                fname = f"similarity_{kind}{wt}.png"
+                plot_similarity({_short(p): phis[p] for p in paths}, out / fname,
+                                f"φ({names[0]}, {names[1]}, i, j), {wt}, {'ΔW' if kind else 'A'}")
+                lines += ["", f"![similarity {kind}{wt}]({fname})"]
     if result.amplification:
         lines += ["", "## Amplification of W by ΔW (paper Sec. 7.3, Table 7)", "",
                   "‖UᵀWVᵀ‖_F with U, V the top-r singular vectors of ΔW, of W itself, or random; "
