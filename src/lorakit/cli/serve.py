@@ -1,0 +1,41 @@
+"""``lorakit serve``: one base model, many adapters, an OpenAI-style HTTP API with mixed-adapter batching."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _named_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--adapter takes NAME=PATH (e.g. sql=./adapters/sql), got {text!r}")
+    return name, path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a base model with named adapters over HTTP (/v1/completions)")
+    p.add_argument("--model", default="smollm2-135m", help="bundled short name, local folder or hub id")
+    p.add_argument("--adapter", action="append", type=_named_path, default=[], metavar="NAME=PATH",
+                   help="an adapter folder to serve as model NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="rows per mixed batch")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from lorakit.checkpoint import load_adapter
+    from lorakit.models import load_model
+    from lorakit.serve import Engine, create_app, serve
+
+    model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    for name, path in args.adapter:
+        load_adapter(model, path, adapter=name)
+    engine = Engine(model, tokenizer, max_new_tokens=args.max_tokens)
+    serve(create_app(engine, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000), args.host, args.port)
+    return 0

@@ -1,0 +1,381 @@
+"""Serve one frozen base model with many adapters over HTTP (OpenAI-style ``/v1/completions``).
+
+`Engine` is the model side: it tokenizes, runs one ``generate`` over a mixed batch (row i uses
+its own adapter, `lorakit.mixed_batch`) and loads or drops adapters, all under one lock.
+`create_app` is the HTTP face (FastAPI): requests that arrive within `max_wait` seconds of each
+other, for any adapters, are batched together, up to `max_batch` rows. Bad requests get a 4xx
+with a message in OpenAI's error shape; nothing a client sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from .adapters import delete_adapter, disable_adapters, list_adapters
+from .checkpoint import load_adapter
+from .multi import mixed_batch
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class RequestError(Exception):
+    """A client error: HTTP `status` with a message that says what to change."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+@dataclass
+class Job:
+    """One completion request: its prompts' token ids, adapter and sampling settings."""
+
+    adapter: str
+    prompts: list[list[int]]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    future: asyncio.Future | None = None
+
+    @property
+    def sampling(self) -> tuple[float, float]:
+        """Requests batch together only when they sample alike (``generate`` takes one setting)."""
+        return (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
+
+
+@dataclass
+class Metrics:
+    """Counters reported at ``/metrics`` (Prometheus text format)."""
+
+    requests: Counter = field(default_factory=Counter)  # by adapter
+    errors: Counter = field(default_factory=Counter)  # by HTTP status
+    batches: int = 0
+    batch_rows: int = 0
+    batch_adapters: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+
+class Engine:
+    """A causal LM with named adapters that completes mixed-adapter batches.
+
+    `max_new_tokens` caps ``max_tokens`` per request; `max_context` (default: the model's
+    ``max_position_embeddings``) caps prompt + completion length.
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, max_new_tokens: int = 256, max_context: int | None = None
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"  # decoder-only batches: pad on the left
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.max_new_tokens = max_new_tokens
+        self.max_context = max_context or getattr(getattr(model, "config", None), "max_position_embeddings", 2048)
+        self.lock = threading.Lock()
+
+    def adapters(self) -> list[str]:
+        """Names a request's ``model`` field may take: ``base`` and every loaded adapter."""
+        return [BASE, *list_adapters(self.model)]
+
+    def check_adapter(self, name: str) -> None:
+        """Raise a 404 `RequestError` naming the choices if `name` is not served."""
+        if name not in self.adapters():
+            raise RequestError(404, f"model {name!r} does not exist; choose one of {self.adapters()}", "model_not_found")
+
+    def encode(self, prompts: list[str], max_tokens: int) -> list[list[int]]:
+        """Token ids of each prompt; 400 if prompt + completion would not fit."""
+        if max_tokens > self.max_new_tokens:
+            raise RequestError(400, f"max_tokens={max_tokens} exceeds this server's limit of {self.max_new_tokens}")
+        ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        for i, row in enumerate(ids):
+            if not row:
+                raise RequestError(400, f"prompt {i} is empty after tokenization; send some text")
+            if len(row) + max_tokens > self.max_context:
+                raise RequestError(
+                    400,
+                    f"prompt {i} has {len(row)} tokens; with max_tokens={max_tokens} that exceeds the context of "
+                    f"{self.max_context} tokens: shorten the prompt or lower max_tokens",
+                )
+        return ids
+
+    def generate(self, jobs: list[Job]) -> list[list[tuple[str, int, str]]]:
+        """Complete every prompt of `jobs` in one mixed batch: per job, per prompt (text, tokens, finish_reason).
+
+        All jobs must share one sampling setting. Raises `RequestError` for a job whose adapter was
+        removed meanwhile (the caller splits such jobs out first via `check_adapter`).
+        """
+        rows = [(ids, job.adapter) for job in jobs for ids in job.prompts]
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in rows])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows])
+        temperature, top_p = jobs[0].sampling
+        kwargs: dict[str, Any] = dict(
+            attention_mask=mask, max_new_tokens=max(j.max_tokens for j in jobs), pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id, do_sample=temperature > 0,
+        )
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        names = [None if name == BASE else name for _, name in rows]
+        with self.lock, torch.inference_mode():
+            for job in jobs:
+                self.check_adapter(job.adapter)
+            if any(names):
+                scope = mixed_batch(self.model, names)
+            else:  # base rows only: switch the adapters off (or there are none)
+                scope = disable_adapters(self.model) if list_adapters(self.model) else contextlib.nullcontext()
+            with scope:
+                out = self.model.generate(input_ids, **kwargs)
+        new = out[:, width:].tolist()
+        results, k = [], 0
+        for job in jobs:
+            texts = []
+            for _ in job.prompts:
+                tokens, finish = new[k][: job.max_tokens], "length"
+                if self.tokenizer.eos_token_id in tokens:
+                    tokens, finish = tokens[: tokens.index(self.tokenizer.eos_token_id)], "stop"
+                texts.append((self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), finish))
+                k += 1
+            results.append(texts)
+        return results
+
+    def load(self, name: str, path: str) -> None:
+        """Load the adapter folder at `path` as `name` (between batches)."""
+        if not NAME_RE.match(name) or name == BASE:
+            raise RequestError(400, f"adapter name {name!r} must match {NAME_RE.pattern} and not be {BASE!r}")
+        with self.lock:
+            if name in list_adapters(self.model):
+                raise RequestError(409, f"adapter {name!r} is already loaded; DELETE /v1/adapters/{name} first")
+            try:
+                load_adapter(self.model, path, adapter=name)
+            except (ValueError, FileNotFoundError, OSError) as e:
+                raise RequestError(400, f"cannot load adapter {name!r} from {path!r}: {e}") from e
+
+    def unload(self, name: str) -> None:
+        """Drop adapter `name` and free its tensors (between batches)."""
+        with self.lock:
+            if name == BASE or name not in list_adapters(self.model):
+                raise RequestError(404, f"no adapter named {name!r}; loaded: {list_adapters(self.model)}", "model_not_found")
+            delete_adapter(self.model, name)
+
+
+class Batcher:
+    """Collects concurrent jobs for up to `max_wait` seconds / `max_batch` rows and runs them as one batch."""
+
+    def __init__(self, engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> None:
+        self.engine, self.max_batch, self.max_wait = engine, max_batch, max_wait
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.metrics = Metrics()
+        self._pending: Job | None = None
+
+    async def submit(self, job: Job) -> list[tuple[str, int, str]]:
+        """Queue `job` and wait for its completions."""
+        job.future = asyncio.get_running_loop().create_future()
+        await self.queue.put(job)
+        return await job.future
+
+    async def _collect(self) -> list[Job]:
+        first = self._pending or await self.queue.get()
+        self._pending = None
+        batch, rows = [first], len(first.prompts)
+        deadline = asyncio.get_running_loop().time() + self.max_wait
+        while rows < self.max_batch:
+            timeout = deadline - asyncio.get_running_loop().time()
+            try:
+                job = await asyncio.wait_for(self.queue.get(), timeout) if timeout > 0 else self.queue.get_nowait()
+            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                break
+            if job.sampling != first.sampling or rows + len(job.prompts) > self.max_batch:
+                self._pending = job  # starts the next batch
+                break
+            batch.append(job)
+            rows += len(job.prompts)
+        return batch
+
+    async def run(self) -> None:
+        """The batching loop (one task for the app's lifetime)."""
+        while True:
+            batch = await self._collect()
+            ready = []
+            for job in batch:
+                try:
+                    self.engine.check_adapter(job.adapter)  # it may have been unloaded while queued
+                    ready.append(job)
+                except RequestError as e:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+            if not ready:
+                continue
+            try:
+                results = await asyncio.to_thread(self.engine.generate, ready)
+            except Exception as e:  # noqa: BLE001 - one failed batch must not stop the server
+                log.exception("batch of %d jobs failed", len(ready))
+                for job in ready:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                continue
+            self.metrics.batches += 1
+            self.metrics.batch_rows += sum(len(j.prompts) for j in ready)
+            self.metrics.batch_adapters += len({j.adapter for j in ready})
+            for job, result in zip(ready, results):
+                if not job.future.done():
+                    job.future.set_result(result)
+
+
+def prometheus_text(metrics: Metrics, engine: Engine, queue_depth: int) -> str:
+    """The metrics in Prometheus' text exposition format."""
+    lines = [
+        "# TYPE lorakit_requests_total counter",
+        *(f'lorakit_requests_total{{model="{k}"}} {v}' for k, v in sorted(metrics.requests.items())),
+        "# TYPE lorakit_request_errors_total counter",
+        *(f'lorakit_request_errors_total{{status="{k}"}} {v}' for k, v in sorted(metrics.errors.items())),
+        "# TYPE lorakit_batches_total counter", f"lorakit_batches_total {metrics.batches}",
+        "# TYPE lorakit_batch_rows_total counter", f"lorakit_batch_rows_total {metrics.batch_rows}",
+        "# TYPE lorakit_batch_adapters_total counter", f"lorakit_batch_adapters_total {metrics.batch_adapters}",
+        "# TYPE lorakit_prompt_tokens_total counter", f"lorakit_prompt_tokens_total {metrics.prompt_tokens}",
+        "# TYPE lorakit_completion_tokens_total counter",
+        f"lorakit_completion_tokens_total {metrics.completion_tokens}",
+        "# TYPE lorakit_request_latency_seconds summary",
+        f"lorakit_request_latency_seconds_sum {metrics.latency_sum:.6f}",
+        f"lorakit_request_latency_seconds_count {metrics.latency_count}",
+        "# TYPE lorakit_queue_depth gauge", f"lorakit_queue_depth {queue_depth}",
+        "# TYPE lorakit_adapters_loaded gauge", f"lorakit_adapters_loaded {len(engine.adapters()) - 1}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class CompletionRequest(BaseModel):
+    """Body of ``POST /v1/completions`` (OpenAI's fields; `model` names the adapter, ``base`` for none)."""
+
+    model: str = BASE
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+
+
+class AdapterRequest(BaseModel):
+    """Body of ``POST /v1/adapters``: load the adapter folder at `path` (on the server) as `name`."""
+
+    name: str
+    path: str
+
+
+def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> Any:
+    """The FastAPI app: ``/v1/completions``, ``/v1/models``, ``/v1/adapters``, ``/health``, ``/metrics``."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    batcher = Batcher(engine, max_batch=max_batch, max_wait=max_wait)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app = FastAPI(title="lorakit serve", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+        batcher.metrics.errors[status] += 1
+        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError) -> JSONResponse:
+        return error(e.status, e.message, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+            parts.append(f"{where}: {err.get('msg')}")
+        return error(400, "invalid request: " + "; ".join(parts))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "models": engine.adapters(), "queue_depth": batcher.queue.qsize()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> str:
+        return prometheus_text(batcher.metrics, engine, batcher.queue.qsize())
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "lorakit"} for n in engine.adapters()]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> dict:
+        t0 = time.perf_counter()
+        if req.stream:
+            raise RequestError(400, "stream=true is not supported; send stream=false")
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not prompts or len(prompts) > max_batch:
+            raise RequestError(400, f"prompt must be a string or a list of 1..{max_batch} strings, got {len(prompts)}")
+        engine.check_adapter(req.model)
+        job = Job(req.model, engine.encode(prompts, req.max_tokens), req.max_tokens, req.temperature, req.top_p)
+        batcher.metrics.requests[req.model] += 1
+        result = await batcher.submit(job)
+        m = batcher.metrics
+        n_prompt, n_done = sum(len(p) for p in job.prompts), sum(n for _, n, _ in result)
+        m.prompt_tokens, m.completion_tokens = m.prompt_tokens + n_prompt, m.completion_tokens + n_done
+        m.latency_sum, m.latency_count = m.latency_sum + time.perf_counter() - t0, m.latency_count + 1
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": [
+                {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+                for i, (text, _, finish) in enumerate(result)
+            ],
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_done, "total_tokens": n_prompt + n_done},
+        }
+
+    @app.get("/v1/adapters")
+    async def adapters() -> dict:
+        return {"adapters": engine.adapters()[1:]}
+
+    @app.post("/v1/adapters", status_code=201)
+    async def add_adapter(req: AdapterRequest) -> dict:
+        await asyncio.to_thread(engine.load, req.name, req.path)
+        return {"loaded": req.name, "adapters": engine.adapters()[1:]}
+
+    @app.delete("/v1/adapters/{name}")
+    async def remove_adapter(name: str) -> dict:
+        await asyncio.to_thread(engine.unload, name)
+        return {"deleted": name, "adapters": engine.adapters()[1:]}
+
+    return app
+
+
+def serve(app: Any, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run `app` with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,189 @@
+"""`lorakit serve` over real HTTP on 127.0.0.1: a tiny LLaMA, a char-level tokenizer, two adapters."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import lorakit
+from conftest import tiny_llama
+from lorakit.adapters import randomize_adapters
+
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+tokenizers = pytest.importorskip("tokenizers")
+
+from lorakit.serve import Engine, create_app  # noqa: E402
+
+CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-()" + "".join(
+    chr(c) for c in range(0x400, 0x400 + 51)
+)  # Cyrillic letters fill the tiny model's vocabulary of 128, so every generated id decodes to one character
+MAX_WAIT = 0.4  # seconds a batch waits for more requests: concurrent requests below arrive well within it
+
+
+def char_tokenizer():
+    """A character-level `PreTrainedTokenizerFast` (ids 0..127): <pad>=0, <s>=1, </s>=2, <unk>=3."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def offline(model, tokenizer, prompt: str, adapter: str | None, max_tokens: int) -> str:
+    """Greedy completion of one prompt with one adapter (None: base), without the server."""
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        if adapter is None:
+            with lorakit.disable_adapters(model):
+                out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0, eos_token_id=2)
+        else:
+            lorakit.set_adapter(model, adapter)
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0, eos_token_id=2)
+    new = out[0, ids.shape[1]:].tolist()
+    return tokenizer.decode(new[: new.index(2)] if 2 in new else new, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, model, tokenizer, folder of a third adapter) with the server running in a thread."""
+    tmp = tmp_path_factory.mktemp("serve")
+    model, tok = tiny_llama(seed=3), char_tokenizer()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="sql")
+    lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=8, target_modules="all-linear"), adapter="nli")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, use_rslora=True), adapter="extra")
+    randomize_adapters(model, std=0.3, seed=4)
+    lorakit.save_adapter(model, tmp / "extra", adapter="extra")
+    lorakit.delete_adapter(model, "extra")
+    app = create_app(Engine(model, tok, max_new_tokens=32), max_batch=8, max_wait=MAX_WAIT)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert srv.started, "server did not start"
+    yield f"http://127.0.0.1:{port}", model, tok, tmp / "extra"
+    srv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def post(url: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.post(url + path, timeout=30, **kwargs)
+
+
+def complete(url: str, model: str, prompt, max_tokens: int = 8) -> httpx.Response:
+    return post(url, "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens})
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_health_and_models(server):
+    url, *_ = server
+    r = httpx.get(url + "/health", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["models"] == ["base", "sql", "nli"]
+    ids = [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]]
+    assert ids == ["base", "sql", "nli"]
+
+
+def test_completion_matches_offline_generation(server):
+    url, model, tok, _ = server
+    expected = {name: offline(model, tok, "select the ", name, 8) for name in ("sql", "nli", None)}
+    assert len(set(expected.values())) == 3  # the adapters do change the text
+    for name, text in expected.items():
+        r = complete(url, name or "base", "select the ")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "text_completion" and body["model"] == (name or "base")
+        assert body["choices"][0]["text"] == text
+        assert body["usage"]["prompt_tokens"] == len(tok("select the ")["input_ids"])
+
+
+def test_concurrent_requests_for_different_adapters_share_a_batch(server):
+    url, model, tok, _ = server
+    prompts = [("sql", "count rows"), ("nli", "premise: a"), ("base", "hello you!"), ("sql", "join table")]
+    expected = [offline(model, tok, p, None if a == "base" else a, 6) for a, p in prompts]
+    batches, rows = metric(url, "lorakit_batches_total"), metric(url, "lorakit_batch_rows_total")
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        responses = list(pool.map(lambda ap: complete(url, ap[0], ap[1], 6), prompts))
+    assert [r.json()["choices"][0]["text"] for r in responses] == expected
+    assert metric(url, "lorakit_batch_rows_total") - rows == 4
+    assert metric(url, "lorakit_batches_total") - batches < 4  # requests were batched together
+
+
+def test_prompt_list_is_one_request_with_several_choices(server):
+    url, model, tok, _ = server
+    r = complete(url, "nli", ["ab", "a longer prompt"], 5)
+    assert r.status_code == 200
+    texts = [c["text"] for c in r.json()["choices"]]
+    assert texts == [offline(model, tok, p, "nli", 5) for p in ("ab", "a longer prompt")]
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"model": "nope", "prompt": "hi"}, 404, "does not exist"),
+        ({"model": "sql", "prompt": "hi", "max_tokens": 1000}, 400, "exceeds this server's limit"),
+        ({"model": "sql", "prompt": "x" * 60, "max_tokens": 20}, 400, "exceeds the context"),
+        ({"model": "sql"}, 400, "prompt"),
+        ({"model": "sql", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "sql", "prompt": "hi", "stream": True}, 400, "stream"),
+        ({"model": "sql", "prompt": []}, 400, "list of 1..8"),
+    ],
+)
+def test_bad_requests_get_4xx_and_the_server_stays_up(server, body, status, message):
+    url, *_ = server
+    r = post(url, "/v1/completions", json=body)
+    assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+def test_malformed_json_gets_400(server):
+    url, *_ = server
+    r = post(url, "/v1/completions", content=b'{"model": "sql", "prompt": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert complete(url, "sql", "still fine").status_code == 200
+
+
+def test_load_and_unload_adapters_at_run_time(server):
+    url, model, tok, folder = server
+    r = post(url, "/v1/adapters", json={"name": "extra", "path": str(folder)})
+    assert r.status_code == 201 and "extra" in r.json()["adapters"]
+    assert post(url, "/v1/adapters", json={"name": "extra", "path": str(folder)}).status_code == 409
+    bad = post(url, "/v1/adapters", json={"name": "other", "path": str(folder / "missing")})
+    assert bad.status_code == 400 and "does not exist" in bad.json()["error"]["message"]
+    text = complete(url, "extra", "abc", 6).json()["choices"][0]["text"]
+    assert text == offline(model, tok, "abc", "extra", 6)
+    assert httpx.delete(url + "/v1/adapters/extra", timeout=10).status_code == 200
+    assert "extra" not in lorakit.list_adapters(model)
+    assert complete(url, "extra", "abc").status_code == 404
+    assert httpx.delete(url + "/v1/adapters/extra", timeout=10).status_code == 404
+    assert metric(url, "lorakit_adapters_loaded") == 2
+
+
+def test_metrics_report_requests_errors_and_tokens(server):
+    url, *_ = server
+    complete(url, "sql", "metrics", 3)
+    complete(url, "unknown-adapter", "metrics")
+    text = httpx.get(url + "/metrics", timeout=10).text
+    assert 'lorakit_requests_total{model="sql"}' in text
+    assert metric(url, 'lorakit_request_errors_total{status="404"}') >= 1
+    assert metric(url, "lorakit_completion_tokens_total") > 0
