@@ -281,17 +281,20 @@ def plot_similarity(phis: dict[str, Tensor], path: str | os.PathLike, title: str
     names = list(phis)
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 1.2 + 2.2 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.8 + 2.4 * rows), squeeze=False, layout="constrained")
+    for k, (ax, name) in enumerate(zip(axes.flat, names)):
         phi = phis[name].numpy()
         im = ax.imshow(phi, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest",
                        extent=(0.5, phi.shape[1] + 0.5, phi.shape[0] + 0.5, 0.5))
-        ax.set_title(name, fontsize=8)
-        ax.set_xlabel("j", fontsize=8)
-        ax.set_ylabel("i", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+        if k % cols == 0:
+            ax.set_ylabel("i")
+        if k >= len(names) - cols:
+            ax.set_xlabel("j")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.colorbar(im, ax=axes, shrink=0.8, label="φ(i, j)")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="φ(i, j)")
     fig.suptitle(title)
     _save_figure(fig, Path(path))
     plt.close(fig)
