@@ -290,3 +290,15 @@ def test_merge_into_tied_embeddings_is_refused_until_untied(tmp_path: Path, inpu
     lorakit.merge_and_unload(model).save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path).eval()
     assert _max_diff(logits(loaded, input_ids), want) <= TOL
+
+
+def test_peft_saved_embedding_base_weight_is_loaded_when_it_differs(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    """PEFT saves the embedding's own weight with an embedding LoRA (new tokens' rows); loading must apply it."""
+    pm = _peft_model(CASES["llama_embedding"], "default")
+    with torch.no_grad():
+        pm.base_model.model.model.embed_tokens.base_layer.weight[100:].normal_()  # rows of "added tokens"
+    pm.save_pretrained(tmp_path)
+    want = logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path), input_ids)
+    assert _max_diff(want, logits(pm, input_ids)) <= TOL
+    model = lorakit.load_adapter(tiny_llama(), tmp_path)
+    assert _max_diff(logits(model, input_ids), want) <= TOL

@@ -351,9 +351,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
         raise ValueError(f"adapter {adapter!r} is already on the model; load with adapter='<another name>'")
     expected, optional = _expected(model, cfg, adapter)
     _check_fit(expected, optional, tensors, str(path))
-    expected.update({k: loc for k, loc in optional.items() if k in tensors})
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
+    for key, loc in optional.items():  # base weights PEFT saved alongside: load only those that differ
+        if key in tensors and not torch.equal(tensors[key], _target_tensor(modules, params, loc).detach().to(tensors[key].dtype)):
+            expected[key] = loc
     specs = {p.path: p.spec for p in plan(model, cfg, adapter, strict=False)}
     values = {}
     for key, (mpath, slot, _) in expected.items():  # everything that can fail on the file's values, before any change
