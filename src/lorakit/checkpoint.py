@@ -87,6 +87,8 @@ def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
     return {
         "peft_type": "LORA",
         "task_type": None,
+        # what PEFT writes without a task type: AutoPeftModel builds the base from this class and `base_model_name_or_path`
+        "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
         "base_model_name_or_path": base,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
