@@ -332,3 +332,37 @@ def test_real_smollm2_adapter_both_ways(tmp_path: Path) -> None:
     lorakit.save_adapter(ours, tmp_path / "lorakit")
     theirs = peft.PeftModel.from_pretrained(load_model("smollm2-135m")[0].eval(), tmp_path / "lorakit").eval()
     assert _max_diff(logits(theirs, ids), want) <= TOL
+
+
+class _ConvNet(nn.Module):
+    """A non-transformers model: Conv1d, Conv2d (stride 2), Embedding and Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv1d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, stride=2)
+        self.emb, self.fc = nn.Embedding(10, 6), nn.Linear(6, 4)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.c1(x1).flatten(1), self.c2(x2).flatten(1), self.fc(self.emb(ids)).flatten(1)], dim=1)
+
+
+@pytest.mark.parametrize("direction", ["peft_to_lorakit", "lorakit_to_peft"])
+def test_conv_and_custom_modules(direction: str, tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 3, 7, generator=gen), torch.randn(2, 3, 9, 9, generator=gen), torch.randint(0, 10, (2, 5), generator=gen))
+    targets = ["c1", "c2", "emb", "fc"]
+    if direction == "peft_to_lorakit":
+        source = peft.get_peft_model(_ConvNet(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+        _randomize([p for p in source.parameters() if p.requires_grad])
+        source.save_pretrained(tmp_path)
+        loaded = lorakit.load_adapter(_ConvNet(), tmp_path)
+    else:
+        source = lorakit.inject(_ConvNet(), lorakit.LoraConfig(r=2, alpha=4, target_modules=targets))
+        _randomize(list(lorakit.adapter_parameters(source).values()))
+        lorakit.save_adapter(source, tmp_path)
+        loaded = peft.PeftModel.from_pretrained(_ConvNet(), tmp_path)
+    with torch.no_grad():
+        want, got = source(*inputs), loaded(*inputs)
+        assert _max_diff(want, _ConvNet()(*inputs)) > 1e-3
+    assert _max_diff(got, want) <= TOL
