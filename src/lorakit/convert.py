@@ -102,15 +102,19 @@ class AdapterInfo:
 
 
 def _counts(counter: Counter) -> str:
-    return ", ".join(f"{k if not isinstance(k, float) else f'{k:g}'}×{n}" for k, n in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+    """``value×count`` pairs, most frequent first."""
+    items = sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    return ", ".join(f"{f'{k:g}' if isinstance(k, float) else k}×{n}" for k, n in items)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
         n /= 1024
-    raise AssertionError  # pragma: no cover
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
 
 
 def _weights_file(folder: Path) -> Path:
@@ -131,22 +135,22 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
         match = _LORA_A.match(key)
         if not match:
             continue
-        path_ = match.group("path").removeprefix(PREFIX)
         stem = match.group("path")
+        module = stem.removeprefix(PREFIX)
         keys = [key, *(k for k in (f"{stem}.lora_B.weight", f"{stem}.lora_embedding_B", f"{stem}.lora_B.bias") if k in tensors)]
         lora_keys.update(keys)
-        fused = cfg.slices_for(path_) if cfg is not None else None
+        fused = cfg.slices_for(module) if cfg is not None else None
         r = int(A.shape[0]) // (sum(fused) if fused else 1)  # the file's rank is n_on·r for fused slices
         if cfg is not None:
-            alpha = cfg.alpha_for(path_)
+            alpha = cfg.alpha_for(module)
         else:
             patterns = fields.get("alpha_pattern") or {}
-            key = match_pattern_key(patterns, path_)
-            alpha = float(patterns[key] if key is not None else fields.get("lora_alpha", 8))
+            hit = match_pattern_key(patterns, module)
+            alpha = float(patterns[hit] if hit is not None else fields.get("lora_alpha", 8))
         params = sum(tensors[k].numel() for k in keys)
         if fused:  # the dense B stores zero blocks for the slices that are not adapted
             params -= tensors[keys[1]].numel() * (len(fused) - 1) // len(fused)
-        layers.append(LayerInfo(path_, r, alpha, lora_scale(alpha, r, bool(fields.get("use_rslora"))), params, fused))
+        layers.append(LayerInfo(module, r, alpha, lora_scale(alpha, r, bool(fields.get("use_rslora"))), params, fused))
     weights = _weights_file(folder)
     return AdapterInfo(
         folder=str(folder),
