@@ -302,6 +302,8 @@ def test_peft_saved_embedding_base_weight_is_loaded_when_it_differs(tmp_path: Pa
     assert _max_diff(want, logits(pm, input_ids)) <= TOL
     model = lorakit.load_adapter(tiny_llama(), tmp_path)
     assert _max_diff(logits(model, input_ids), want) <= TOL
+    lorakit.save_adapter(model, tmp_path / "again")  # the changed rows go back out with the adapter
+    assert _max_diff(logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "again"), input_ids), want) <= TOL
 
 
 def test_auto_peft_model_finds_the_base_lorakit_recorded(tmp_path: Path, input_ids: torch.Tensor) -> None:

@@ -94,8 +94,9 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
 
     ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A/B`` for
     embeddings, ``lora_B.bias`` for `lora_bias`); saved modules and trained biases under their
-    own names (``<layer>.base_layer.bias`` inside an adapted layer, as PEFT). Fused-slice layers are
-    written as the equivalent dense, block-structured B.
+    own names (``<layer>.base_layer.bias`` inside an adapted layer, as PEFT), as are base weights that
+    came with a PEFT file (a resized embedding). Fused-slice layers are written as the equivalent
+    dense, block-structured B.
     """
     name = resolve_adapter(model, adapter)
     record = get_state(model).adapters[name]
@@ -119,7 +120,7 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
         for key, t in modules[path].state_dict().items():
             out[f"{PREFIX}{path}.{key}"] = t.detach()
     params = dict(model.named_parameters())
-    for pname in record.bias_params:
+    for pname in record.bias_params + record.base_params:
         out[f"{PREFIX}{peft_param_name(pname, record.layers)}"] = params[pname].detach()
     return out
 

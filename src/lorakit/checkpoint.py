@@ -396,6 +396,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
             for name in before_merged.get(p, []):
                 layer.merge_adapter(name)
         raise
+    # saved again with the adapter, so that a resized vocabulary survives lorakit -> PEFT
+    get_state(model).adapters[adapter].base_params = [f"{mpath}.{slot}" for key, (mpath, slot, _) in expected.items() if key in optional]
     return model
 
 

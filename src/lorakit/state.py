@@ -24,6 +24,7 @@ class AdapterRecord:
     layers: list[str]
     saved_modules: list[str] = field(default_factory=list)
     bias_params: list[str] = field(default_factory=list)
+    base_params: list[str] = field(default_factory=list)  # adapted layers' own weights loaded from a PEFT file
 
 
 @dataclass
