@@ -368,3 +368,21 @@ def test_conv_and_custom_modules(direction: str, tmp_path: Path) -> None:
         want, got = source(*inputs), loaded(*inputs)
         assert _max_diff(want, _ConvNet()(*inputs)) > 1e-3
     assert _max_diff(got, want) <= TOL
+
+
+def test_two_peft_adapters_on_one_model_switch_like_peft(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    for name, case_id in (("a", "llama_qv"), ("b", "llama_rank_alpha_pattern")):
+        pm = _peft_model(CASES[case_id], "default")
+        _randomize([p for p in pm.parameters() if p.requires_grad], seed=ord(name))
+        pm.save_pretrained(tmp_path / name)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a").eval()
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    ours = lorakit.load_adapter(tiny_llama(), tmp_path / "a", adapter="a")
+    lorakit.load_adapter(ours, tmp_path / "b", adapter="b")
+    outs = {}
+    for name in ("a", "b"):
+        theirs.set_adapter(name)
+        lorakit.set_adapter(ours, name)
+        outs[name] = logits(ours, input_ids)
+        assert _max_diff(outs[name], logits(theirs, input_ids)) <= TOL
+    assert _max_diff(outs["a"], outs["b"]) > 1e-3
