@@ -8,7 +8,7 @@ import copy
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ class Case:
 
     build: Callable[[], nn.Module]
     peft_kwargs: dict[str, Any]
-    lorakit_kwargs: dict[str, Any] | None = field(default=None)  # None: not expressible in lorakit
+    lorakit_kwargs: dict[str, Any]
 
     def lorakit_config(self) -> lorakit.LoraConfig:
         return lorakit.LoraConfig(**copy.deepcopy(self.lorakit_kwargs))
