@@ -25,6 +25,7 @@ from .injection import inject
 from .layers import LoraLayer
 from .merging import merge, merge_and_unload, unload, unmerge
 from .multi import combine_adapters, mixed_batch
+from .precision import cast_base, describe_precision, pick_base_dtype
 from .training import TrainConfig, TrainingError, TrainResult, finetune
 
 __version__ = "0.1.0"
@@ -56,6 +57,9 @@ __all__ = [
     "lora_scale",
     "merge",
     "merge_and_unload",
+    "pick_base_dtype",
+    "cast_base",
+    "describe_precision",
     "mixed_batch",
     "combine_adapters",
     "read_adapter",
