@@ -34,6 +34,7 @@ from .checkpoint import atomic_write_bytes, save_adapter
 from .config import LoraConfig
 from .data import IGNORE_INDEX, collate, encode_causal, encode_classification
 from .injection import inject
+from .precision import base_dtype_choice, cast_base
 from .state import get_state
 
 log = logging.getLogger(__name__)
@@ -206,32 +207,17 @@ METHODS: dict[str, Method] = {"lora": Method(_prepare_lora, _save_lora), "full":
 
 # ---- precision ---------------------------------------------------------------------------------------
 
-def choose_precision(requested: str = "auto") -> str:
-    """``"bf16"`` or ``"fp32"``: auto picks bf16 where the CPU has native bf16 matmuls (AMX/AVX512-BF16) or on a GPU."""
+def choose_precision(requested: str = "auto", device: torch.device | str = "cpu") -> tuple[str, str]:
+    """(``"bf16"`` or ``"fp32"``, why): auto picks bf16 where `device` multiplies bf16 fast (CPU AMX/AVX512-BF16, CUDA)."""
     if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
-    """Frozen floating-point parameters to `dtype`; trainable ones stay (or become) fp32 master weights.
-
-    A frozen parameter beside a trainable one in a module autocast does not cover (a LayerNorm weight when
-    BitFit trains its bias) stays fp32 too: layer_norm needs one dtype for all its parameters.
-    """
-    autocast_safe = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
-    for module in model.modules():
-        params = list(module.parameters(recurse=False))
-        mixed = not isinstance(module, autocast_safe) and any(p.requires_grad for p in params)
-        for p in params:
-            if p.is_floating_point():
-                p.data = p.data.to(torch.float32 if p.requires_grad or mixed else dtype)
+        return requested, "requested"
+    dtype, reason = base_dtype_choice(device)
+    return ("bf16" if dtype == torch.bfloat16 else "fp32"), reason
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
+    """bf16 autocast for a bf16 run whose weights all train (full fine-tuning keeps fp32 master weights)."""
+    if precision == "bf16_autocast":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -383,11 +369,13 @@ def finetune(
 
     torch.manual_seed(cfg.seed)
     METHODS[cfg.method].prepare(model, cfg)
-    precision = choose_precision(cfg.precision)
-    cast_frozen(model, torch.bfloat16 if precision == "bf16" else torch.float32)
+    device = next(model.parameters()).device
+    precision, why = choose_precision(cfg.precision, device)
+    if precision == "bf16":  # frozen base in bf16, adapters and heads fp32; all-trainable models autocast instead
+        cast_base(model, torch.bfloat16)
+    compute = "bf16_autocast" if precision == "bf16" and all(p.requires_grad for p in model.parameters()) else precision
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    device = next(model.parameters()).device
     optimizer = build_optimizer(model, cfg)
     total = total_steps(len(train_enc), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total, cfg.warmup))
@@ -400,7 +388,7 @@ def finetune(
     if out is not None:
         _truncate_metrics(out / "metrics.jsonl", step)
     n_train, n_all = sum(p.numel() for p in trainable), sum({id(p): p.numel() for p in model.parameters()}.values())
-    notify({"event": "start", "step": step, "total": total, "precision": precision, "trainable": n_train,
+    notify({"event": "start", "step": step, "total": total, "precision": precision, "precision_reason": why, "trainable": n_train,
             "total_params": n_all, "examples": len(train_enc)})
 
     model.train()
@@ -416,7 +404,7 @@ def finetune(
             items = _micro_batch(train_enc, cfg, step * cfg.grad_accum + k)
             batch = {key: v.to(device) for key, v in collate(items, pad_id).items()}
             tokens += int(batch["attention_mask"].sum())
-            with _autocast(precision, device):
+            with _autocast(compute, device):
                 loss = causal_lm_loss(model, batch)[0] if cfg.task == "causal-lm" else classification_loss(model, batch)[0]
             if not torch.isfinite(loss):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
@@ -439,7 +427,7 @@ def finetune(
             _append_metrics(out, record)
         notify({"event": "step", "total": total, **record})
         if eval_enc and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-            eval_metrics = evaluate(model, eval_enc, cfg, pad_id, precision)
+            eval_metrics = evaluate(model, eval_enc, cfg, pad_id, compute)
             record = {"step": step, **eval_metrics}
             history.append(record)
             _append_metrics(out, record)
@@ -448,7 +436,7 @@ def finetune(
             last_good = _save_checkpoint(out, step, model, cfg, named_trainable, optimizer, scheduler, last_good)
             notify({"event": "save", "step": step, "path": str(last_good)})
     if eval_enc and not cfg.eval_every:
-        eval_metrics = evaluate(model, eval_enc, cfg, pad_id, precision)
+        eval_metrics = evaluate(model, eval_enc, cfg, pad_id, compute)
         history.append({"step": step, **eval_metrics})
         _append_metrics(out, history[-1])
     if out is not None:

@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     def progress(event: dict) -> None:
         nonlocal bar
         if event["event"] == "start":
-            print(f"{event['examples']:,} examples, {event['total']} steps, precision {event['precision']} "
-                  f"(frozen base; trainable weights fp32), trainable {event['trainable']:,} / {event['total_params']:,} "
+            print(f"{event['examples']:,} examples, {event['total']} steps, frozen base in {event['precision']} "
+                  f"({event['precision_reason']}; trainable weights fp32), trainable {event['trainable']:,} / {event['total_params']:,} "
                   f"({100 * event['trainable'] / event['total_params']:.3f}%)")
             bar = tqdm(total=event["total"], initial=event["step"], unit="step", dynamic_ncols=True)
         elif event["event"] == "step":
