@@ -167,21 +167,72 @@ class LoraLayer:
         return [n for n in self.active_adapters if n not in self.merged_adapters]
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:  # noqa: D102
-        out = super().forward(x, *args, **kwargs)  # type: ignore[misc]
         names = self._unmerged_active()
-        if not names:
-            return out
+        if len(names) == 1 and not args and not kwargs:
+            fused = self.fused_forward(x, names[0])
+            if fused is not None:
+                return fused
+        out = super().forward(x, *args, **kwargs)  # type: ignore[misc]
         for name in names:
             out = self.lora_forward(x, out, name)
         return out
+
+    def fused_forward(self, x: Tensor, name: str) -> Tensor | None:
+        """Base layer + adapter `name` as one step where a layer type has a fast path; None otherwise."""
+        return None
 
     def lora_forward(self, x: Tensor, out: Tensor, name: str) -> Tensor:
         """out + scale·B·A·x for adapter `name`."""
         raise NotImplementedError
 
 
+class _FrozenLinearLora(torch.autograd.Function):
+    """y = x·W0ᵀ + b + scale·(x·Aᵀ)·Bᵀ with W0, b frozen, as one autograd node: x (..., k) -> (..., d).
+
+    The tiny A, B are cast to x's dtype (never the activations); the LoRA term goes into the base
+    GEMM's output in place, and backward adds scale·(g·B)·A into g·W0 in place, so no second (N, d)
+    output and no (N, k) gradient sum. Saves x (A's gradient needs it) and h = x·Aᵀ (N, r).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        Ac, Bc = A.to(x.dtype), B.to(x.dtype)
+        h = x2 @ Ac.t()  # (N, r)
+        out = F.linear(x2, weight, bias).addmm_(h, Bc.t(), alpha=scale)  # (N, d)
+        ctx.save_for_backward(x2, weight, h, Ac, Bc)
+        ctx.scale, ctx.dtypes = scale, (A.dtype, B.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x2, weight, h, Ac, Bc = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, d)
+        gh = (g @ Bc).mul_(ctx.scale)  # (N, r): gradient of scale·h
+        gx = (g @ weight).addmm_(gh, Ac).view(grad.shape[:-1] + (x2.shape[-1],)) if ctx.needs_input_grad[0] else None
+        gA = (gh.t() @ x2).to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None  # (r, k)
+        gB = (g.t() @ h).mul_(ctx.scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None  # (d, r)
+        return gx, None, None, gA, gB, None
+
+
 class LoraLinearMixin(LoraLayer):
     """LoRA for ``nn.Linear`` and GPT-2's ``Conv1D`` (``fan_in_fan_out``): x (..., k) -> (..., d)."""
+
+    def fused_forward(self, x: Tensor, name: str) -> Tensor | None:
+        """The hot path: a plain ``nn.Linear`` with frozen W0, b and one plain adapter (no dropout, slices, bias)."""
+        spec = self.lora_specs[name]
+        if (
+            self._lora_base_class is not nn.Linear
+            or spec.enabled is not None
+            or (spec.dropout and self.training)
+            or self.weight.requires_grad
+            or (self.bias is not None and self.bias.requires_grad)
+            or name in self.lora_B_bias
+            or x.is_meta
+            or torch.is_autocast_enabled(x.device.type)  # autocast decides the GEMM dtype: leave it the base layer
+        ):
+            return None
+        return _FrozenLinearLora.apply(x, self.weight, self.bias, self.lora_A[name], self.lora_B[name], spec.scale)
 
     def lora_forward(self, x: Tensor, out: Tensor, name: str) -> Tensor:
         spec = self.lora_specs[name]

@@ -1,0 +1,81 @@
+"""The fused LoRA linear (one autograd node): same values and gradients as the plain formula, used only where valid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.layers import LoraSpec, attach
+
+
+def _layer(dtype: torch.dtype = torch.float32, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40, bias=bias).to(dtype).requires_grad_(False)
+    attach(layer).add_adapter("a", LoraSpec(r=4, alpha=8))
+    with torch.no_grad():
+        layer.lora_B["a"].normal_()  # B = 0 at init would hide a wrong B·A term
+    return layer
+
+
+def _reference(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """h = W0·x + b + (alpha/r)·B·A·x in fp32 with plain autograd ops."""
+    W = layer.weight.float()
+    b = layer.bias.float() if layer.bias is not None else None
+    A, B = layer.lora_A["a"], layer.lora_B["a"]
+    return F.linear(x.float(), W, b) + 2.0 * (x.float() @ A.t()) @ B.t()
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_matches_formula_values_and_grads(dtype, tol, bias):
+    layer = _layer(dtype, bias)
+    x = torch.randn(3, 5, 24, dtype=dtype, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    g = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(2))
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_FrozenLinearLoraBackward" and out.dtype == dtype
+    out.backward(g.to(dtype))
+    got = (out.float(), x.grad.float(), layer.lora_A["a"].grad, layer.lora_B["a"].grad)
+    assert got[2].dtype == got[3].dtype == torch.float32  # fp32 adapters get fp32 grads
+    x_ref = x.detach().float().requires_grad_(True)
+    A, B = layer.lora_A["a"], layer.lora_B["a"]
+    A.grad = B.grad = None
+    ref = _reference(layer, x_ref)
+    ref.backward(g)
+    for a, b in zip(got, (ref, x_ref.grad, A.grad, B.grad)):
+        assert ((a - b).norm() / b.norm()) < tol
+    assert layer.weight.grad is None
+
+
+def test_fused_saves_no_output_sized_tensor():
+    layer = _layer()
+    x = torch.randn(16, 24, requires_grad=True)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        layer(x)
+    assert sorted(shapes) == sorted([(16, 24), (40, 24), (16, 4), (4, 24), (40, 4)])  # x, W0, h, A, B
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.weight.requires_grad_(True),  # full fine-tuning of W0 needs its own gradient
+        lambda m: m.bias.requires_grad_(True),  # bias="all"
+        lambda m: (setattr(m, "lora_specs", {"a": LoraSpec(r=4, alpha=8, dropout=0.5)}), m.train()),
+        lambda m: (m.add_adapter("b", LoraSpec(r=2, alpha=2)), setattr(m, "active_adapters", ["a", "b"])),
+    ],
+)
+def test_generic_path_where_fused_does_not_apply(change):
+    layer = _layer()
+    change(layer)
+    out = layer(torch.randn(2, 24, requires_grad=True))
+    assert type(out.grad_fn).__name__ != "_FrozenLinearLoraBackward"
+
+
+def test_fused_path_under_no_grad_equals_formula():
+    layer = _layer()
+    x = torch.randn(7, 24)
+    with torch.inference_mode():
+        out = layer(x)
+    torch.testing.assert_close(out, _reference(layer, x).detach(), rtol=1e-5, atol=1e-5)
