@@ -1,0 +1,206 @@
+"""Many adapters on one SmolLM2-135M: mixed-batch prefill, merged swaps and adapter loading, lorakit vs PEFT.
+
+    flock /tmp/lorakit-cpu.lock .venv/bin/python benchmarks/mixed_batch.py
+
+Prefill of B rows with random adapter ids out of N adapters (r=8; q,v and all-linear), median wall
+time relative to the plain base model:
+- lorakit `mixed_batch` (per-row gathered A/B, two bmm per layer; the time includes entering the
+  context, i.e. stacking the adapters of this batch),
+- (a) one forward per adapter group (`set_adapter`, rows of that adapter),
+- (b) PEFT's ``model(..., adapter_names=rows)`` on the same adapter files (adapters kept in the
+  model's dtype, PEFT's fastest setting),
+- (c) the base model alone (1.00).
+Then lorakit's cost from 1 to 64 adapters, merged swap time and load-from-disk time per adapter.
+All variants run interleaved, repetition by repetition, so machine noise hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import lorakit
+from lorakit.adapters import randomize_adapters
+from lorakit.models import load_model
+
+TARGETS = {"q,v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
+
+
+def median_times(fns: dict[str, callable], reps: int) -> dict[str, float]:
+    """Median seconds of each fn, run round-robin `reps` times after one warm-up each."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(reps):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def lorakit_model(dtype: torch.dtype, targets, n: int, seed: int = 0):
+    model, _ = load_model("smollm2-135m", dtype=dtype)
+    for i in range(n):
+        lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=targets), adapter=f"t{i}")
+    randomize_adapters(model, std=0.02, seed=seed)
+    return model.eval()
+
+
+def peft_from_files(dtype: torch.dtype, folders: list[Path]):
+    """PEFT model with the same adapters, loaded from lorakit's files; returns (model, seconds per load)."""
+    from peft import PeftModel
+
+    base, _ = load_model("smollm2-135m", dtype=dtype)
+    model = PeftModel.from_pretrained(base, folders[0], adapter_name="t0", autocast_adapter_dtype=False)
+    t0 = time.perf_counter()
+    for i, folder in enumerate(folders[1:], start=1):
+        model.load_adapter(folder, adapter_name=f"t{i}", autocast_adapter_dtype=False)
+    per_load = (time.perf_counter() - t0) / max(1, len(folders) - 1)
+    return model.eval(), per_load
+
+
+def prefill_table(args, dtype, base, label, targets, configs) -> list[str]:
+    """Rows of the lorakit / loop / PEFT / base comparison for (N adapters, batch B) pairs."""
+    n_max = max(n for n, _ in configs)
+    model = lorakit_model(dtype, targets, n_max)
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = [lorakit.save_adapter(model, Path(tmp) / f"t{i}", adapter=f"t{i}") for i in range(n_max)]
+        probe, _ = load_model("smollm2-135m", dtype=dtype)
+        lorakit.load_adapter(probe, folders[0], adapter="t0")
+        t0 = time.perf_counter()
+        for i, folder in enumerate(folders[1:], start=1):
+            lorakit.load_adapter(probe, folder, adapter=f"t{i}")
+        lk_load = (time.perf_counter() - t0) / max(1, n_max - 1)
+        del probe
+        peft, peft_load = peft_from_files(dtype, folders)
+    gen = torch.Generator().manual_seed(0)
+    for n, b in configs:
+        ids = torch.randint(10, 40000, (b, args.seq), generator=gen)
+        rows = [f"t{i}" for i in torch.randint(0, n, (b,), generator=gen).tolist()]
+
+        def mixed(ids=ids, rows=rows):
+            with lorakit.mixed_batch(model, rows):
+                return model(ids).logits
+
+        def loop(ids=ids, rows=rows):
+            for name in dict.fromkeys(rows):
+                lorakit.set_adapter(model, name)
+                model(ids[[i for i, r in enumerate(rows) if r == name]])
+
+        fns = {
+            "base": lambda ids=ids: base(ids),
+            "lorakit mixed": mixed,
+            "(a) loop per adapter": loop,
+            "(b) PEFT adapter_names": lambda ids=ids, rows=rows: peft(ids, adapter_names=rows),
+        }
+        t = median_times(fns, args.reps)
+        with torch.no_grad():
+            diff = (mixed().float() - peft(ids, adapter_names=rows).logits.float()).abs().max().item()
+        lines.append(
+            f"| {label} | {n} × {b} | {t['base'] * 1e3:.0f} ms | **{t['lorakit mixed'] / t['base']:.3f}×** "
+            f"| {t['(a) loop per adapter'] / t['base']:.2f}× | {t['(b) PEFT adapter_names'] / t['base']:.3f}× "
+            f"| {len(set(rows))} | {diff:.1e} |"
+        )
+        print(lines[-1], flush=True)
+    return lines, lk_load, peft_load, model
+
+
+def scaling_rows(args, dtype, base, label, targets, model) -> list[str]:
+    """lorakit mixed batch of 16 rows over 1..64 adapters (cost grows with the adapters a batch uses)."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, 40000, (16, args.seq), generator=gen)
+    have = len(lorakit.list_adapters(model))
+    for i in range(have, 64):
+        lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=targets), adapter=f"t{i}")
+    randomize_adapters(model, std=0.02, seed=2)
+    fns = {"base": lambda: base(ids)}
+    for n in (1, 4, 16, 64):
+        rows = [f"t{i}" for i in torch.randint(0, n, (16,), generator=gen).tolist()]
+
+        def mixed(rows=rows):
+            with lorakit.mixed_batch(model, rows):
+                return model(ids)
+
+        fns[n] = mixed
+    t = median_times(fns, args.reps)
+    row = f"| {label} | " + " | ".join(f"{t[n] / t['base']:.3f}×" for n in (1, 4, 16, 64)) + " |"
+    print(row, flush=True)
+    return [row]
+
+
+def swap_times(dtype, targets, reps: int = 20) -> tuple[float, float]:
+    """(lorakit, PEFT) seconds of one merged swap between two adapters."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    model = lorakit_model(dtype, targets, 2)
+    lorakit.set_adapter(model, "t0")
+    lorakit.merge(model)
+    base, _ = load_model("smollm2-135m", dtype=dtype)
+    peft_cfg = PeftConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    peft = get_peft_model(base, peft_cfg, adapter_name="t0")
+    peft.add_adapter("t1", peft_cfg)
+    peft.base_model.merge_adapter(["t0"])
+    names = ["t1", "t0"]
+
+    def lk_swap(state=[0]):  # noqa: B006 - counter
+        state[0] += 1
+        lorakit.set_adapter(model, names[state[0] % 2])
+
+    def peft_swap(state=[0]):  # noqa: B006 - counter
+        state[0] += 1
+        peft.base_model.unmerge_adapter()
+        peft.base_model.set_adapter(names[state[0] % 2])
+        peft.base_model.merge_adapter()
+
+    t = median_times({"lk": lk_swap, "peft": peft_swap}, reps)
+    return t["lk"], t["peft"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--seq", type=int, default=64, help="prompt length of every row")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    base, _ = load_model("smollm2-135m", dtype=dtype)
+    base.eval()
+    print(f"SmolLM2-135M, {args.dtype}, prefill of {args.seq} tokens per row, r=8, median of {args.reps}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    head = ("| targets | adapters × batch | base | lorakit mixed | (a) loop per adapter | (b) PEFT mixed "
+            "| adapters used | max |Δlogits| vs PEFT |\n|---|---|---|---|---|---|---|---|")
+    print(head)
+    table, scale, loads, swaps = [], [], {}, {}
+    models = {}
+    for label, targets in TARGETS.items():
+        rows, lk_load, peft_load, model = prefill_table(args, dtype, base, label, targets, [(4, 8), (16, 16)])
+        table += rows
+        loads[label] = (lk_load, peft_load)
+        models[label] = model
+    print("\nlorakit mixed batch of 16 rows, cost relative to the base model, by number of adapters:\n")
+    print("| targets | 1 | 4 | 16 | 64 |\n|---|---|---|---|---|")
+    for label, targets in TARGETS.items():
+        scale += scaling_rows(args, dtype, base, label, targets, models.pop(label))
+    print("\nmerged swap (unmerge old + merge new) and load-from-disk per adapter:\n")
+    print("| targets | lorakit swap | PEFT swap | speed-up | lorakit load | PEFT load |\n|---|---|---|---|---|---|")
+    for label, targets in TARGETS.items():
+        swaps[label] = swap_times(dtype, targets)
+        lk, pf = swaps[label]
+        lk_load, peft_load = loads[label]
+        print(f"| {label} | {lk * 1e3:.1f} ms | {pf * 1e3:.1f} ms | {pf / lk:.2f}× | {lk_load * 1e3:.0f} ms "
+              f"| {peft_load * 1e3:.0f} ms |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
