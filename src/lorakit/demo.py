@@ -115,6 +115,19 @@ def forward_latency(model: nn.Module, ids: torch.Tensor, repeats: int = 15) -> f
     return statistics.median(times)
 
 
+def _interleaved_latency(plain: nn.Module, model: nn.Module, ids: torch.Tensor, rounds: int = 5) -> tuple[float, float, float]:
+    """(base, merged, unmerged) forward latency, alternating the models each round so drift hits all alike; leaves `model` merged."""
+    base, merged, unmerged = [], [], []
+    for _ in range(rounds):
+        base.append(forward_latency(plain, ids))
+        merging.merge(model)
+        merged.append(forward_latency(model, ids))
+        merging.unmerge(model)
+        unmerged.append(forward_latency(model, ids))
+    merging.merge(model)
+    return statistics.median(base), statistics.median(merged), statistics.median(unmerged)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -153,7 +166,6 @@ def run_demo(
     describe = build_task("describe", describe_example, n_train=steps * 8, n_test=n_test, seed=seed)
     parse = build_task("parse", parse_example, n_train=steps * 8, n_test=n_test, seed=seed + 10)
     ids = tok(format_prompt(tok, describe.test[0]["prompt"]), return_tensors="pt").input_ids
-    base_latency = forward_latency(model, ids)
 
     say("\n## 1. The base model on held-out records (task: record → one sentence in the house style)")
     base_preds = {t.name: generate(model, tok, [ex["prompt"] for ex in t.test]) for t in (describe, parse)}
@@ -185,11 +197,11 @@ def run_demo(
     _show(say, describe, tuned, tuned_score)
 
     say("\n## 4. Merge: W = W0 + (alpha/r)·B·A, no extra inference latency")
-    unmerged_latency = forward_latency(model, ids)
-    merging.merge(model)
-    merged_latency = forward_latency(model, ids)
+    plain = load_model(model_name)[0].to(torch.bfloat16 if precision == "bf16" else torch.float32)  # the untouched base
+    base_latency, merged_latency, unmerged_latency = _interleaved_latency(plain, model, ids)
+    del plain
     merged_same = generate(model, tok, [ex["prompt"] for ex in describe.test[:4]]) == tuned[:4]
-    say(f"forward latency ({ids.shape[1]} tokens, median of 15): base {1e3 * base_latency:.1f} ms, "
+    say(f"forward latency ({ids.shape[1]} tokens, median of 5 interleaved rounds × 15): base {1e3 * base_latency:.1f} ms, "
         f"merged {1e3 * merged_latency:.1f} ms ({merged_latency / base_latency:.2f}×), unmerged adapter {1e3 * unmerged_latency:.1f} ms")
     say(f"merged answers equal the unmerged ones: {merged_same}")
     merging.unmerge(model)
