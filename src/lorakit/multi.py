@@ -100,10 +100,12 @@ class _RowAdapters:
         else:
             A, B, bias = self._weights(x.dtype)
             h = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), A[slots].transpose(1, 2))  # (b, T, r_max)
-        delta = torch.bmm(h, B[slots].transpose(1, 2))  # (b, T, d_out)
+        h = h.to(out.dtype)
+        out3 = out.reshape(x.shape[0], -1, out.shape[-1])
+        y = torch.baddbmm(out3, h, B[slots].transpose(1, 2).to(out.dtype))  # out + row i's B·A·x, one pass
         if bias is not None:
-            delta = delta + bias[slots].unsqueeze(1)
-        return out + delta.view(out.shape).to(out.dtype)
+            y = y + bias[slots].unsqueeze(1).to(out.dtype)
+        return y.view(out.shape)
 
 
 def _io_dims(layer: LoraLayer) -> tuple[int, int]:
