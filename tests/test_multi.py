@@ -317,3 +317,22 @@ def test_combine_rejects_bad_input():
             lorakit.combine_adapters(model, **kwargs)
     assert lorakit.list_adapters(model) == ["a", "b"]
     assert all(set(layer.lora_specs) == {"a", "b"} for _, layer in lora_layers(model))
+
+
+@pytest.mark.slow
+def test_mixed_batch_on_smollm2_matches_one_adapter_at_a_time():
+    from lorakit.models import bundled_path, load_model
+
+    try:
+        bundled_path("smollm2-135m")
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        pytest.skip(str(e))
+    model, _ = load_model("smollm2-135m")
+    lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]), adapter="qv")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, use_rslora=True, target_modules="all-linear"), adapter="all")
+    randomize_adapters(model, std=0.02)
+    ids = torch.randint(10, 40000, (3, 12), generator=torch.Generator().manual_seed(0))
+    rows = ["qv", None, "all"]
+    ref = per_adapter_reference(model, ids, rows)
+    with lorakit.mixed_batch(model, rows):
+        assert torch.allclose(logits(model, ids), ref, atol=1e-3)
