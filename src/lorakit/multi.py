@@ -40,6 +40,7 @@ class _RowAdapters:
 
     def __init__(self, layer: LoraLayer, rows: list[str | None]) -> None:
         names = [n for n in dict.fromkeys(rows) if n is not None and n in layer.lora_specs]
+        self.used = bool(names)  # False: no row's adapter is on this layer, so no hook is needed
         pairs = [self._dense(layer, n) for n in names]
         d_out, d_in = _io_dims(layer)
         r_max = max([A.shape[0] for A, _ in pairs], default=1)
@@ -143,7 +144,8 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
         for layer, stack in zip(layers, stacks):
             layer.set_merged([])
             layer.lora_disabled = True  # the hook adds the per-row update instead
-            handles.append(layer.register_forward_hook(stack))
+            if stack.used:
+                handles.append(layer.register_forward_hook(stack))
         yield model
     finally:
         for handle in handles:
