@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 import time
 
+import torch
+
 from conftest import tiny_llama
 from lorakit.training import TrainConfig, finetune
 from toy_tokenizer import ByteTokenizer
@@ -26,6 +28,7 @@ def config() -> TrainConfig:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     out, resume = sys.argv[1], "--resume" in sys.argv
     pause = float(sys.argv[sys.argv.index("--sleep") + 1]) if "--sleep" in sys.argv else 0.0
     finetune(tiny_llama(), ByteTokenizer(), examples(), None, config(), out_dir=out, resume=resume,
