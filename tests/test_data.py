@@ -29,7 +29,7 @@ def test_jsonl_with_custom_fields():
 
 
 def test_missing_field_names_the_field_and_the_option():
-    with pytest.raises(ValueError, match=r"no field 'prompt'.*--\*-field"):
+    with pytest.raises(ValueError, match=r"no field .prompt.*--prompt-field"):
         load_data(DATA / "qa.jsonl", "causal-lm")
 
 

@@ -66,7 +66,8 @@ def _require(rows: list[dict], fields: Sequence[str], source: str) -> None:
         if missing:
             raise ValueError(
                 f"{source}: example {i} has no field {missing[0]!r} (it has {sorted(row)}); "
-                f"name the right field with the matching --*-field option"
+                "name the field to use (prompt_field=, completion_field=, text_field=, label_field=; in the CLI "
+                "--prompt-field, --completion-field, --text-field, --label-field)"
             )
 
 
