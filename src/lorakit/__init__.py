@@ -19,6 +19,7 @@ from .adapters import (
 from .analysis import amplification, analyze, effective_rank, singular_spectrum, subspace_similarity, write_report
 from .checkpoint import load_adapter, read_adapter, save_adapter
 from .config import LoraConfig
+from .convert import convert_adapter, inspect_adapter
 from .data import load_data
 from .functional import delta_weight, lora_scale
 from .injection import inject
@@ -69,4 +70,6 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "unmerge",
+    "convert_adapter",
+    "inspect_adapter",
 ]
