@@ -32,24 +32,27 @@ def _mean(xs: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs", help="folder holding e2e-r8-s0, e2e-r64-s0, e2e-r8-s1, e2e-r4-s0")
+    parser.add_argument("--prefix", default="e2e", help="run-name prefix: e2e (e2e.py) or sst2 (sst2_adapters.py)")
+    parser.add_argument("--model", default="smollm2-135m", help="the adapters' base: smollm2-135m or minilm-l6")
     parser.add_argument("--out", default="runs/analysis")
     args = parser.parse_args()
     torch.set_num_threads(2)
     runs = Path(args.runs)
-    model, _ = load_model("smollm2-135m")
+    model, _ = load_model(args.model, "classification" if args.model == "minilm-l6" else "causal-lm")
     out = Path(args.out)
-    pairs = {"fig3_r8_vs_r64": ("e2e-r8-s0", "e2e-r64-s0"), "fig4_r8_seed0_vs_seed1": ("e2e-r8-s0", "e2e-r8-s1"),
-             "table7_r4_vs_r64": ("e2e-r4-s0", "e2e-r64-s0")}
-    if not (runs / "e2e-r4-s0").is_dir():  # the r=4 run is optional: Table 7 then compares r=8 with r=64
+    x = args.prefix
+    pairs = {"fig3_r8_vs_r64": (f"{x}-r8-s0", f"{x}-r64-s0"), "fig4_r8_seed0_vs_seed1": (f"{x}-r8-s0", f"{x}-r8-s1"),
+             "table7_r4_vs_r64": (f"{x}-r4-s0", f"{x}-r64-s0")}
+    if not (runs / f"{x}-r4-s0").is_dir():  # the r=4 run is optional: Table 7 then compares r=8 with r=64
         del pairs["table7_r4_vs_r64"]
-        pairs["table7_r8_vs_r64"] = ("e2e-r8-s0", "e2e-r64-s0")
+        pairs["table7_r8_vs_r64"] = (f"{x}-r8-s0", f"{x}-r64-s0")
     for name, (a, b) in pairs.items():
         if not (runs / a).is_dir() or not (runs / b).is_dir():
             print(f"{name}: skipped, {runs / a} or {runs / b} missing (train them with e2e.py)")
             continue
         result = analyze([runs / a, runs / b], model if name.startswith("table7") else None)
-        write_report(result, out / name)
-        print(f"\n## {name}: {a} vs {b}  (report: {out / name / 'report.md'})")
+        report = write_report(result, out / f"{x}_{name}")
+        print(f"\n## {name}: {a} vs {b}  (report: {report})")
         for wt in sorted({weight_type(p) for p in result.similarity}):
             paths = [p for p in result.similarity if weight_type(p) == wt]
             k = result.adapters[0].layers[paths[0]].A.shape[1]
