@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
@@ -245,13 +244,11 @@ def read_adapter_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[st
 
 
 def _read_safetensors(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    data = file.read_bytes()
+    """Tensors and header metadata, read through one memory map (a PEFT file may hold a whole embedding)."""
     try:
-        tensors = st_load(data)
-        from safetensors import safe_open
-
         with safe_open(str(file), framework="pt") as f:
             metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except (SafetensorError, ValueError, OSError) as e:
         raise ValueError(f"{file} is truncated or corrupted and cannot be read as safetensors: {e}") from e
     return tensors, metadata
