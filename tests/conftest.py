@@ -8,6 +8,17 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(request: pytest.FixtureRequest):
+    """One intra-op thread for tiny-model tests: ~3x faster on the shared 2-core machine (no spinning threads
+    competing with other jobs; whole suite 97 s -> 32 s, 88 -> 26 s of CPU). Real-model (slow) tests keep theirs."""
+    threads = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_llama(seed: int = 0, vocab: int = 128, layers: int = 2) -> torch.nn.Module:
     """A 2-layer LLaMA (GQA: 4 query heads, 2 key/value heads), fp32, eval mode."""
     torch.manual_seed(seed)

@@ -17,15 +17,6 @@ from lorakit.convert import inspect_adapter
 peft = pytest.importorskip("peft", reason="convert tests read adapters written by the `peft` package: pip install -e '.[dev]'")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run fastest on one thread, and do not stall when the shared CPU is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize(params, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

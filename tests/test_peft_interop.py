@@ -24,15 +24,6 @@ peft = pytest.importorskip("peft", reason="PEFT interop tests need the `peft` pa
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run fastest on one thread, and do not stall when the shared CPU is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass
 class Case:
     """One PEFT configuration on a tiny model; `lorakit_kwargs` is the same adapter in lorakit's terms."""
