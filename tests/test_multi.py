@@ -228,6 +228,27 @@ def test_mixed_batch_through_generate_with_kv_cache():
     assert len({tuple(r) for r in mixed[:, 5:].tolist()}) > 1  # the adapters do change the text
 
 
+def test_mixed_batch_sees_adapters_changed_added_or_removed_since_the_last_batch():
+    model = two_adapters()
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(7))
+    rows = ["a", "b", None]
+    with lorakit.mixed_batch(model, rows):
+        logits(model, ids)  # builds the per-layer stacks
+    randomize_adapters(model, std=0.1, seed=9)  # in-place change of every A and B
+    ref = per_adapter_reference(model, ids, rows)
+    with lorakit.mixed_batch(model, rows):
+        assert torch.allclose(logits(model, ids), ref, atol=1e-5)
+    lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=5), adapter="c")
+    randomize_adapters(model, std=0.1, seed=10)
+    lorakit.delete_adapter(model, "a")
+    rows = ["c", "b", None]
+    ref = per_adapter_reference(model, ids, rows)
+    with lorakit.mixed_batch(model, rows):
+        assert torch.allclose(logits(model, ids), ref, atol=1e-5)
+    plain = lorakit.unload(model)
+    assert not any("_lora_mixed_cache" in m.__dict__ for m in plain.modules())
+
+
 def test_mixed_batch_rejects_bad_input_and_leaves_model_unchanged(input_ids):
     model = two_adapters()
     lorakit.set_adapter(model, "a")

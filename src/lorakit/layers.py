@@ -88,6 +88,7 @@ class LoraLayer:
             if name in store:
                 del store[name]
         self.lora_specs.pop(name, None)
+        self.__dict__.pop("_lora_mixed_cache", None)  # mixed-batch stacks (multi.py) hold copies of A, B
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -368,6 +369,7 @@ def detach(module: LoraLayer) -> nn.Module:
         delattr(module, name)
     for name in ("lora_w0", "lora_b0"):  # exact copies of W0 kept while merged
         module._buffers.pop(name, None)
+    module.__dict__.pop("_lora_mixed_cache", None)
     for name in ("lora_specs", "active_adapters", "merged_adapters", "lora_disabled"):
         module.__dict__.pop(name, None)
     module.__class__ = module.__dict__.pop("_lora_base_class")

@@ -31,47 +31,67 @@ COMBINE_METHODS = ("cat", "linear", "svd")
 
 # ---- mixed batches -------------------------------------------------------------------------------
 
-class _RowAdapters:
-    """One layer's adapters stacked for a mixed batch; a forward hook adds row i's update.
+def _layer_stacks(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor, Tensor | None]:
+    """(slot of each adapter, A, scale·B, bias) of all the layer's adapters, stacked once.
 
-    Slot 0 is all zeros (the base model); A: (S, r_max, d_in), B: (S, d_out, r_max) with the
-    scale folded in, bias: (S, d_out) or None. `slots`: (batch,) slot of each row.
+    Slot 0 is all zeros (the base model). A: (S, r_max, d_in) ((S, num_embeddings, r_max) for an
+    embedding), B: (S, d_out, r_max) with the scale folded in, ranks zero-padded; in the layer's
+    dtype. Kept on the layer (``_lora_mixed_cache``) and rebuilt only when an adapter is added,
+    removed or changed (tensor identity and version), so entering a mixed batch costs no copies.
+    """
+    key = tuple(
+        (n, spec, *((id(t), t._version) for t in (layer.lora_A[n], layer.lora_B[n], layer.lora_B_bias.get(n)) if t is not None))
+        for n, spec in layer.lora_specs.items()
+    )
+    cached = layer.__dict__.get("_lora_mixed_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    names = list(layer.lora_specs)
+    d_out, d_in = _io_dims(layer)
+    dtype = layer.weight.dtype if layer.weight.dtype.is_floating_point else torch.float32
+    device = layer.weight.device
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable outside inference mode too
+        pairs = [_dense(layer, n) for n in names]
+        r_max = max([A.shape[0] for A, _ in pairs], default=1)
+        A_all = torch.zeros(len(names) + 1, r_max, d_in, dtype=dtype, device=device)
+        B_all = torch.zeros(len(names) + 1, d_out, r_max, dtype=dtype, device=device)
+        for i, (A, B) in enumerate(pairs, start=1):
+            A_all[i, : A.shape[0]] = A
+            B_all[i, :, : B.shape[1]] = B
+        bias = None
+        if any(n in layer.lora_B_bias for n in names):
+            bias = torch.zeros(len(names) + 1, d_out, dtype=dtype, device=device)
+            for i, n in enumerate(names, start=1):
+                if n in layer.lora_B_bias:
+                    bias[i] = layer.lora_B_bias[n].detach() * layer.lora_specs[n].scale
+        if layer.is_embedding:  # ids index A's columns: keep A as (S, num_embeddings, r)
+            A_all = A_all.transpose(1, 2).contiguous()
+    stacks = ({n: i for i, n in enumerate(names, start=1)}, A_all, B_all, bias)
+    layer.__dict__["_lora_mixed_cache"] = (key, stacks)
+    return stacks
+
+
+def _dense(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
+    """(A (r, d_in), scale·B (d_out, r)) of adapter `name`, fused slices made dense."""
+    spec = layer.lora_specs[name]
+    A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
+    if spec.enabled is not None:
+        B = expand_sliced_B(B, list(spec.enabled))
+    return A, B * spec.scale
+
+
+class _RowAdapters:
+    """A forward hook that adds row i's adapter update, gathered from the layer's stacks.
+
+    `slots`: (batch,) stack slot of each row (0: base model, or an adapter not on this layer).
     """
 
     def __init__(self, layer: LoraLayer, rows: list[str | None]) -> None:
-        names = [n for n in dict.fromkeys(rows) if n is not None and n in layer.lora_specs]
-        self.used = bool(names)  # False: no row's adapter is on this layer, so no hook is needed
-        pairs = [self._dense(layer, n) for n in names]
-        d_out, d_in = _io_dims(layer)
-        r_max = max([A.shape[0] for A, _ in pairs], default=1)
-        dtype = layer.lora_A[names[0]].dtype if names else torch.float32
-        device = layer.weight.device
-        self.A = torch.zeros(len(names) + 1, r_max, d_in, dtype=dtype, device=device)
-        self.B = torch.zeros(len(names) + 1, d_out, r_max, dtype=dtype, device=device)
-        for i, (A, B) in enumerate(pairs, start=1):
-            self.A[i, : A.shape[0]] = A
-            self.B[i, :, : B.shape[1]] = B
-        self.bias = None
-        if any(n in layer.lora_B_bias for n in names):
-            self.bias = torch.zeros(len(names) + 1, d_out, dtype=dtype, device=device)
-            for i, n in enumerate(names, start=1):
-                if n in layer.lora_B_bias:
-                    self.bias[i] = layer.lora_B_bias[n] * layer.lora_specs[n].scale
-        slot_of = {n: i for i, n in enumerate(names, start=1)}
-        self.slots = torch.tensor([slot_of.get(n, 0) for n in rows], dtype=torch.long, device=device)
+        self.used = any(n in layer.lora_specs for n in rows if n is not None)  # False: no hook needed
+        slot_of, self.A, self.B, self.bias = _layer_stacks(layer)
+        self.slots = torch.tensor([slot_of.get(n, 0) for n in rows], dtype=torch.long, device=layer.weight.device)
         self.embedding = layer.is_embedding
-        if self.embedding:  # ids index A's columns: keep A as (S, num_embeddings, r)
-            self.A = self.A.transpose(1, 2).contiguous()
-        self._cast: dict[torch.dtype, tuple[Tensor, Tensor, Tensor | None]] = {}
-
-    @staticmethod
-    def _dense(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
-        """(A (r, d_in), scale·B (d_out, r)) of adapter `name`, fused slices made dense."""
-        spec = layer.lora_specs[name]
-        A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
-        if spec.enabled is not None:
-            B = expand_sliced_B(B, list(spec.enabled))
-        return A, B * spec.scale
+        self._cast: dict[torch.dtype, tuple[Tensor, Tensor, Tensor | None]] = {self.A.dtype: (self.A, self.B, self.bias)}
 
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
         if dtype not in self._cast:
