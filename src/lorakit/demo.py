@@ -115,15 +115,15 @@ def forward_latency(model: nn.Module, ids: torch.Tensor, repeats: int = 15) -> f
     return statistics.median(times)
 
 
-def _interleaved_latency(plain: nn.Module, model: nn.Module, ids: torch.Tensor, rounds: int = 5) -> tuple[float, float, float]:
+def _interleaved_latency(plain: nn.Module, model: nn.Module, ids: torch.Tensor, rounds: int = 3) -> tuple[float, float, float]:
     """(base, merged, unmerged) forward latency, alternating the models each round so drift hits all alike; leaves `model` merged."""
     base, merged, unmerged = [], [], []
     for _ in range(rounds):
-        base.append(forward_latency(plain, ids))
+        base.append(forward_latency(plain, ids, repeats=10))
         merging.merge(model)
-        merged.append(forward_latency(model, ids))
+        merged.append(forward_latency(model, ids, repeats=10))
         merging.unmerge(model)
-        unmerged.append(forward_latency(model, ids))
+        unmerged.append(forward_latency(model, ids, repeats=10))
     merging.merge(model)
     return statistics.median(base), statistics.median(merged), statistics.median(unmerged)
 
@@ -201,7 +201,7 @@ def run_demo(
     base_latency, merged_latency, unmerged_latency = _interleaved_latency(plain, model, ids)
     del plain
     merged_same = generate(model, tok, [ex["prompt"] for ex in describe.test[:4]]) == tuned[:4]
-    say(f"forward latency ({ids.shape[1]} tokens, median of 5 interleaved rounds × 15): base {1e3 * base_latency:.1f} ms, "
+    say(f"forward latency ({ids.shape[1]} tokens, median of 3 interleaved rounds × 10): base {1e3 * base_latency:.1f} ms, "
         f"merged {1e3 * merged_latency:.1f} ms ({merged_latency / base_latency:.2f}×), unmerged adapter {1e3 * unmerged_latency:.1f} ms")
     say(f"merged answers equal the unmerged ones: {merged_same}")
     merging.unmerge(model)
