@@ -61,14 +61,11 @@ class LoraLayer:
     def add_adapter(self, name: str, spec: LoraSpec, init: str = "kaiming") -> None:
         """Create adapter `name`: A random per `init`, B zero, so the layer's output is unchanged."""
         weight = self.weight
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        if not weight.dtype.is_floating_point:
-            dtype = torch.float32
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         shapes = adapter_shapes(self, spec)
-        A = torch.empty(shapes["lora_A"], dtype=dtype, device=weight.device)
+        A = torch.zeros(shapes["lora_A"], dtype=dtype, device=weight.device)
         B = torch.zeros(shapes["lora_B"], dtype=dtype, device=weight.device)
         if self.is_embedding:  # PEFT's embedding layout: A zero, B random
-            A, B = B.new_zeros(shapes["lora_A"]), torch.empty(shapes["lora_B"], dtype=dtype, device=weight.device)
             if not B.is_meta:
                 nn.init.normal_(B)
         else:
