@@ -79,3 +79,20 @@ def test_fused_path_under_no_grad_equals_formula():
     with torch.inference_mode():
         out = layer(x)
     torch.testing.assert_close(out, _reference(layer, x).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "frozen_adapter"])
+def test_path_without_autograd_node_equals_formula(mode):
+    layer = _layer()
+    x = torch.randn(2, 7, 24)
+    if mode == "frozen_adapter":  # grad mode on, but nothing here requires grad: no node to record
+        layer.lora_A["a"].requires_grad_(False)
+        layer.lora_B["a"].requires_grad_(False)
+        out = layer(x)
+    else:
+        with torch.no_grad():
+            out = layer(x)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, _reference(layer, x).detach(), rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)  # an input that needs grad brings the autograd node back
+    assert type(layer(x).grad_fn).__name__ == "_FrozenLinearLoraBackward"

@@ -217,20 +217,33 @@ class LoraLinearMixin(LoraLayer):
     """LoRA for ``nn.Linear`` and GPT-2's ``Conv1D`` (``fan_in_fan_out``): x (..., k) -> (..., d)."""
 
     def fused_forward(self, x: Tensor, name: str) -> Tensor | None:
-        """The hot path: a plain ``nn.Linear`` with frozen W0, b and one plain adapter (no dropout, slices, bias)."""
+        """The hot path: a plain ``nn.Linear`` with frozen W0, b and one plain adapter (no dropout, slices, bias).
+
+        With no gradient to record (``torch.no_grad``/``inference_mode``, or nothing requires grad) it
+        runs the same maths as plain ops, without the autograd node: unmerged inference pays only the
+        two rank-r products.
+        """
         spec = self.lora_specs[name]
         if (
             self._lora_base_class is not nn.Linear
             or spec.enabled is not None
+            or spec.lora_bias
             or (spec.dropout and self.training)
-            or self.weight.requires_grad
-            or (self.bias is not None and self.bias.requires_grad)
-            or name in self.lora_B_bias
             or x.is_meta
             or torch.is_autocast_enabled(x.device.type)  # autocast decides the GEMM dtype: leave it the base layer
         ):
             return None
-        return _FrozenLinearLora.apply(x, self.weight, self.bias, self.lora_A[name], self.lora_B[name], spec.scale)
+        params = self._parameters  # direct lookups: this runs once per layer per forward
+        weight, bias = params["weight"], params["bias"]
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        A, B = self._modules["lora_A"]._parameters[name], self._modules["lora_B"]._parameters[name]
+        if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+            return _FrozenLinearLora.apply(x, weight, bias, A, B, spec.scale)
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ A.to(x.dtype).t()  # (N, r)
+        out = F.linear(x2, weight, bias).addmm_(h, B.to(x.dtype).t(), alpha=spec.scale)  # (N, d)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def lora_forward(self, x: Tensor, out: Tensor, name: str) -> Tensor:
         spec = self.lora_specs[name]
