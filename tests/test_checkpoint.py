@@ -224,6 +224,46 @@ def test_bad_json_is_a_clear_error(saved):
         lorakit.load_adapter(tiny_llama(), saved)
 
 
+def test_json_that_is_not_an_object_is_a_clear_error(saved):
+    (saved / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON list, not an object"):
+        lorakit.load_adapter(tiny_llama(), saved)
+
+
+def test_edited_adapter_config_json_wins_as_in_peft(saved, caplog):
+    """The JSON is what PEFT reads; lorakit's copy in the safetensors header must not override an edit."""
+    fields = json.loads((saved / "adapter_config.json").read_text())
+    fields["lora_alpha"] = 4 * fields["lora_alpha"]
+    (saved / "adapter_config.json").write_text(json.dumps(fields))
+    model = lorakit.load_adapter(tiny_llama(), saved)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.lora_specs["default"].alpha == fields["lora_alpha"]
+    assert "differs from the config lorakit saved" in caplog.text
+
+
+def test_unedited_lorakit_folder_keeps_its_fused_slices(tmp_path):
+    """enable_lora is not a PEFT field: an unedited lorakit folder loads its slices from the header copy."""
+    lorakit.save_adapter(_trained("gpt2"), tmp_path)
+    model = lorakit.load_adapter(tiny_gpt2(), tmp_path)
+    assert model.transformer.h[0].attn.c_attn.lora_specs["default"].enabled == (True, False, True)
+
+
+def test_loading_into_a_meta_model_is_a_clear_error_and_leaves_it_unchanged(saved):
+    with torch.device("meta"):
+        model = tiny_llama()
+    before = [(p, type(m)) for p, m in model.named_modules()]
+    with pytest.raises(ValueError, match="meta device"):
+        lorakit.load_adapter(model, saved)
+    assert [(p, type(m)) for p, m in model.named_modules()] == before and not lorakit.list_adapters(model)
+
+
+def test_saved_files_get_the_permissions_open_would_give(saved):
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (saved / name).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_missing_folder_or_files_are_clear_errors(tmp_path, saved):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         lorakit.load_adapter(tiny_llama(), tmp_path / "nope")

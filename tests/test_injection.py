@@ -91,6 +91,17 @@ def test_all_linear_adapts_every_linear_but_the_output_head():
     assert all(m.lora_specs["default"].enabled is None for m in _adapted(gpt2).values())
 
 
+def test_all_linear_leaves_a_classification_head_alone():
+    bert = lorakit.inject(tiny_bert(), lorakit.LoraConfig(r=2, target_modules="all-linear"))
+    assert "classifier" not in _adapted(bert) and "bert.pooler.dense" in _adapted(bert)
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_invalid_regex_is_refused_at_config(field):
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        lorakit.LoraConfig(**{field: "[bad"})
+
+
 def test_regex_target_matches_the_full_path():
     model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=r".*\.1\.self_attn\.(q|v)_proj"))
     assert sorted(_adapted(model)) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]

@@ -159,6 +159,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would (0644 under umask 022)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -168,6 +169,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_adapter(
@@ -210,10 +217,40 @@ def _sorted_metadata(data: bytes) -> bytes:
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], LoraConfig]:
-    """(PEFT config fields, tensors, LoraConfig) of an adapter folder; never unpickles."""
+    """(PEFT config fields, tensors, LoraConfig) of an adapter folder; never unpickles.
+
+    ``adapter_config.json`` is authoritative, as in PEFT. lorakit's own copy of its config (in the
+    safetensors header) is used only when it says the same thing, to recover what PEFT's fields
+    cannot express (``enable_lora`` slices); an edited JSON wins, with a warning.
+    """
     fields, tensors, metadata = read_adapter_files(path)
-    cfg = LoraConfig(**json.loads(metadata[METADATA_KEY])) if METADATA_KEY in metadata else from_peft_config(fields)
+    cfg = from_peft_config(fields)
+    if METADATA_KEY in metadata:
+        saved = LoraConfig(**json.loads(metadata[METADATA_KEY]))
+        if _same_for_peft(saved, cfg):
+            return fields, tensors, saved.replace(base_model_name_or_path=cfg.base_model_name_or_path)
+        log.warning("%s: adapter_config.json differs from the config lorakit saved with the weights; "
+                    "using adapter_config.json, as PEFT does", path)
     return fields, tensors, cfg
+
+
+def _same_for_peft(saved: LoraConfig, from_json: LoraConfig) -> bool:
+    """Whether `from_json` (read from adapter_config.json) is what `save_adapter` wrote for `saved`.
+
+    Fused slices (`enable_lora`) are written as dense rank_pattern / alpha_pattern entries, so the
+    JSON patterns may hold more keys than `saved`'s when `saved` has slices.
+    """
+    plain = ("r", "dropout", "target_modules", "exclude_modules", "layers", "layers_pattern", "bias", "lora_bias",
+             "init", "use_rslora", "modules_to_save")
+    if any(getattr(saved, k) != getattr(from_json, k) for k in plain) or float(saved.alpha) != float(from_json.alpha):
+        return False
+    for name in ("rank_pattern", "alpha_pattern"):
+        mine, theirs = getattr(saved, name), getattr(from_json, name)
+        if any(k not in theirs or float(theirs[k]) != float(v) for k, v in mine.items()):
+            return False
+        if not saved.enable_lora and set(theirs) != set(mine):
+            return False
+    return True
 
 
 def read_adapter_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
@@ -233,6 +270,10 @@ def read_adapter_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[st
         fields = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_file} is not valid JSON ({e}): the file is truncated or corrupted") from e
+    if not isinstance(fields, dict):
+        raise ValueError(
+            f"{config_file} holds a JSON {type(fields).__name__}, not an object of config fields: the file is corrupted"
+        )
     metadata: dict[str, str] = {}
     if (folder / WEIGHTS_NAME).is_file():
         tensors, metadata = _read_safetensors(folder / WEIGHTS_NAME)
@@ -356,6 +397,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
         if key in tensors and not torch.equal(tensors[key], _target_tensor(modules, params, loc).detach().to(tensors[key].dtype)):
             expected[key] = loc
     specs = {p.path: p.spec for p in plan(model, cfg, adapter, strict=False)}
+    on_meta = [p for p in specs if any(t.is_meta for t in modules[p].parameters(recurse=False))]
+    if on_meta:
+        raise ValueError(
+            f"cannot load adapter {path}: the model is on the meta device (e.g. {on_meta[0]!r}), so the loaded "
+            "weights would be lost. Load the base weights first (from_pretrained, or to_empty + load_state_dict); "
+            "the model is unchanged"
+        )
     values = {}
     for key, (mpath, slot, _) in expected.items():  # everything that can fail on the file's values, before any change
         values[key] = tensors[key]

@@ -23,7 +23,8 @@ class LoraConfig:
 
     - `target_modules`: list of names matched against the end of a module path (``"q_proj"``
       matches ``model.layers.0.self_attn.q_proj``), a regex string matched against the full
-      path, ``"all-linear"`` (every linear layer but the output head), or None (the query and
+      path, ``"all-linear"`` (every linear layer but the output head: the LM head or a task head
+      such as ``classifier``), or None (the query and
       value projections of a known architecture).
     - `exclude_modules`: same forms as `target_modules`; these are never adapted.
     - `layers` / `layers_pattern`: only adapt blocks with these indices (PEFT's
@@ -75,6 +76,13 @@ class LoraConfig:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"init must be one of {INIT_CHOICES}, got {self.init!r}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != "all-linear":
+                _check_regex(name, value)
+        for name in ("rank_pattern", "alpha_pattern", "enable_lora"):
+            for key in getattr(self, name):
+                _check_regex(f"{name} key", key)
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules is an empty list: name at least one module, or pass None")
         for key, flags in self.enable_lora.items():
@@ -113,6 +121,16 @@ def match_pattern_key(patterns: dict[str, Any], path: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", path):
             return key
     return None
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(
+            f"{name} {pattern!r} is not a valid regular expression ({e}); pass a list of module names "
+            "(e.g. ['q_proj', 'v_proj']) for plain suffix matching"
+        ) from None
 
 
 def _check_rank(name: str, value: Any) -> None:

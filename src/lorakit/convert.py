@@ -82,8 +82,13 @@ class AdapterInfo:
             f"file         {self.weights_file} ({_size(self.size_bytes)}), written by {self.written_by}",
             f"base model   {self.base_model or '(not recorded)'}",
             f"type         {self.peft_type}{' (rsLoRA: scale = alpha/sqrt(r))' if self.use_rslora else ''}",
-            f"rank r       {self.r}" + (f"   per layer: {_counts(ranks)}" if set(ranks) - {self.r} else ""),
-            f"alpha        {self.alpha:g}" + (f"   per layer: {_counts(alphas)}" if set(alphas) - {self.alpha} else ""),
+        ]
+        if self.peft_type.upper() == "LORA":  # rank and alpha mean nothing for other PEFT types (IA3, ...)
+            lines += [
+                f"rank r       {self.r}" + (f"   per layer: {_counts(ranks)}" if set(ranks) - {self.r} else ""),
+                f"alpha        {self.alpha:g}" + (f"   per layer: {_counts(alphas)}" if set(alphas) - {self.alpha} else ""),
+            ]
+        lines += [
             f"targets      {self.target_modules}",
             f"adapted      {len(self.layers)} modules: {_counts(leaves)}",
             f"LoRA params  {self.lora_params:,}" + (f"   + {other:,} in saved modules/biases" if other else ""),

@@ -39,6 +39,8 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 #: Fused projections whose q/k/v are contiguous equal slices: adapt only q and v (loralib's MergedLinear).
 DEFAULT_ENABLE_LORA: dict[str, dict[str, list[bool]]] = {"gpt2": {"c_attn": [True, False, True]}}
+#: Top-level children that are a task's output head (sequence/token classification, QA): never "all-linear" targets.
+HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
 #: Name pairs tried, in order, on models of unknown type.
 FALLBACK_TARGETS = (["q_proj", "v_proj"], ["query", "value"], ["q_lin", "v_lin"], ["q", "v"], ["wq", "wv"])
 
@@ -78,12 +80,14 @@ def resolve_config(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
 
 
 def output_head_paths(model: nn.Module) -> set[str]:
-    """Paths of the output head(s) that ``"all-linear"`` leaves alone (as PEFT does)."""
+    """Paths of the output head(s) that ``"all-linear"`` leaves alone: the LM head and task heads (`HEAD_NAMES`)."""
     heads: set[str] = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     for path, m in model.named_modules():
         if (out is not None and m is out) or (out is None and path in ("lm_head", "output")):
+            heads.add(path)
+        if path.split(".", 1)[0] in HEAD_NAMES:
             heads.add(path)
     return heads
 

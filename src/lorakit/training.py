@@ -33,7 +33,7 @@ from .adapters import adapter_parameters
 from .checkpoint import atomic_write_bytes, save_adapter
 from .config import LoraConfig
 from .data import IGNORE_INDEX, collate, encode_causal, encode_classification
-from .injection import inject
+from .injection import HEAD_NAMES, inject
 from .precision import base_dtype_choice, cast_base
 from .state import get_state
 
@@ -46,8 +46,6 @@ STATE_JSON = "trainer_state.json"
 #: TrainConfig fields that must match when a run resumes (the others may change, e.g. eval_every).
 RESUME_FIELDS = ("task", "method", "r", "alpha", "target_modules", "lr", "lr_ratio_b", "steps", "epochs",
                  "batch_size", "grad_accum", "max_length", "warmup", "weight_decay", "seed", "precision")
-#: Names of sequence-classification heads, trained and saved with the adapter (``modules_to_save``).
-HEAD_NAMES = ("classifier", "score", "classification_head")
 
 
 class TrainingError(RuntimeError):
