@@ -176,6 +176,7 @@ def test_trainer_method_hook(method, tmp_path):
     cfg = TrainConfig(task="classification", method=method, r=4, steps=3, lr=1e-2, batch_size=8, precision="bf16")
     result = finetune(model, ByteTokenizer(), data, data, cfg, out_dir=tmp_path)
     assert 0 < result.trainable < result.total and "eval_accuracy" in result.eval_metrics
+    assert result.peak_memory_mb > 0 and result.median_step_s > 0  # what every method reports, in one format
     changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(before[n].to(p.dtype), p)}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "classifier.weight" in changed and changed <= trainable
@@ -186,3 +187,13 @@ def test_trainer_method_hook(method, tmp_path):
     for n, p in fresh.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p, dict(model.named_parameters())[n].float())
+
+
+def test_a_method_the_model_cannot_take_leaves_no_output_folder(tmp_path):
+    from lorakit.training import TrainConfig, finetune
+    from toy_tokenizer import ByteTokenizer
+
+    cfg = TrainConfig(method="bitfit", steps=1, precision="fp32")
+    with pytest.raises(ValueError, match="bias"):
+        finetune(tiny_llama(), ByteTokenizer(), [{"prompt": "a", "completion": "b"}], config=cfg, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -18,6 +18,8 @@ from torch import nn
 
 import lorakit
 from conftest import logits, tiny_bert, tiny_gpt2, tiny_llama
+from lorakit.adapters import randomize_adapters
+from lorakit.state import lora_layers
 
 peft = pytest.importorskip("peft", reason="PEFT interop tests need the `peft` package: pip install -e '.[dev]'")
 
@@ -379,3 +381,25 @@ def test_two_peft_adapters_on_one_model_switch_like_peft(tmp_path: Path, input_i
         outs[name] = logits(ours, input_ids)
         assert _max_diff(outs[name], logits(theirs, input_ids)) <= TOL
     assert _max_diff(outs["a"], outs["b"]) > 1e-3
+
+
+def test_combine_linear_matches_peft_add_weighted_adapter():
+    """Same formula as PEFT's ``combination_type="linear"`` (plain scaling: PEFT's rsLoRA case keeps a √r factor)."""
+    model = tiny_llama()
+    for name in ("a", "b"):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8 if name == "a" else 2, target_modules=["q_proj", "v_proj"]), adapter=name)
+    randomize_adapters(model, std=0.1, seed=1)
+    lorakit.combine_adapters(model, {"a": 0.7, "b": -0.4}, name="lin", method="linear")
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    peft_model.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"]))
+    layers = dict(lora_layers(model))
+    with torch.no_grad():
+        for path, module in peft_model.base_model.model.named_modules():
+            if path in layers:
+                for name in ("a", "b"):
+                    module.lora_A[name].weight.copy_(layers[path].lora_A[name])
+                    module.lora_B[name].weight.copy_(layers[path].lora_B[name])
+    peft_model.add_weighted_adapter(["a", "b"], [0.7, -0.4], "lin", combination_type="linear")
+    for path, module in peft_model.base_model.model.named_modules():
+        if path in layers:
+            torch.testing.assert_close(module.get_delta_weight("lin"), layers[path].delta_weight("lin"), atol=1e-6, rtol=1e-5)

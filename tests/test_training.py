@@ -55,6 +55,7 @@ def test_a_few_steps_reduce_the_loss_and_touch_only_adapters(tmp_path):
         assert torch.equal(v, base[k]), k
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 41))
+    assert all(r["peak_mb"] > 0 for r in lines if "loss" in r) and result.peak_memory_mb >= lines[-2]["peak_mb"]
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "adapter_config.json").is_file()
 

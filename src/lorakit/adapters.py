@@ -34,7 +34,7 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
     keeps the base model's cost.
     """
     state = get_state(model)
-    names = [adapter] if isinstance(adapter, str) else list(adapter)
+    names = [adapter] if isinstance(adapter, str) else list(dict.fromkeys(adapter))  # a name applies once
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}")

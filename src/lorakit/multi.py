@@ -195,12 +195,13 @@ def _combine_layer(
     if method == "cat":  # exact: Σ w_i·s_i·B_i·A_i = [w_1 s_1 B_1 | w_2 s_2 B_2] · [A_1; A_2]
         A = torch.cat([factors[n][0] for n in names], dim=0)
         B = torch.cat([factors[n][1] * weights[n] for n in names], dim=1)
-    elif method == "linear":  # PEFT's "linear": (Σ √w_i·s_i·B_i)(Σ √w_i·A_i), same ranks only
+    elif method == "linear":  # PEFT's: c_i = w_i·s_i; A = Σ sign(c_i)·√|c_i|·A_i, B = Σ √|c_i|·B_i; same ranks only
         ranks = {n: factors[n][0].shape[0] for n in names}
         if len(set(ranks.values())) > 1:
             raise ValueError(f"method='linear' needs equal ranks, got {ranks}; use method='cat' (exact) or 'svd'")
-        A = sum(factors[n][0] * math.sqrt(weights[n]) for n in names)
-        B = sum(factors[n][1] * math.sqrt(weights[n]) for n in names)
+        coef = {n: weights[n] * layer.lora_specs[n].scale for n in names}
+        A = sum(math.copysign(math.sqrt(abs(coef[n])), coef[n]) * factors[n][0] for n in names)
+        B = sum(math.sqrt(abs(coef[n])) / layer.lora_specs[n].scale * factors[n][1] for n in names)  # factors hold s·B
     else:  # svd: best rank-`rank` fit of Σ w_i ΔW_i, split as B = U√S, A = √S·Vh
         A0 = factors[names[0]][0]
         delta = sum(weights[n] * (factors[n][1].flatten(1) @ factors[n][0].flatten(1)) for n in names)
@@ -229,8 +230,9 @@ def combine_adapters(
     """Add adapter `name` with ΔW = Σ w_i·ΔW_i over the adapters in `weights`; returns `model`.
 
     - ``"cat"``: exact; ranks add up (A's stacked, weighted scaled B's side by side).
-    - ``"linear"``: PEFT's weighted sum of the A's and of the B's (√w each); equal ranks only,
-      not exact unless the sources share their row space; weights must be ≥ 0.
+    - ``"linear"``: PEFT's weighted sum of the A's and of the B's, √|w_i·s_i| each (the sign on A);
+      equal ranks only, not exact unless the sources share their row space. (PEFT's own result is
+      off by √r when its first source uses rsLoRA: it keeps that flag with alpha = r.)
     - ``"svd"``: the best rank-`rank` approximation (default: the largest source rank) of the
       exact sum, by truncated SVD per layer.
     The new adapter has scale 1 (alpha = r, no rsLoRA) and is not activated: ``set_adapter`` it.
@@ -245,8 +247,6 @@ def combine_adapters(
         raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}")
     if name in state.adapters:
         raise ValueError(f"adapter {name!r} already exists; pick another name or delete_adapter it first")
-    if method == "linear" and any(w < 0 for w in weights.values()):
-        raise ValueError(f"method='linear' takes √w, so weights must be ≥ 0, got {weights}; use 'cat' or 'svd'")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     extras = [n for n in weights if state.adapters[n].saved_modules or state.adapters[n].bias_params]

@@ -127,6 +127,14 @@ class TrainResult:
     seconds: float
     out_dir: Path | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    peak_memory_mb: float | None = None  # see `peak_memory_kind` for what was measured
+    peak_memory_kind: str = ""
+
+    @property
+    def median_step_s(self) -> float:
+        """Median wall time of one optimizer step (the first step, with its warm-up, included)."""
+        steps = sorted(h["step_s"] for h in self.history if "step_s" in h)
+        return steps[len(steps) // 2] if steps else float("nan")
 
 
 # ---- methods: how the model is prepared and saved ----------------------------------------------------
@@ -218,6 +226,35 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
     if precision == "bf16_autocast":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# ---- memory ---------------------------------------------------------------------------------------------
+
+def reset_peak_memory(device: torch.device) -> str:
+    """Start measuring peak memory on `device`; returns what `peak_memory_mb` will report."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "CUDA max allocated since training started"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the process's peak RSS (VmHWM)
+        return "process peak RSS since training started"
+    except OSError:
+        return "process peak RSS since the process started"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB since `reset_peak_memory` (see its return value for the kind)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 # ---- loss ---------------------------------------------------------------------------------------------
@@ -345,6 +382,8 @@ def finetune(
     With `out_dir`: checkpoints every `save_every` steps, ``metrics.jsonl``, ``loss.png`` and the
     final artefact (the adapter folder for LoRA) in `out_dir`. `resume` continues from the latest
     checkpoint there. `callback` receives dicts with ``event`` = start / step / eval / save / end.
+    When the run is bf16 (``precision="auto"`` picks it where bf16 matmuls are fast) the frozen base
+    weights are cast to bf16 in place; ``precision="fp32"`` leaves them exactly as loaded.
     """
     cfg = config or TrainConfig()
     out = Path(out_dir) if out_dir is not None else None
@@ -359,14 +398,14 @@ def finetune(
             raise ValueError("classification needs a model with config.num_labels (a sequence-classification head)")
         train_enc = encode_classification(tokenizer, train, cfg.max_length, num_labels)
         eval_enc = encode_classification(tokenizer, eval, cfg.max_length, num_labels) if eval else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
     checkpoint = latest_checkpoint(out) if resume and out is not None else None
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s to resume from: starting from step 0", out)
 
     torch.manual_seed(cfg.seed)
-    METHODS[cfg.method].prepare(model, cfg)
+    METHODS[cfg.method].prepare(model, cfg)  # raises for a method the model cannot take: no folder left behind
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     precision, why = choose_precision(cfg.precision, device)
     if precision == "bf16":  # frozen base in bf16, adapters and heads fp32; all-trainable models autocast instead
@@ -389,6 +428,7 @@ def finetune(
     notify({"event": "start", "step": step, "total": total, "precision": precision, "precision_reason": why, "trainable": n_train,
             "total_params": n_all, "examples": len(train_enc)})
 
+    memory_kind = reset_peak_memory(device)
     model.train()
     history: list[dict[str, Any]] = []
     eval_metrics: dict[str, float] = {}
@@ -419,7 +459,8 @@ def finetune(
         step += 1
         last_loss = loss_total
         dt = time.perf_counter() - t0
-        record = {"step": step, "loss": loss_total, "lr": lr, "tokens_per_s": tokens / dt, "step_s": dt}
+        record = {"step": step, "loss": loss_total, "lr": lr, "tokens_per_s": tokens / dt, "step_s": dt,
+                  "peak_mb": round(peak_memory_mb(device), 1)}
         if step % cfg.log_every == 0 or step == total:
             history.append(record)
             _append_metrics(out, record)
@@ -444,8 +485,9 @@ def finetune(
             raise TrainingError(f"could not write the final result to {out}: {e}; the last good checkpoint is {last_good}") from e
         plot_loss(out / "metrics.jsonl", out / "loss.png")
     seconds = time.perf_counter() - t_start
-    notify({"event": "end", "step": step, "seconds": seconds, **eval_metrics})
-    return TrainResult(step, last_loss, eval_metrics, precision, n_train, n_all, seconds, out, history)
+    peak = peak_memory_mb(device)
+    notify({"event": "end", "step": step, "seconds": seconds, "peak_memory_mb": peak, "peak_memory_kind": memory_kind, **eval_metrics})
+    return TrainResult(step, last_loss, eval_metrics, precision, n_train, n_all, seconds, out, history, peak, memory_kind)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------

@@ -98,7 +98,10 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
         print(f"lorakit finetune: stopped: {e}", file=sys.stderr)
         return 1
-    print(f"done: {result.steps} steps in {result.seconds:.0f}s, last train loss {result.train_loss:.4f}"
-          + "".join(f", {k} {v:.4f}" for k, v in result.eval_metrics.items()))
-    print(f"wrote {args.out}: adapter, metrics.jsonl, loss.png")
+    print(f"done ({args.method}): {result.steps} steps in {result.seconds:.0f}s, {1e3 * result.median_step_s:.0f} ms/step (median), "
+          f"trainable {result.trainable:,} ({100 * result.trainable / result.total:.3f}%), "
+          f"peak memory {result.peak_memory_mb:,.0f} MiB ({result.peak_memory_kind}), "
+          f"last train loss {result.train_loss:.4f}" + "".join(f", {k} {v:.4f}" for k, v in result.eval_metrics.items()))
+    artefact = "adapter (adapter_config.json + adapter_model.safetensors)" if args.method == "lora" else "trained weights"
+    print(f"wrote {args.out}: {artefact}, metrics.jsonl, loss.png")
     return 0
