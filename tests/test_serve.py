@@ -159,8 +159,21 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(server, body, status, mess
 def test_malformed_json_gets_400(server):
     url, *_ = server
     r = post(url, "/v1/completions", content=b'{"model": "sql", "prompt": ', headers={"content-type": "application/json"})
-    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     assert complete(url, "sql", "still fine").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content", "status"),
+    [("POST", "/v1/completions", b'{"model": "\xff\xfe"}', 400),  # not UTF-8: FastAPI's own parse error
+     ("GET", "/v1/nowhere", b"", 404), ("PUT", "/v1/completions", b"{}", 405)],
+)
+def test_framework_errors_come_in_the_same_shape_and_are_counted(server, method, path, content, status):
+    url, *_ = server
+    before = metric(url, f'lorakit_request_errors_total{{status="{status}"}}')
+    r = httpx.request(method, url + path, content=content, headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == status and r.json()["error"]["code"] == status and path in r.json()["error"]["message"]
+    assert metric(url, f'lorakit_request_errors_total{{status="{status}"}}') == before + 1
 
 
 def test_load_and_unload_adapters_at_run_time(server):

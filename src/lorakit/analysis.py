@@ -278,6 +278,8 @@ def plot_similarity(phis: dict[str, Tensor], path: str | os.PathLike, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     names = list(phis)
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
@@ -288,6 +290,8 @@ def plot_similarity(phis: dict[str, Tensor], path: str | os.PathLike, title: str
                        extent=(0.5, phi.shape[1] + 0.5, phi.shape[0] + 0.5, 0.5))
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # i, j are ranks: integer ticks only
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         if k % cols == 0:
             ax.set_ylabel("i")
         if k >= len(names) - cols:

@@ -287,6 +287,7 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     batcher = Batcher(engine, max_batch=max_batch, max_wait=max_wait)
 
@@ -313,9 +314,18 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         parts = []
         for err in e.errors():
+            if err.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+                detail = (err.get("ctx") or {}).get("error", "")
+                parts.append(f"the body is not valid JSON (at character {err['loc'][-1]}{': ' + detail if detail else ''})")
+                continue
             where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
             parts.append(f"{where}: {err.get('msg')}")
         return error(400, "invalid request: " + "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own errors (an unparsable body, an unknown route or method) in the same shape as ours
+        return error(e.status_code, f"{e.detail} ({request.method} {request.url.path})")
 
     @app.get("/health")
     async def health() -> dict:
