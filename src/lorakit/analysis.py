@@ -277,7 +277,6 @@ def plot_similarity(phis: dict[str, Tensor], path: str | os.PathLike, title: str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     names = list(phis)
