@@ -32,12 +32,13 @@ COMBINE_METHODS = ("cat", "linear", "svd")
 # ---- mixed batches -------------------------------------------------------------------------------
 
 def _layer_stacks(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor, Tensor | None]:
-    """(slot of each adapter, A, scale·B, bias) of all the layer's adapters, stacked once.
+    """(slot of each adapter, Aᵀ, (scale·B)ᵀ, bias) of all the layer's adapters, stacked once.
 
-    Slot 0 is all zeros (the base model). A: (S, r_max, d_in) ((S, num_embeddings, r_max) for an
-    embedding), B: (S, d_out, r_max) with the scale folded in, ranks zero-padded; in the layer's
-    dtype. Kept on the layer (``_lora_mixed_cache``) and rebuilt only when an adapter is added,
-    removed or changed (tensor identity and version), so entering a mixed batch costs no copies.
+    Slot 0 is all zeros (the base model). Aᵀ: (S, d_in, r_max) (an embedding's A: (S,
+    num_embeddings, r_max)), (scale·B)ᵀ: (S, r_max, d_out), ranks zero-padded, in the layer's dtype,
+    laid out so a gather by slot feeds `bmm` directly. Kept on the layer (``_lora_mixed_cache``) and
+    rebuilt only when an adapter is added, removed or changed (tensor identity and version), so
+    entering a mixed batch costs no copies.
     """
     key = tuple(
         (n, spec, *((id(t), t._version) for t in (layer.lora_A[n], layer.lora_B[n], layer.lora_B_bias.get(n)) if t is not None))
@@ -64,8 +65,8 @@ def _layer_stacks(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor, Ten
             for i, n in enumerate(names, start=1):
                 if n in layer.lora_B_bias:
                     bias[i] = layer.lora_B_bias[n].detach() * layer.lora_specs[n].scale
-        if layer.is_embedding:  # ids index A's columns: keep A as (S, num_embeddings, r)
-            A_all = A_all.transpose(1, 2).contiguous()
+        A_all = A_all.transpose(1, 2).contiguous()  # (S, d_in, r): x·Aᵀ per row; an embedding indexes its rows
+        B_all = B_all.transpose(1, 2).contiguous()  # (S, r, d_out)
     stacks = ({n: i for i, n in enumerate(names, start=1)}, A_all, B_all, bias)
     layer.__dict__["_lora_mixed_cache"] = (key, stacks)
     return stacks
@@ -120,10 +121,13 @@ class _RowAdapters:
             h = h.reshape(x.shape[0], -1, h.shape[-1])
         else:
             A, B, bias = self._weights(x.dtype)
-            h = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), A[slots].transpose(1, 2))  # (b, T, r_max)
+            h = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), A[slots])  # (b, T, r_max)
         h = h.to(out.dtype)
         out3 = out.reshape(x.shape[0], -1, out.shape[-1])
-        y = torch.baddbmm(out3, h, B[slots].transpose(1, 2).to(out.dtype))  # out + row i's B·A·x, one pass
+        Bs = B[slots].to(out.dtype)  # (b, r_max, d_out)
+        # out + row i's B·A·x in one pass; written into the base output when no graph needs it unchanged
+        recording = torch.is_grad_enabled() and out.requires_grad
+        y = torch.baddbmm(out3, h, Bs) if recording else out3.baddbmm_(h, Bs)
         if bias is not None:
             y = y + bias[slots].unsqueeze(1).to(out.dtype)
         return y.view(out.shape)
