@@ -62,10 +62,33 @@ def child(args: argparse.Namespace) -> None:
     steps = [h["step_s"] for h in result.history if "step_s" in h]
     print(json.dumps({
         "task": args.task, "run": args.child, "seed": args.seed, "steps": result.steps, "batch": args.batch_size,
-        "train_examples": len(train), "accuracy": result.eval_metrics["eval_accuracy"], "trainable": result.trainable,
+        "train_examples": len(train), "accuracy": result.eval_metrics["eval_accuracy"],
+        "mcc": matthews(model, tok, dev, args.max_length), "trainable": result.trainable,
         "total": result.total, "precision": result.precision, "step_ms_median": 1e3 * statistics.median(steps[5:] or steps),
         "seconds": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
+
+
+def matthews(model, tok, dev: list[dict], max_length: int) -> float:
+    """Matthews correlation of the dev predictions (GLUE's CoLA metric; binary tasks)."""
+    import torch
+
+    from lorakit.data import collate, encode_classification
+
+    enc = encode_classification(tok, dev, max_length, 2)
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(enc), 128):
+            batch = collate(enc[i:i + 128], tok.pad_token_id)
+            batch.pop("labels")
+            preds += model(**batch).logits.argmax(-1).tolist()
+    tp = sum(p == 1 and e["label"] == 1 for p, e in zip(preds, dev))
+    tn = sum(p == 0 and e["label"] == 0 for p, e in zip(preds, dev))
+    fp = sum(p == 1 and e["label"] == 0 for p, e in zip(preds, dev))
+    fn = sum(p == 0 and e["label"] == 1 for p, e in zip(preds, dev))
+    denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    return (tp * tn - fp * fn) / denom if denom else 0.0
 
 
 def main() -> None:
@@ -103,13 +126,17 @@ def main() -> None:
                 f.write(out + "\n")
             print(f"{run} seed {seed}: accuracy {record['accuracy']:.4f} in {record['seconds']:.0f}s", file=sys.stderr)
     print(f"\n{args.task}, {args.steps} steps × batch {args.batch_size}, max length {args.max_length}, full dev set\n")
-    print("| run | seeds | dev accuracy | trainable params | step (ms, median) | peak RSS (MB) | precision |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | seeds | dev accuracy | dev MCC | trainable params | step (ms, median) | peak RSS (MB) | precision |")
+    print("|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         rs = [r for r in results if r["run"] == run]
-        accs = [100 * r["accuracy"] for r in rs]
-        acc = f"{statistics.mean(accs):.1f}" + (f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
-        print(f"| `{run}` | {len(rs)} | {acc} % | {rs[0]['trainable']:,} ({100 * rs[0]['trainable'] / rs[0]['total']:.2f}%) "
+
+        def mean_sd(key: str, rs=rs) -> str:
+            v = [100 * r[key] for r in rs]
+            return f"{statistics.mean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
+
+        print(f"| `{run}` | {len(rs)} | {mean_sd('accuracy')} % | {mean_sd('mcc')} | "
+              f"{rs[0]['trainable']:,} ({100 * rs[0]['trainable'] / rs[0]['total']:.2f}%) "
               f"| {statistics.median(r['step_ms_median'] for r in rs):.0f} | {max(r['peak_rss_mb'] for r in rs):,.0f} "
               f"| {rs[0]['precision']} |")
 

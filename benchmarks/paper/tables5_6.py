@@ -75,13 +75,13 @@ def main() -> None:
                 f.write(json.dumps(rec) + "\n")
     for title, rows in (("Table 5 (budget r × types = 8)", TABLE5), ("Table 6 (Wq,Wv, rank r)", TABLE6)):
         print(f"\n{title}: SST-2 dev accuracy (%), MiniLM-L6, {len(seeds)} seeds, {steps} steps\n")
-        print("| weight types | r | trainable (incl. head) | ours: mean ± std | paper GPT-3 (WikiSQL / MNLI) |")
-        print("|---|---|---|---|---|")
+        print("| weight types | r | trainable (incl. head) | seeds | ours: mean ± std (min–max) | paper GPT-3 (WikiSQL / MNLI) |")
+        print("|---|---|---|---|---|---|")
         for key in rows:
             if key in acc:
                 v = [100 * x for x in acc[key]]
-                sd = statistics.stdev(v) if len(v) > 1 else 0.0
-                print(f"| {key[0]} | {key[1]} | {params[key]:,} | {statistics.mean(v):.2f} ± {sd:.2f} | {PAPER[key]} |")
+                spread = f" ± {statistics.stdev(v):.2f} ({min(v):.1f}–{max(v):.1f})" if len(v) > 1 else " (one seed: no spread)"
+                print(f"| {key[0]} | {key[1]} | {params[key]:,} | {len(v)} | {statistics.mean(v):.2f}{spread} | {PAPER[key]} |")
 
 
 if __name__ == "__main__":
