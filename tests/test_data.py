@@ -114,3 +114,14 @@ def test_collate_pads_right_with_mask_and_ignored_labels():
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     cls = collate([{"input_ids": [5, 6], "labels": 1}, {"input_ids": [7], "labels": 0}], pad_id=0)
     assert torch.equal(cls["labels"], torch.tensor([1, 0]))
+
+
+def test_e2e_in_the_lora_papers_txt_format(tmp_path):
+    file = tmp_path / "valid.txt"
+    file.write_text("name : Alimentum | area : city centre||Alimentum is in the city centre . \n\nname : Aromi||Aromi . \n")
+    rows = load_data(file, "causal-lm")
+    assert rows == [{"prompt": "name : Alimentum | area : city centre", "completion": "Alimentum is in the city centre ."},
+                    {"prompt": "name : Aromi", "completion": "Aromi ."}]
+    (tmp_path / "bad.txt").write_text("no separator here\n")
+    with pytest.raises(ValueError, match=r"bad.txt:1 has no '\|\|'"):
+        load_data(tmp_path / "bad.txt", "causal-lm")

@@ -218,6 +218,63 @@ def test_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     assert result.steps == 12
 
 
+def test_non_finite_gradients_stop_before_the_update_and_nothing_bad_is_saved(tmp_path):
+    model = tiny_llama()
+
+    def poison(event):  # after checkpoint-4, make the next backward produce inf gradients
+        if event["event"] == "save":
+            lorakit.adapter_parameters(model)[next(iter(lorakit.adapter_parameters(model)))].register_hook(
+                lambda g: torch.full_like(g, float("inf")))
+
+    with pytest.raises(TrainingError, match=r"gradients are not finite at step 5.*before the update.*checkpoint-4"):
+        finetune(model, TOK, examples(), None, config(), out_dir=tmp_path, callback=poison)
+    assert all(torch.isfinite(p).all() for p in lorakit.adapter_parameters(model).values())
+    assert latest_checkpoint(tmp_path).name == "checkpoint-4"
+
+
+def test_full_disk_on_metrics_stops_cleanly_and_a_torn_line_does_not_block_resume(tmp_path, monkeypatch):
+    real_open = Path.open
+    steps = {"n": 0}
+
+    def open_(self, mode="r", *args, **kwargs):
+        if self.name == "metrics.jsonl" and mode == "a":
+            steps["n"] += 1
+            if steps["n"] == 6:
+                with real_open(self, "a") as f:  # half a record reaches the disk, then it is full
+                    f.write('{"step": 6, "loss": 1.2')
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    with pytest.raises(TrainingError, match=r"metrics.jsonl.*No space left.*checkpoint-4"):
+        finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path)
+    monkeypatch.undo()
+    result = finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path, resume=True)
+    assert result.steps == 12
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_full_disk_on_the_loss_plot_is_a_clean_stop(tmp_path, monkeypatch):
+    def fail(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(training, "plot_loss", lambda metrics, png: fail(png, b""))
+    with pytest.raises(TrainingError, match="could not write the final result"):
+        finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path)
+
+
+def test_a_fresh_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path):
+    with pytest.raises(KeyError):
+        finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path,
+                 callback=lambda e: (_ for _ in ()).throw(KeyError) if e.get("step") == 5 else None)
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-4\).*resume"):
+        finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path)
+    with pytest.raises(ValueError, match="the training data differ"):
+        finetune(tiny_llama(), TOK, examples()[:-1], None, config(), out_dir=tmp_path, resume=True)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-4"  # both refusals left the run as it was
+
+
 @pytest.mark.slow
 def test_real_smollm2_a_few_steps(tmp_path):
     from lorakit.models import bundled_path, load_model

@@ -55,7 +55,10 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
             if suffix == ".tsv":
                 return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
             return list(csv.DictReader(f))
-    raise ValueError(f"cannot read {path}: use a .jsonl, .json, .csv or .tsv file, a GLUE task folder, or hf:<dataset>")
+    raise ValueError(
+        f"cannot read {path}: use a .jsonl, .json, .csv or .tsv file, an E2E '<mr>||<ref>' .txt file (causal LM), "
+        "a GLUE task folder, or hf:<dataset>"
+    )
 
 
 def _require(rows: list[dict], fields: Sequence[str], source: str) -> None:
@@ -112,6 +115,23 @@ def load_e2e(path: str | os.PathLike) -> list[dict[str, str]]:
     return causal_examples(rows, "mr", "ref", source=str(path))
 
 
+def load_e2e_lora_format(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The LoRA paper's E2E files (microsoft/LoRA ``examples/NLG/data/e2e/*.txt``): ``<linearised MR>||<reference>`` per line."""
+    path = Path(path)
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            mr, sep, ref = line.rstrip("\n").partition("||")
+            if not sep:
+                raise ValueError(f"{path}:{n} has no '||' between the meaning representation and the reference")
+            out.append({"prompt": mr.strip(), "completion": ref.strip()})
+    if not out:
+        raise ValueError(f"{path} has no examples: the dataset is empty")
+    return out
+
+
 def load_glue(task_dir: str | os.PathLike, split: str = "train") -> list[dict[str, Any]]:
     """A GLUE task (SST-2, RTE, CoLA) from its ``glue_data/<TASK>/<split>.tsv`` folder, read with QUOTE_NONE."""
     task_dir = Path(task_dir)
@@ -156,7 +176,8 @@ def load_data(
     text_pair_field: str | None = None,
     label_field: str = "label",
 ) -> list[dict[str, Any]]:
-    """Examples for `task` from a file, a GLUE task folder, an E2E CSV (``mr,ref``) or ``hf:<dataset>[:<config>]``.
+    """Examples for `task` from a file, a GLUE task folder, an E2E CSV (``mr,ref``) or the LoRA paper's E2E ``.txt``
+    (``mr||ref``), or ``hf:<dataset>[:<config>]``.
 
     For a folder or ``hf:`` source, `split` picks the split (``train``, ``dev``…).
     """
@@ -169,6 +190,8 @@ def load_data(
             if path.name in GLUE_LABELS:
                 return load_glue(path, split)
             raise ValueError(f"{path} is a folder but not a GLUE task folder ({sorted(GLUE_LABELS)}); pass a data file")
+        if task == "causal-lm" and path.suffix.lower() == ".txt":
+            return load_e2e_lora_format(path)
         rows, source = read_records(path), spec
         if task == "causal-lm" and rows and {"mr", "ref"} <= set(rows[0]) and prompt_field not in rows[0]:
             return load_e2e(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -398,9 +399,15 @@ def finetune(
             raise ValueError("classification needs a model with config.num_labels (a sequence-classification head)")
         train_enc = encode_classification(tokenizer, train, cfg.max_length, num_labels)
         eval_enc = encode_classification(tokenizer, eval, cfg.max_length, num_labels) if eval else None
-    checkpoint = latest_checkpoint(out) if resume and out is not None else None
+    checkpoint = latest_checkpoint(out) if out is not None else None
+    if checkpoint is not None and not resume:
+        raise ValueError(f"{out} holds checkpoints of an earlier run ({checkpoint.name}): resume it (--resume, "
+                         "resume=True), or use another output folder, or delete them")
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s to resume from: starting from step 0", out)
+    if cfg.eval_every and not eval_enc:
+        log.warning("eval_every=%d but no eval data was given: nothing will be evaluated", cfg.eval_every)
+    data_sha = hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()
 
     torch.manual_seed(cfg.seed)
     METHODS[cfg.method].prepare(model, cfg)  # raises for a method the model cannot take: no folder left behind
@@ -411,8 +418,13 @@ def finetune(
     if precision == "bf16":  # frozen base in bf16, adapters and heads fp32; all-trainable models autocast instead
         cast_base(model, torch.bfloat16)
     compute = "bf16_autocast" if precision == "bf16" and all(p.requires_grad for p in model.parameters()) else precision
-    if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5: the old name is deprecated
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            log.warning("%s has no activation checkpointing: grad_checkpointing ignored", type(model).__name__)
     optimizer = build_optimizer(model, cfg)
     total = total_steps(len(train_enc), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total, cfg.warmup))
@@ -420,7 +432,7 @@ def finetune(
     named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     step = 0
     if checkpoint is not None:
-        step = _load_checkpoint(checkpoint, cfg, named_trainable, optimizer, scheduler)
+        step = _load_checkpoint(checkpoint, cfg, named_trainable, optimizer, scheduler, data_sha)
         log.info("resumed from %s (step %d)", checkpoint, step)
     if out is not None:
         _truncate_metrics(out / "metrics.jsonl", step)
@@ -450,8 +462,11 @@ def finetune(
                                     "Lower --lr or check the data")
             (loss / cfg.grad_accum).backward()
             loss_total += float(loss.detach()) / cfg.grad_accum
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+        if not torch.isfinite(grad_norm):
+            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+            raise TrainingError(f"gradients are not finite at step {step + 1} (norm {float(grad_norm)}): training stopped "
+                                f"before the update; {where}. Lower --lr or check the data")
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -472,18 +487,19 @@ def finetune(
             _append_metrics(out, record)
             notify({"event": "eval", **record})
         if out is not None and cfg.save_every and step % cfg.save_every == 0 and step < total:
-            last_good = _save_checkpoint(out, step, model, cfg, named_trainable, optimizer, scheduler, last_good)
+            last_good = _save_checkpoint(out, step, model, cfg, named_trainable, optimizer, scheduler, last_good, data_sha)
             notify({"event": "save", "step": step, "path": str(last_good)})
     if eval_enc and not cfg.eval_every:
         eval_metrics = evaluate(model, eval_enc, cfg, pad_id, compute)
         history.append({"step": step, **eval_metrics})
         _append_metrics(out, history[-1])
     if out is not None:
+        _check_finite(named_trainable, step, last_good)
         try:
             METHODS[cfg.method].save(model, out)
+            plot_loss(out / "metrics.jsonl", out / "loss.png")
         except OSError as e:
             raise TrainingError(f"could not write the final result to {out}: {e}; the last good checkpoint is {last_good}") from e
-        plot_loss(out / "metrics.jsonl", out / "loss.png")
     seconds = time.perf_counter() - t_start
     peak = peak_memory_mb(device)
     notify({"event": "end", "step": step, "seconds": seconds, "peak_memory_mb": peak, "peak_memory_kind": memory_kind, **eval_metrics})
@@ -504,11 +520,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _check_finite(named: dict[str, nn.Parameter], step: int, last_good: Path | None) -> None:
+    """Refuse to save trainable weights that went inf/NaN (a diverged run): stop, keeping the last good checkpoint."""
+    bad = [n for n, p in named.items() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise TrainingError(f"trainable weights are not finite after step {step} (e.g. {bad[0]}): training stopped "
+                            f"without saving them; the last good checkpoint is {last_good or 'none'}. Lower --lr")
+
+
 def _save_checkpoint(
     out: Path, step: int, model: nn.Module, cfg: TrainConfig, named: dict[str, nn.Parameter],
-    optimizer: torch.optim.Optimizer, scheduler: Any, last_good: Path | None,
+    optimizer: torch.optim.Optimizer, scheduler: Any, last_good: Path | None, data_sha: str = "",
 ) -> Path:
     """Write ``checkpoint-<step>`` into a temp folder and rename it into place; on failure keep the last one."""
+    _check_finite(named, step, last_good)
     final = out / f"{CHECKPOINT_PREFIX}{step}"
     tmp = out / f".{CHECKPOINT_PREFIX}{step}.tmp"
     try:
@@ -520,8 +545,11 @@ def _save_checkpoint(
             for key, value in state.items():
                 tensors[f"opt.{idx}.{key}"] = value.detach().reshape(value.shape).contiguous().clone()
         tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = state
         atomic_write_bytes(tmp / STATE_TENSORS, st_save(tensors))
-        meta = {"step": step, "config": cfg.to_dict(), "param_groups": opt["param_groups"],
+        meta = {"step": step, "config": cfg.to_dict(), "param_groups": opt["param_groups"], "data_sha256": data_sha,
                 "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
         if get_state(model, required=False) is not None:
             save_adapter(model, tmp / "adapter")
@@ -541,13 +569,16 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    path: Path, cfg: TrainConfig, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path, cfg: TrainConfig, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
+    data_sha: str = "",
 ) -> int:
     """Restore trainable weights, optimizer, scheduler and RNG from `path`; returns its step."""
     meta = json.loads((path / STATE_JSON).read_text())
     saved = meta["config"]
     changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in RESUME_FIELDS
                if json.loads(json.dumps(getattr(cfg, k))) != saved.get(k)]
+    if meta.get("data_sha256") and data_sha and meta["data_sha256"] != data_sha:
+        changed.append("the training data differ")
     if changed:
         raise ValueError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)}); "
                          "use the same settings or a new --out folder")
@@ -566,23 +597,38 @@ def _load_checkpoint(
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
     return int(meta["step"])
 
 
 # ---- metrics and plot ---------------------------------------------------------------------------------------
 
 def _append_metrics(out: Path | None, record: dict[str, Any]) -> None:
-    if out is not None:
+    if out is None:
+        return
+    try:
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        last = latest_checkpoint(out)
+        raise TrainingError(f"could not append to {out / 'metrics.jsonl'} ({e}); training stopped; the last good "
+                            f"checkpoint is {last or 'none'} (--resume continues from it)") from e
 
 
 def _truncate_metrics(file: Path, step: int) -> None:
-    """Drop records after `step` (a resumed run re-does those steps), atomically."""
+    """Drop records after `step` (a resumed run re-does those steps) and any torn line, atomically."""
     if not file.is_file():
         return
-    lines = [ln for ln in file.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    atomic_write_bytes(file, ("\n".join(lines) + "\n" if lines else "").encode())
+    keep = []
+    for line in file.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash or a full disk
+            continue
+    atomic_write_bytes(file, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
 def plot_loss(metrics_file: Path, png: Path) -> None:
