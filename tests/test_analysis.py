@@ -13,11 +13,25 @@ from lorakit.analysis import (
     amplification,
     analyze,
     effective_rank,
+    factored_svd,
     row_space,
     singular_spectrum,
     subspace_similarity,
 )
 from lorakit.cli import main
+
+
+@pytest.mark.parametrize(("b_shape", "a_shape"), [((40, 3), (3, 30)), ((20, 6), (6, 50)), ((12, 4, 1, 1), (4, 3, 3, 3))])
+def test_factored_svd_equals_the_dense_svd(b_shape, a_shape):
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(b_shape, generator=g), torch.randn(a_shape, generator=g)  # linear, and a conv's (B 1x1, A kernel)
+    r = A.shape[0]
+    U, S, Vh = factored_svd(B, A, 0.5)
+    dense = 0.5 * B.flatten(1).double() @ A.flatten(1).double()
+    torch.testing.assert_close(U @ torch.diag(S) @ Vh, dense)
+    torch.testing.assert_close(S, torch.linalg.svdvals(dense)[:r])
+    torch.testing.assert_close(U.T @ U, torch.eye(r, dtype=torch.float64))
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(r, dtype=torch.float64))
 
 
 def test_identical_subspaces_give_one():
@@ -100,10 +114,13 @@ def test_analyze_from_files_matches_model(tmp_path):
     assert result.similarity[path].shape == (8, 2)
     loaded = lorakit.load_adapter(tiny_llama(), a8)
     layer = dict(loaded.named_modules())[path]
-    expected = singular_spectrum(layer.delta_weight("default"))
-    assert torch.allclose(result.spectra[path][0], expected, atol=1e-5)
+    expected = singular_spectrum(layer.delta_weight("default"))  # the dense ΔW: 32 values, only 8 non-zero
+    assert torch.allclose(result.spectra[path][0], expected[:8], atol=1e-5) and expected[8:].abs().max() < 1e-5
     amp = result.amplification[path]
     assert [a.r for a in amp] == [8, 2]
+    dense = amplification(layer.weight, layer.delta_weight("default"), r=8)  # from the factors == from the dense ΔW
+    for field in ("delta_norm", "weight_norm", "proj_delta", "proj_weight", "proj_random"):
+        assert getattr(amp[0], field) == pytest.approx(getattr(dense, field), rel=1e-6, abs=1e-9)
     assert amp[0].proj_weight >= amp[0].proj_delta - 1e-6  # W's own top directions capture the most of W
 
 

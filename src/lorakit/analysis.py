@@ -61,6 +61,18 @@ def row_space(delta: Tensor, r: int) -> Tensor:
     return S[:r, None] * Vh[:r]
 
 
+def factored_svd(B: Tensor, A: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ΔW = scale·B·A from its factors, in fp64: (U (d, r), S (r,), Vh (r, k)).
+
+    B = Q_B·R_B and Aᵀ = Q_A·R_A give ΔW = Q_B·(scale·R_B·R_Aᵀ)·Q_Aᵀ, so only an r×r matrix is
+    decomposed: O((d + k)·r²) instead of O(d·k·min(d, k)) for the dense ΔW. B: (d, r[, 1..]), A: (r, k[, ..]).
+    """
+    Qb, Rb = torch.linalg.qr(B.detach().flatten(1).double())
+    Qa, Ra = torch.linalg.qr(A.detach().flatten(1).double().T)
+    U, S, Vh = torch.linalg.svd(scale * (Rb @ Ra.T))
+    return Qb @ U, S, Vh @ Qa.T
+
+
 def singular_spectrum(delta: Tensor) -> Tensor:
     """Singular values of ΔW (flattened to 2-D), largest first, in fp32."""
     return torch.linalg.svdvals(delta.detach().flatten(1).double()).float()
@@ -109,16 +121,21 @@ def amplification(W: Tensor, delta: Tensor, r: int | None = None, seed: int = 0)
     if W64.shape != D64.shape:
         raise ValueError(f"W has shape {tuple(W64.shape)} but ΔW has {tuple(D64.shape)}: pass the matching base weight")
     r = int(torch.linalg.matrix_rank(D64)) if r is None else r
+    return _amplification(W64, torch.linalg.svd(D64, full_matrices=False), r, seed)
+
+
+def _amplification(W64: Tensor, delta_svd: tuple[Tensor, Tensor, Tensor], r: int, seed: int = 0) -> Amplification:
+    """`amplification` from W (fp64, 2-D) and ΔW's thin SVD (U, S, Vh)."""
     if not 1 <= r <= min(W64.shape):
         raise ValueError(f"r must be in [1, {min(W64.shape)}] for a {tuple(W64.shape)} weight, got {r}")
-    Ud, _, Vd = torch.linalg.svd(D64, full_matrices=False)
+    Ud, Sd, Vd = delta_svd
     Uw, _, Vw = torch.linalg.svd(W64, full_matrices=False)
     g = torch.Generator().manual_seed(seed)
     Ur = torch.linalg.qr(torch.randn(W64.shape[0], r, generator=g, dtype=torch.float64)).Q
     Vr = torch.linalg.qr(torch.randn(W64.shape[1], r, generator=g, dtype=torch.float64)).Q.T
     return Amplification(
         r=r,
-        delta_norm=float(torch.linalg.matrix_norm(D64)),
+        delta_norm=float(Sd.norm()),  # ‖ΔW‖_F = ‖σ‖₂
         weight_norm=float(torch.linalg.matrix_norm(W64)),
         proj_delta=_project(W64, Ud[:, :r], Vd[:r]),
         proj_weight=_project(W64, Uw[:, :r], Vw[:r]),
@@ -146,6 +163,12 @@ class LayerUpdate:
     def delta(self) -> Tensor:
         """ΔW = scale·B·A as (d_out, d_in·kernel) in fp32, the paper's orientation."""
         return (self.B.float().flatten(1) @ self.A.float().flatten(1)) * self.scale
+
+    def svd(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Thin SVD of ΔW from the factors (`factored_svd`), computed once."""
+        if "_svd" not in self.__dict__:
+            self.__dict__["_svd"] = factored_svd(self.B, self.A, self.scale)
+        return self.__dict__["_svd"]
 
 
 @dataclass
@@ -245,21 +268,23 @@ def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> A
     layers = check_comparable(*infos) if len(infos) == 2 else list(infos[0].layers)
     result = Analysis(infos, {})
     result.skipped = sorted({p for info in infos for p in info.layers} - set(layers), key=_natural_key)
-    for p in layers:
+    for p in layers:  # every decomposition of ΔW goes through its factors (r×r work), never the dense d×k matrix
         updates = [info.layers[p] for info in infos]
-        result.spectra[p] = [singular_spectrum(u.delta) for u in updates]
+        result.spectra[p] = [u.svd()[1].float() for u in updates]
         if len(updates) == 2:
             result.similarity[p] = subspace_similarity(updates[0].A, updates[1].A)
-            result.delta_similarity[p] = subspace_similarity(*(row_space(u.delta, u.rank) for u in updates))
+            result.delta_similarity[p] = subspace_similarity(*(u.svd()[1][:, None] * u.svd()[2] for u in updates))
         if model is not None:
             W = base_weight(model, p)
             for info, u in zip(infos, updates):
-                if tuple(W.shape) != tuple(u.delta.shape):
+                shape = (u.B.flatten(1).shape[0], u.A.flatten(1).shape[1])
+                if tuple(W.shape) != shape:
                     raise ValueError(
-                        f"{info.path}: layer {p} has ΔW {tuple(u.delta.shape)} but the base weight is "
+                        f"{info.path}: layer {p} has ΔW {shape} but the base weight is "
                         f"{tuple(W.shape)}: the adapter was trained on another model"
                     )
-            result.amplification[p] = [amplification(W, u.delta, r=u.rank) for u in updates]
+            W64 = W.double()
+            result.amplification[p] = [_amplification(W64, u.svd(), r=u.rank) for u in updates]
     return result
 
 
