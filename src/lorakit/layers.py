@@ -185,51 +185,39 @@ class LoraLayer:
 
 
 class _FrozenLinearLora(torch.autograd.Function):
-    """y = x·W0ᵀ + b + scale·(D(x)·Aᵀ)·Bᵀ with W0, b frozen, as one autograd node: x (..., k) -> (..., d).
+    """y = x·W0ᵀ + b + scale·(x·Aᵀ)·Bᵀ with W0, b frozen, as one autograd node: x (..., k) -> (..., d).
 
-    D is LoRA dropout (identity when `p` = 0). The tiny A, B are cast to x's dtype (never the
-    activations); the LoRA term goes into the base GEMM's output in place, and backward adds
-    scale·(g·B)·A (masked by D) into g·W0 in place, so no second (N, d) output and no separate
-    (N, k) gradient sum. Saves D(x) (A's gradient needs it), h = D(x)·Aᵀ (N, r) and, with dropout,
-    D's boolean mask.
+    The tiny A, B are cast to x's dtype (never the activations); the LoRA term goes into the base
+    GEMM's output in place, and backward adds scale·(g·B)·A into g·W0 in place, so no second (N, d)
+    output and no (N, k) gradient sum. Saves x (A's gradient needs it) and h = x·Aᵀ (N, r).
     """
 
     @staticmethod
-    def forward(
-        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float, p: float = 0.0
-    ) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         Ac, Bc = A.to(x.dtype), B.to(x.dtype)
-        xd, mask = torch.native_dropout(x2, p, True) if p else (x2, None)
-        h = xd @ Ac.t()  # (N, r)
+        h = x2 @ Ac.t()  # (N, r)
         out = F.linear(x2, weight, bias).addmm_(h, Bc.t(), alpha=scale)  # (N, d)
-        ctx.save_for_backward(xd, weight, h, Ac, Bc, mask)
-        ctx.scale, ctx.p, ctx.dtypes = scale, p, (A.dtype, B.dtype)
+        ctx.save_for_backward(x2, weight, h, Ac, Bc)
+        ctx.scale, ctx.dtypes = scale, (A.dtype, B.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        xd, weight, h, Ac, Bc, mask = ctx.saved_tensors
+        x2, weight, h, Ac, Bc = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (N, d)
         gh = (g @ Bc).mul_(ctx.scale)  # (N, r): gradient of scale·h
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = g @ weight  # (N, k)
-            if mask is None:
-                gx.addmm_(gh, Ac)
-            else:  # D's backward on the LoRA branch only: mask / (1 - p)
-                gx.add_(torch.ops.aten.native_dropout_backward(gh @ Ac, mask, 1.0 / (1.0 - ctx.p)))
-            gx = gx.view(grad.shape[:-1] + (xd.shape[-1],))
-        gA = (gh.t() @ xd).to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None  # (r, k)
+        gx = (g @ weight).addmm_(gh, Ac).view(grad.shape[:-1] + (x2.shape[-1],)) if ctx.needs_input_grad[0] else None
+        gA = (gh.t() @ x2).to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None  # (r, k)
         gB = (g.t() @ h).mul_(ctx.scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[4] else None  # (d, r)
-        return gx, None, None, gA, gB, None, None
+        return gx, None, None, gA, gB, None
 
 
 class LoraLinearMixin(LoraLayer):
     """LoRA for ``nn.Linear`` and GPT-2's ``Conv1D`` (``fan_in_fan_out``): x (..., k) -> (..., d)."""
 
     def fused_forward(self, x: Tensor, name: str) -> Tensor | None:
-        """The hot path: a plain ``nn.Linear`` with frozen W0, b and one plain adapter (no slices, no lora_bias).
+        """The hot path: a plain ``nn.Linear`` with frozen W0, b and one plain adapter (no dropout, slices, bias).
 
         With no gradient to record (``torch.no_grad``/``inference_mode``, or nothing requires grad) it
         runs the same maths as plain ops, without the autograd node: unmerged inference pays only the
@@ -240,6 +228,7 @@ class LoraLinearMixin(LoraLayer):
             self._lora_base_class is not nn.Linear
             or spec.enabled is not None
             or spec.lora_bias
+            or (spec.dropout and self.training)  # the dropout mask costs what a separate node costs: generic path
             or x.is_meta
             or torch.is_autocast_enabled(x.device.type)  # autocast decides the GEMM dtype: leave it the base layer
         ):
@@ -249,11 +238,10 @@ class LoraLinearMixin(LoraLayer):
         if weight.requires_grad or (bias is not None and bias.requires_grad):
             return None
         A, B = self._modules["lora_A"]._parameters[name], self._modules["lora_B"]._parameters[name]
-        p = spec.dropout if self.training else 0.0
         if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
-            return _FrozenLinearLora.apply(x, weight, bias, A, B, spec.scale, p)
+            return _FrozenLinearLora.apply(x, weight, bias, A, B, spec.scale)
         x2 = x.reshape(-1, x.shape[-1])
-        h = (F.dropout(x2, p, training=True) if p else x2) @ A.to(x.dtype).t()  # (N, r)
+        h = x2 @ A.to(x.dtype).t()  # (N, r)
         out = F.linear(x2, weight, bias).addmm_(h, B.to(x.dtype).t(), alpha=spec.scale)  # (N, d)
         return out.view(*x.shape[:-1], out.shape[-1])
 
