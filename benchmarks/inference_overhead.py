@@ -4,7 +4,7 @@ One forward pass (``torch.inference_mode``) over a (batch × seq) prompt, the ba
 Configurations: the base model; lorakit and PEFT adapters (r=8, B random so the update is not zero) on
 q,v and on all 7 linear layers, each unmerged and merged (merging toggled outside the timed region).
 All run interleaved (round-robin) in one process; the table reports medians, minima and the ratio of
-each to the base model's median. The paper's claim: merged costs nothing; unmerged adds the B·A·x path.
+each to the base model: the median over rounds of its time / the base model's in the same round. The paper's claim: merged costs nothing; unmerged adds the B·A·x path.
 
     flock /tmp/lorakit-cpu.lock .venv/bin/python benchmarks/inference_overhead.py --repeats 20
 """
@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from _timing import paired_ratio
 
 import lorakit
 from lorakit.adapters import randomize_adapters
@@ -93,15 +94,14 @@ def main() -> None:
                     model(ids)
                     if i >= args.warmup:
                         times[name].append(time.perf_counter() - t0)
-        base_med = statistics.median(times["base"])
         print(f"\n## batch {bs} x {args.seq} tokens")
-        print("| configuration | median (ms) | min (ms) | median / base |")
+        print("| configuration | median (ms) | min (ms) | / base (paired) |")
         print("|---|---|---|---|")
         for name, ts in times.items():
             med = statistics.median(ts)
-            print(f"| {name} | {med * 1e3:.1f} | {min(ts) * 1e3:.1f} | {med / base_med:.3f} |")
+            print(f"| {name} | {med * 1e3:.1f} | {min(ts) * 1e3:.1f} | {paired_ratio(ts, times['base']):.3f} |")
         for target in args.targets:
-            row = [f"{kind}: {statistics.median(times[f'{kind}-{target} unmerged']) / base_med - 1:+.1%}"
+            row = [f"{kind}: {paired_ratio(times[f'{kind}-{target} unmerged'], times['base']) - 1:+.1%}"
                    for kind, _ in builders]
             print(f"\nunmerged overhead, {target}: " + ", ".join(row))
 

@@ -4,7 +4,8 @@ A step is forward + ``loss.backward()`` on a (batch × seq) causal-LM batch (no 
 the frozen base model's own forward + backward to the input activations only: every base parameter has
 ``requires_grad=False`` and the embedding output has ``requires_grad=True``; no LoRA step can be cheaper.
 Configurations (floor, lorakit, PEFT; r=8 on q,v and on all 7 linear layers) run interleaved
-(round-robin) in one process; the table reports medians and each configuration's ratio to the floor.
+(round-robin) in one process; the table reports medians and each configuration's ratio to the floor, the
+median over rounds of its step time / the floor's in the same round (robust to drift on a shared machine).
 Peak memory: each configuration runs alone in a child process of this script (``--child``), which
 resets the kernel's peak-RSS counter after loading the model and reports the step's peak RSS.
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _timing import paired_ratio
 
 import lorakit
 from lorakit.models import load_model
@@ -168,17 +170,16 @@ def main() -> None:
     for dtype in args.dtype:
         times = timing(args, dtype)
         mem = memory(args, dtype) if args.mem else {}
-        floor_t = statistics.median(times["floor"])
         floor_m = mem.get("floor", {}).get("peak_mib")
         print(f"\n## base {dtype}, adapters fp32")
-        print("| configuration | median step (ms) | min (ms) | / floor | peak RSS (MiB) | / floor | step memory above loaded model (MiB) |")
+        print("| configuration | median step (ms) | min (ms) | / floor (paired) | peak RSS (MiB) | / floor | step memory above loaded model (MiB) |")
         print("|---|---|---|---|---|---|---|")
         for name, ts in times.items():
             med = statistics.median(ts)
             m = mem.get(name)
             mcols = (f"{m['peak_mib']:.0f} | {m['peak_mib'] / floor_m:.3f} | {m['peak_mib'] - m['loaded_mib']:.0f}"
                      if m else "– | – | –")
-            print(f"| {name} | {med * 1e3:.1f} | {min(ts) * 1e3:.1f} | {med / floor_t:.3f} | {mcols} |")
+            print(f"| {name} | {med * 1e3:.1f} | {min(ts) * 1e3:.1f} | {paired_ratio(ts, times['floor']):.3f} | {mcols} |")
         sys.stdout.flush()
 
 

@@ -1,0 +1,11 @@
+"""Timing helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def paired_ratio(times: list[float], ref: list[float]) -> float:
+    """Median over rounds of ``times[i] / ref[i]``: each round runs every configuration back to back, so
+    pairing within a round cancels the slow drift of a shared machine that skews a ratio of medians."""
+    return statistics.median(t / r for t, r in zip(times, ref, strict=True))
