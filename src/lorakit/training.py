@@ -643,10 +643,12 @@ def plot_loss(metrics_file: Path, png: Path) -> None:
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if train:
-        ax.plot(*zip(*train), lw=0.8, alpha=0.5, label="train loss")
-        window = max(1, len(train) // 20)
-        ys = [sum(y for _, y in train[max(0, i - window + 1):i + 1]) / len(train[max(0, i - window + 1):i + 1]) for i in range(len(train))]
-        ax.plot([s for s, _ in train], ys, lw=1.6, label=f"train loss ({window}-step mean)")
+        window = len(train) // 20  # smooth only when there are enough logged points to smooth
+        ax.plot(*zip(*train), lw=0.8 if window > 1 else 1.6, alpha=0.5 if window > 1 else 1.0, label="train loss")
+        if window > 1:
+            ys = [sum(y for _, y in train[max(0, i - window + 1):i + 1]) / len(train[max(0, i - window + 1):i + 1])
+                  for i in range(len(train))]
+            ax.plot([s for s, _ in train], ys, lw=1.6, label=f"train loss (mean of {window} logged steps)")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("step")
