@@ -96,3 +96,38 @@ def test_path_without_autograd_node_equals_formula(mode):
     torch.testing.assert_close(out, _reference(layer, x).detach(), rtol=1e-5, atol=1e-5)
     x.requires_grad_(True)  # an input that needs grad brings the autograd node back
     assert type(layer(x).grad_fn).__name__ == "_FrozenLinearLoraBackward"
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["inplace_step", "data_assignment", "new_parameter", "reinject_same_name", "alpha"],
+)
+def test_cached_inference_factors_follow_every_change_of_the_adapter(change):
+    layer = _layer()
+    x = torch.randn(2, 7, 24)
+    with torch.inference_mode():
+        layer(x)  # fills the cache
+    A, B = layer.lora_A["a"], layer.lora_B["a"]
+    if change == "inplace_step":  # what an optimizer step or load_state_dict does
+        with torch.no_grad():
+            A.add_(0.5)
+            B.mul_(-2.0)
+    elif change == "data_assignment":
+        B.data = torch.randn_like(B)
+    elif change == "new_parameter":
+        layer.lora_A["a"] = nn.Parameter(torch.randn_like(A))
+    elif change == "reinject_same_name":
+        layer.remove_adapter("a")
+        assert "a" not in layer.__dict__.get("_lora_infer_cache", {})  # delete frees the cached copies
+        layer.add_adapter("a", LoraSpec(r=4, alpha=8))
+        with torch.no_grad():
+            layer.lora_B["a"].normal_()
+    else:
+        layer.lora_specs["a"] = LoraSpec(r=4, alpha=16)
+    with torch.no_grad():
+        out = layer(x)
+    expected = _reference(layer, x).detach()
+    if change == "alpha":
+        W, b = layer.weight, layer.bias
+        expected = F.linear(x, W, b) + 4.0 * (x @ layer.lora_A["a"].t()) @ layer.lora_B["a"].t()
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-5)

@@ -86,6 +86,7 @@ class LoraLayer:
                 del store[name]
         self.lora_specs.pop(name, None)
         self.__dict__.pop("_lora_mixed_cache", None)  # mixed-batch stacks (multi.py) hold copies of A, B
+        self.__dict__.get("_lora_infer_cache", {}).pop(name, None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -240,10 +241,26 @@ class LoraLinearMixin(LoraLayer):
         A, B = self._modules["lora_A"]._parameters[name], self._modules["lora_B"]._parameters[name]
         if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
             return _FrozenLinearLora.apply(x, weight, bias, A, B, spec.scale)
+        At, Bt = self._inference_factors(name, A, B, spec.scale, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ A.to(x.dtype).t()  # (N, r)
-        out = F.linear(x2, weight, bias).addmm_(h, B.to(x.dtype).t(), alpha=spec.scale)  # (N, d)
+        out = F.linear(x2, weight, bias).addmm_(x2 @ At, Bt)  # (N, d)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _inference_factors(self, name: str, A: Tensor, B: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(Aᵀ, scale·Bᵀ) in `dtype`, contiguous, kept until A or B change (identity, version, storage).
+
+        At inference the casts, the transposes and the scale cost more than the two rank-r products
+        (bf16, 128 tokens, 576×576: ~90 of ~210 µs); caching them removes that per forward.
+        """
+        key = (dtype, scale, id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr())
+        cache = self.__dict__.setdefault("_lora_infer_cache", {})
+        hit = cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable outside inference mode too
+            factors = (A.detach().t().to(dtype).contiguous(), (B.detach().t() * scale).to(dtype).contiguous())
+        cache[name] = (key, factors)
+        return factors
 
     def lora_forward(self, x: Tensor, out: Tensor, name: str) -> Tensor:
         spec = self.lora_specs[name]
@@ -379,7 +396,8 @@ def detach(module: LoraLayer) -> nn.Module:
         delattr(module, name)
     for name in ("lora_w0", "lora_b0"):  # exact copies of W0 kept while merged
         module._buffers.pop(name, None)
-    module.__dict__.pop("_lora_mixed_cache", None)
+    for name in ("_lora_mixed_cache", "_lora_infer_cache"):  # copies of A, B
+        module.__dict__.pop(name, None)
     for name in ("lora_specs", "active_adapters", "merged_adapters", "lora_disabled"):
         module.__dict__.pop(name, None)
     module.__class__ = module.__dict__.pop("_lora_base_class")
