@@ -205,11 +205,19 @@ def test_mixed_batch_runs_each_layer_once_per_forward_and_restores_merges():
     assert all(lay.merged_adapters == ["b"] and not lay.lora_disabled for _, lay in lora_layers(model))
 
 
-def test_mixed_batch_through_generate_with_kv_cache():
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0),
+        dict(max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0),
+    ],
+    ids=["greedy", "beams"],
+)
+def test_mixed_batch_through_generate_with_kv_cache(kwargs):
     model = two_adapters(seed=5)
     ids = torch.randint(3, 128, (4, 5), generator=torch.Generator().manual_seed(6))
     rows = ["b", None, "a", "b"]
-    kwargs = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    per_row = kwargs.get("num_return_sequences", 1)
     with lorakit.mixed_batch(model, rows), torch.no_grad():
         mixed = model.generate(ids, **kwargs)
     expected = torch.empty_like(mixed)
@@ -223,8 +231,9 @@ def test_mixed_batch_through_generate_with_kv_cache():
                 out = model.generate(ids, **kwargs)
         for i, n in enumerate(rows):
             if n == name:
-                expected[i] = out[i]
+                expected[i * per_row:(i + 1) * per_row] = out[i * per_row:(i + 1) * per_row]
     assert torch.equal(mixed, expected)
+    assert "generate" not in model.__dict__  # the block's generate wrapper is gone
     assert len({tuple(r) for r in mixed[:, 5:].tolist()}) > 1  # the adapters do change the text
 
 
@@ -257,6 +266,8 @@ def test_mixed_batch_rejects_bad_input_and_leaves_model_unchanged(input_ids):
         pass
     with pytest.raises(ValueError, match="one name per row"), lorakit.mixed_batch(model, ["a", "b", "a"]):
         logits(model, input_ids)  # 2 rows, 3 names
+    with pytest.raises(ValueError, match="only model.generate may repeat rows"), lorakit.mixed_batch(model, ["a"]):
+        logits(model, input_ids)  # 2 rows, 1 name: outside generate a multiple is a mistake, not beams
     with pytest.raises(ValueError, match="empty"), lorakit.mixed_batch(model, []):
         pass
     assert torch.equal(logits(model, input_ids), before)

@@ -87,7 +87,8 @@ class _RowAdapters:
     `slots`: (batch,) stack slot of each row (0: base model, or an adapter not on this layer).
     """
 
-    def __init__(self, layer: LoraLayer, rows: list[str | None]) -> None:
+    def __init__(self, layer: LoraLayer, rows: list[str | None], in_generate: list[bool]) -> None:
+        self.in_generate = in_generate  # shared flag: True while the model's generate runs
         self.used = any(n in layer.lora_specs for n in rows if n is not None)  # False: no hook needed
         slot_of, self.A, self.B, self.bias = _layer_stacks(layer)
         self.slots = torch.tensor([slot_of.get(n, 0) for n in rows], dtype=torch.long, device=layer.weight.device)
@@ -101,14 +102,14 @@ class _RowAdapters:
         return self._cast[dtype]
 
     def _row_slots(self, n: int) -> Tensor:
-        """Slots for a batch of `n` rows: generate's num_beams / num_return_sequences repeat each row."""
+        """Slots for a batch of `n` rows; inside ``generate``, num_beams / num_return_sequences repeat each row."""
         b = self.slots.shape[0]
         if n == b:
             return self.slots
-        if n % b:
+        if n % b or not self.in_generate[0]:
             raise ValueError(
                 f"mixed_batch was given {b} adapter names but the model got a batch of {n} rows: "
-                "pass one name per row"
+                "pass one name per row (only model.generate may repeat rows, for beams and num_return_sequences)"
             )
         return self.slots.repeat_interleave(n // b)
 
@@ -144,6 +145,32 @@ def _io_dims(layer: LoraLayer) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
+def _flag_during_generate(model: nn.Module, flag: list[bool]) -> Iterator[None]:
+    """Set ``flag[0]`` while ``model.generate`` runs (the only caller allowed to repeat rows)."""
+    generate = getattr(model, "generate", None)
+    if not callable(generate):
+        yield
+        return
+    own = model.__dict__.get("generate")  # an instance attribute the user set: restore it after
+
+    def flagged(*args, **kwargs):
+        flag[0] = True
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            flag[0] = False
+
+    model.__dict__["generate"] = flagged
+    try:
+        yield
+    finally:
+        if own is None:
+            model.__dict__.pop("generate", None)
+        else:
+            model.__dict__["generate"] = own
+
+
+@contextlib.contextmanager
 def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn.Module]:
     """Within the block, row i of every batch uses adapter ``adapters[i]`` (None: the base model).
 
@@ -159,8 +186,9 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
     if unknown:
         raise ValueError(f"mixed_batch: no adapter named {unknown}; this model has {list(state.adapters)} (or None for the base)")
     layers = [layer for _, layer in lora_layers(model)]
+    in_generate = [False]
     with torch.no_grad():
-        stacks = [_RowAdapters(layer, rows) for layer in layers]
+        stacks = [_RowAdapters(layer, rows, in_generate) for layer in layers]
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     disabled = {id(layer): layer.lora_disabled for layer in layers}
     handles = []
@@ -170,7 +198,8 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
             layer.lora_disabled = True  # the hook adds the per-row update instead
             if stack.used:
                 handles.append(layer.register_forward_hook(stack))
-        yield model
+        with _flag_during_generate(model, in_generate):
+            yield model
     finally:
         for handle in handles:
             handle.remove()
