@@ -183,7 +183,7 @@ def run_demo(
     dense = total_params * 4
     model_file = Path(resolve_model_path(model_name)) / "model.safetensors"
     say(f"trained {steps} steps × 8 examples in {result.seconds:.0f}s, loss {result.history[0]['loss']:.3f} → {result.train_loss:.3f}")
-    say(f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.3f}%)")
+    say(f"trainable parameters: {trainable:,} = {100 * trainable / total_params:.3f}% of the base model's {total_params:,}")
     say(f"peak memory (measured, process RSS): {rss_peak:,.0f} MB (before training {rss_before:,.0f} MB, including the fp32 load)")
     say(f"full fine-tuning needs (computed): fp32 weights + grads + AdamW moments = 4 × {dense / 2**20:,.0f} MB = "
         f"{4 * dense / 2**20:,.0f} MB before activations; LoRA's grads + moments: {3 * trainable * 4 / 2**20:.1f} MB")
