@@ -185,6 +185,25 @@ class LoraLayer:
         raise NotImplementedError
 
 
+def tensor_fingerprint(t: Tensor) -> tuple[int, int, int]:
+    """(identity, version counter, storage) of `t`: changes on replacement, in-place update or ``.data =``.
+
+    The key of every cache that holds a copy of an adapter's tensors (inference factors, mixed-batch stacks).
+    """
+    return id(t), t._version, t.data_ptr()
+
+
+def _cast_factors(A: Tensor, B: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(Aᵀ (k, r), scale·Bᵀ (r, d)) in `dtype`, contiguous, one copy each.
+
+    Contiguous operands and the scale folded into B keep the rank-r GEMMs on oneDNN's fast path (no
+    alpha=, no transposed views): bf16 on AMX, one 576×576 layer forward + backward 1.87 -> 1.34x the frozen layer.
+    """
+    At = torch.empty(A.shape[1], A.shape[0], dtype=dtype, device=A.device).copy_(A.detach().t())
+    Bs = torch.mul(B.detach().t(), scale, out=torch.empty(B.shape[1], B.shape[0], dtype=dtype, device=B.device))
+    return At, Bs
+
+
 class _FrozenLinearLora(torch.autograd.Function):
     """y = x·W0ᵀ + b + scale·(x·Aᵀ)·Bᵀ with W0, b frozen, as one autograd node: x (..., k) -> (..., d).
 
@@ -196,10 +215,7 @@ class _FrozenLinearLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        # Aᵀ and scale·Bᵀ, cast, transposed and scaled by one copy each: contiguous operands and no
-        # alpha= keep the rank-r GEMMs on oneDNN's fast path (bf16 on AMX: 1.87 -> 1.34x a frozen layer)
-        At = torch.empty(A.shape[1], A.shape[0], dtype=x.dtype, device=x.device).copy_(A.t())  # (k, r)
-        Bs = torch.mul(B.t(), scale, out=torch.empty(B.shape[1], B.shape[0], dtype=x.dtype, device=x.device))  # (r, d)
+        At, Bs = _cast_factors(A, B, scale, x.dtype)
         h = x2 @ At  # (N, r)
         out = F.linear(x2, weight, bias).addmm_(h, Bs)  # (N, d)
         ctx.save_for_backward(x2, weight, h, At, Bs)
@@ -257,13 +273,13 @@ class LoraLinearMixin(LoraLayer):
         At inference the casts, the transposes and the scale cost more than the two rank-r products
         (bf16, 128 tokens, 576×576: ~90 of ~210 µs); caching them removes that per forward.
         """
-        key = (dtype, scale, id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr())
+        key = (dtype, scale, tensor_fingerprint(A), tensor_fingerprint(B))
         cache = self.__dict__.setdefault("_lora_infer_cache", {})
         hit = cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
-        with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable outside inference mode too
-            factors = (A.detach().t().to(dtype).contiguous(), (B.detach().t() * scale).to(dtype).contiguous())
+        with torch.inference_mode(False):  # plain tensors, usable outside inference mode too
+            factors = _cast_factors(A, B, scale, dtype)
         cache[name] = (key, factors)
         return factors
 

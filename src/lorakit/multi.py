@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .adapters import set_adapter
 from .config import LoraConfig
 from .functional import expand_sliced_B
-from .layers import LoraLayer, LoraSpec
+from .layers import LoraLayer, LoraSpec, tensor_fingerprint
 from .state import AdapterRecord, get_state, lora_layers
 
 COMBINE_METHODS = ("cat", "linear", "svd")
@@ -37,11 +37,11 @@ def _layer_stacks(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor, Ten
     Slot 0 is all zeros (the base model). Aᵀ: (S, d_in, r_max) (an embedding's A: (S,
     num_embeddings, r_max)), (scale·B)ᵀ: (S, r_max, d_out), ranks zero-padded, in the layer's dtype,
     laid out so a gather by slot feeds `bmm` directly. Kept on the layer (``_lora_mixed_cache``) and
-    rebuilt only when an adapter is added, removed or changed (tensor identity and version), so
+    rebuilt only when an adapter is added, removed or changed (`tensor_fingerprint`), so
     entering a mixed batch costs no copies.
     """
     key = tuple(
-        (n, spec, *((id(t), t._version) for t in (layer.lora_A[n], layer.lora_B[n], layer.lora_B_bias.get(n)) if t is not None))
+        (n, spec, *(tensor_fingerprint(t) for t in (layer.lora_A[n], layer.lora_B[n], layer.lora_B_bias.get(n)) if t is not None))
         for n, spec in layer.lora_specs.items()
     )
     cached = layer.__dict__.get("_lora_mixed_cache")
