@@ -11,6 +11,7 @@ two folders (and optionally the base model) into tables and PNG figures (``lorak
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -164,11 +165,21 @@ class LayerUpdate:
         """ΔW = scale·B·A as (d_out, d_in·kernel) in fp32, the paper's orientation."""
         return (self.B.float().flatten(1) @ self.A.float().flatten(1)) * self.scale
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """ΔW's shape (d_out, d_in·kernel), without forming ΔW."""
+        return self.B.flatten(1).shape[0], self.A.flatten(1).shape[1]
+
+    @functools.cached_property
     def svd(self) -> tuple[Tensor, Tensor, Tensor]:
         """Thin SVD of ΔW from the factors (`factored_svd`), computed once."""
-        if "_svd" not in self.__dict__:
-            self.__dict__["_svd"] = factored_svd(self.B, self.A, self.scale)
-        return self.__dict__["_svd"]
+        return factored_svd(self.B, self.A, self.scale)
+
+    @property
+    def row_space(self) -> Tensor:
+        """`row_space` (ΔW, rank) from the factored SVD: right-singular directions scaled by σ, (r, k)."""
+        _, S, Vh = self.svd
+        return S[:, None] * Vh
 
 
 @dataclass
@@ -270,21 +281,20 @@ def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> A
     result.skipped = sorted({p for info in infos for p in info.layers} - set(layers), key=_natural_key)
     for p in layers:  # every decomposition of ΔW goes through its factors (r×r work), never the dense d×k matrix
         updates = [info.layers[p] for info in infos]
-        result.spectra[p] = [u.svd()[1].float() for u in updates]
+        result.spectra[p] = [u.svd[1].float() for u in updates]
         if len(updates) == 2:
             result.similarity[p] = subspace_similarity(updates[0].A, updates[1].A)
-            result.delta_similarity[p] = subspace_similarity(*(u.svd()[1][:, None] * u.svd()[2] for u in updates))
+            result.delta_similarity[p] = subspace_similarity(*(u.row_space for u in updates))
         if model is not None:
             W = base_weight(model, p)
             for info, u in zip(infos, updates):
-                shape = (u.B.flatten(1).shape[0], u.A.flatten(1).shape[1])
-                if tuple(W.shape) != shape:
+                if tuple(W.shape) != u.shape:
                     raise ValueError(
-                        f"{info.path}: layer {p} has ΔW {shape} but the base weight is "
+                        f"{info.path}: layer {p} has ΔW {u.shape} but the base weight is "
                         f"{tuple(W.shape)}: the adapter was trained on another model"
                     )
             W64 = W.double()
-            result.amplification[p] = [_amplification(W64, u.svd(), r=u.rank) for u in updates]
+            result.amplification[p] = [_amplification(W64, u.svd, r=u.rank) for u in updates]
     return result
 
 
