@@ -407,7 +407,8 @@ def finetune(
         log.warning("no checkpoint in %s to resume from: starting from step 0", out)
     if cfg.eval_every and not eval_enc:
         log.warning("eval_every=%d but no eval data was given: nothing will be evaluated", cfg.eval_every)
-    data_sha = hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()
+    # checkpoints record which data they were trained on, so a resume on other data is refused
+    data_sha = hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest() if out is not None else ""
 
     torch.manual_seed(cfg.seed)
     METHODS[cfg.method].prepare(model, cfg)  # raises for a method the model cannot take: no folder left behind
