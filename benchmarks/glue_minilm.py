@@ -63,32 +63,10 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "task": args.task, "run": args.child, "seed": args.seed, "steps": result.steps, "batch": args.batch_size,
         "train_examples": len(train), "accuracy": result.eval_metrics["eval_accuracy"],
-        "mcc": matthews(model, tok, dev, args.max_length), "trainable": result.trainable,
+        "mcc": result.eval_metrics["eval_mcc"], "trainable": result.trainable,
         "total": result.total, "precision": result.precision, "step_ms_median": 1e3 * statistics.median(steps[5:] or steps),
         "seconds": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
-
-
-def matthews(model, tok, dev: list[dict], max_length: int) -> float:
-    """Matthews correlation of the dev predictions (GLUE's CoLA metric; binary tasks)."""
-    import torch
-
-    from lorakit.data import collate, encode_classification
-
-    enc = encode_classification(tok, dev, max_length, 2)
-    model.eval()
-    preds = []
-    with torch.no_grad():
-        for i in range(0, len(enc), 128):
-            batch = collate(enc[i:i + 128], tok.pad_token_id)
-            batch.pop("labels")
-            preds += model(**batch).logits.argmax(-1).tolist()
-    tp = sum(p == 1 and e["label"] == 1 for p, e in zip(preds, dev))
-    tn = sum(p == 0 and e["label"] == 0 for p, e in zip(preds, dev))
-    fp = sum(p == 1 and e["label"] == 0 for p, e in zip(preds, dev))
-    fn = sum(p == 0 and e["label"] == 1 for p, e in zip(preds, dev))
-    denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
-    return (tp * tn - fp * fn) / denom if denom else 0.0
 
 
 def main() -> None:

@@ -18,8 +18,16 @@ from safetensors.torch import load_file
 import lorakit
 from conftest import tiny_bert, tiny_llama
 from lorakit import training
-from lorakit.data import collate, encode_causal
-from lorakit.training import TrainConfig, TrainingError, causal_lm_loss, finetune, latest_checkpoint, linear_schedule
+from lorakit.data import collate, encode_causal, encode_classification
+from lorakit.training import (
+    TrainConfig,
+    TrainingError,
+    causal_lm_loss,
+    evaluate,
+    finetune,
+    latest_checkpoint,
+    linear_schedule,
+)
 from toy_tokenizer import ByteTokenizer
 from train_worker import config, examples
 
@@ -291,3 +299,30 @@ def test_real_smollm2_a_few_steps(tmp_path):
     result = finetune(model, tok, data, data, cfg, out_dir=tmp_path)
     assert result.eval_metrics["eval_loss"] < before
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_binary_classification_eval_reports_matthews_correlation():
+    model = tiny_bert(num_labels=2)
+    data = [{"text": f"row {i} " + "xyz"[i % 3] * (i % 7 + 1), "label": (i * 5) % 3 % 2} for i in range(16)]
+    cfg = TrainConfig(task="classification", batch_size=8, precision="fp32")
+    enc = encode_classification(TOK, data, cfg.max_length, 2)
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(**{k: v for k, v in collate(enc[i:i + 8], 0).items() if k != "labels"}).logits
+                              for i in range(0, 16, 8)])
+
+    with torch.no_grad():  # move the untrained head's threshold to the median: both classes get predicted
+        margin = logits().diff(dim=-1).squeeze(-1)
+        model.classifier.bias[1] -= margin.median() + 1e-6
+    preds = logits().argmax(-1).tolist()
+    labels = [e["label"] for e in data]
+    assert 0 < sum(preds) < 16  # both classes predicted: the formula is exercised, not its 0/0 case
+    tp = sum(p == y == 1 for p, y in zip(preds, labels))
+    tn = sum(p == y == 0 for p, y in zip(preds, labels))
+    fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels))
+    fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels))
+    denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    metrics = evaluate(model, enc, cfg, pad_id=0)
+    assert metrics["eval_mcc"] == pytest.approx((tp * tn - fp * fn) / denom if denom else 0.0)
+    assert metrics["eval_accuracy"] == pytest.approx((tp + tn) / 16)

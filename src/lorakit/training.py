@@ -341,11 +341,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, encoded: list[dict], cfg: TrainConfig, pad_id: int, precision: str = "fp32") -> dict[str, float]:
-    """Eval loss and perplexity (causal LM: per completion token) or loss and accuracy (classification)."""
+    """Eval loss and perplexity (causal LM: per completion token) or loss and accuracy (classification; with
+    two labels also Matthews correlation, GLUE's CoLA metric)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loss_sum, count, correct = 0.0, 0, 0
+    confusion = torch.zeros(2, 2, dtype=torch.long)  # [label, prediction], binary classification
     try:
         for i in range(0, len(encoded), cfg.eval_batch_size):
             batch = {k: v.to(device) for k, v in collate(encoded[i:i + cfg.eval_batch_size], pad_id).items()}
@@ -359,13 +361,21 @@ def evaluate(model: nn.Module, encoded: list[dict], cfg: TrainConfig, pad_id: in
                     n = len(batch["labels"])
                     loss_sum += float(loss) * n
                     count += n
-                    correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                    pred = logits.argmax(-1)
+                    correct += int((pred == batch["labels"]).sum())
+                    if logits.shape[-1] == 2:
+                        confusion += torch.bincount(2 * batch["labels"].cpu() + pred.cpu(), minlength=4).view(2, 2)
     finally:
         model.train(was_training)
     loss = loss_sum / max(count, 1)
     if cfg.task == "causal-lm":
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-    return {"eval_loss": loss, "eval_accuracy": correct / max(count, 1)}
+    metrics = {"eval_loss": loss, "eval_accuracy": correct / max(count, 1)}
+    if confusion.sum():
+        (tn, fp), (fn, tp) = confusion.tolist()
+        denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        metrics["eval_mcc"] = (tp * tn - fp * fn) / denom if denom else 0.0
+    return metrics
 
 
 def finetune(
