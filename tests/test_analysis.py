@@ -34,6 +34,11 @@ def test_factored_svd_equals_the_dense_svd(b_shape, a_shape):
     torch.testing.assert_close(Vh @ Vh.T, torch.eye(r, dtype=torch.float64))
 
 
+def test_factored_svd_rejects_factors_of_different_rank():
+    with pytest.raises(ValueError, match=r"B \(5, 3\) and A \(4, 7\) do not share a rank"):
+        factored_svd(torch.randn(5, 3), torch.randn(4, 7))
+
+
 def test_identical_subspaces_give_one():
     A = torch.randn(4, 20, generator=torch.Generator().manual_seed(0))
     mix = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))  # same row space, other basis

@@ -68,6 +68,8 @@ def factored_svd(B: Tensor, A: Tensor, scale: float = 1.0) -> tuple[Tensor, Tens
     B = Q_B·R_B and Aᵀ = Q_A·R_A give ΔW = Q_B·(scale·R_B·R_Aᵀ)·Q_Aᵀ, so only an r×r matrix is
     decomposed: O((d + k)·r²) instead of O(d·k·min(d, k)) for the dense ΔW. B: (d, r[, 1..]), A: (r, k[, ..]).
     """
+    if B.flatten(1).shape[1] != A.shape[0]:
+        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not share a rank: pass B (d, r) and A (r, k)")
     Qb, Rb = torch.linalg.qr(B.detach().flatten(1).double())
     Qa, Ra = torch.linalg.qr(A.detach().flatten(1).double().T)
     U, S, Vh = torch.linalg.svd(scale * (Rb @ Ra.T))
