@@ -486,7 +486,7 @@ def finetune(
         last_loss = loss_total
         dt = time.perf_counter() - t0
         record = {"step": step, "loss": loss_total, "lr": lr, "tokens_per_s": tokens / dt, "step_s": dt,
-                  "peak_mb": round(peak_memory_mb(device), 1)}
+                  "peak_mb": peak_memory_mb(device)}
         if step % cfg.log_every == 0 or step == total:
             history.append(record)
             _append_metrics(out, record)
