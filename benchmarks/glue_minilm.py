@@ -23,7 +23,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
 
 def parse_run(spec: str) -> dict:
-    """``method[:key=value,...]``, e.g. ``lora:lr=1e-3,alpha=32,head=pooler+classifier``."""
+    """``method[:key=value,...]``, e.g. ``lora:lr=1e-3,alpha=32,init=gaussian,head=pooler+classifier``."""
     method, _, rest = spec.partition(":")
     run = {"method": method}
     for kv in filter(None, rest.split(",")):
@@ -54,7 +54,7 @@ def child(args: argparse.Namespace) -> None:
         dropout=float(run.get("dropout", 0.0)), target_modules=run.get("target", "query+value").split("+"),
         lr=float(run.get("lr", 1e-3)), lr_ratio_b=float(run.get("ratio_b", 1.0)), steps=args.steps,
         batch_size=args.batch_size, max_length=args.max_length, warmup=float(run.get("warmup", 0.06)),
-        weight_decay=float(run.get("wd", 0.0)), seed=args.seed, precision=run.get("precision", args.precision),
+        weight_decay=float(run.get("wd", 0.0)), init=run.get("init", "kaiming"), seed=args.seed, precision=run.get("precision", args.precision),
         eval_batch_size=128, modules_to_save=head if run["method"] == "lora" else None, log_every=1,
     )
     t0 = time.perf_counter()
