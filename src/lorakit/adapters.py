@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .functional import expand_sliced_B
 from .layers import LoraLayer
-from .state import get_state, lora_layers, resolve_adapter
+from .state import drop_state, get_state, lora_layers, resolve_adapter
 
 PREFIX = "base_model.model."
 
@@ -144,10 +144,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
     state.active = [n for n in state.active if n != name]
     _drop_empty_layers(model)
     if not state.adapters:
-        from .merging import _restore_requires_grad
-
-        _restore_requires_grad(model, state)
-        del model.__dict__["_lorakit"]
+        drop_state(model)
     else:
         _refresh_trainable(model)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .layers import LoraLayer, LoraSpec, adapter_shapes, attach, base_shape, is_conv1d_gpt2, supports
-from .state import DEFAULT_ADAPTER, AdapterRecord, LoraState, get_state, lora_layers
+from .state import DEFAULT_ADAPTER, AdapterRecord, create_state, drop_state, get_state, lora_layers
 
 #: The paper's default targets (Wq, Wv) for common architectures, by ``config.model_type``.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -221,11 +221,6 @@ def _no_match_message(model: nn.Module, cfg: LoraConfig, missing, layers) -> str
     return msg
 
 
-def _freeze_record(model: nn.Module, state: LoraState) -> None:
-    for name, p in model.named_parameters():
-        state.requires_grad.setdefault(name, p.requires_grad)
-
-
 def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
     """Add adapter `adapter` to `model` in place per `config`, make it the one that trains.
 
@@ -245,9 +240,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
     saved = _find_saved_modules(model, config.modules_to_save)
     created = state is None
     if created:
-        state = LoraState()
-        _freeze_record(model, state)
-        model.__dict__["_lorakit"] = state
+        state = create_state(model)
     try:
         for p in planned:
             layer = attach(p.module)
@@ -258,7 +251,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
                 p.module.remove_adapter(adapter)
         _drop_empty_layers(model)
         if created:
-            del model.__dict__["_lorakit"]
+            drop_state(model)
         raise
     state.adapters[adapter] = AdapterRecord(
         config=config,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from .layers import detach
-from .state import LoraState, get_state, lora_layers
+from .state import drop_state, get_state, lora_layers
 
 
 def merge(model: nn.Module, adapter: str | list[str] | None = None) -> nn.Module:
@@ -49,21 +49,14 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def _restore_requires_grad(model: nn.Module, state: LoraState) -> None:
-    for name, p in model.named_parameters():
-        if name in state.requires_grad:
-            p.requires_grad_(state.requires_grad[name])
-
-
 def _strip(model: nn.Module, keep_merged: bool) -> nn.Module:
-    state = get_state(model)
+    get_state(model)  # a clear error if the model carries no adapter
     for _, layer in lora_layers(model):
         if not keep_merged:
             for name in reversed(list(layer.merged_adapters)):
                 layer.unmerge_adapter(name)
         detach(layer)
-    _restore_requires_grad(model, state)
-    del model.__dict__["_lorakit"]
+    drop_state(model)
     return model
 
 

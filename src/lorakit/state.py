@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import LoraConfig
 from .layers import LoraLayer
@@ -29,11 +30,47 @@ class AdapterRecord:
 
 @dataclass
 class LoraState:
-    """All adapters on a model, the active ones, and the requires_grad flags before injection."""
+    """All adapters on a model, the active ones, the requires_grad flags before injection and lorakit's hooks."""
 
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
+    hooks: list[RemovableHandle] = field(default_factory=list)
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of the output head: hand it a contiguous input.
+
+    transformers' ``generate`` feeds the head ``hidden[:, -1:, :]`` (not contiguous for batch > 1),
+    and for a weight that does not require grad ``torch.matmul`` then expands the weight per row
+    and runs a batched matmul: on SmolLM2 (49,152 × 576) at batch 16 a ~0.9 GB copy and ~1.2 s
+    instead of ~5 ms. Injecting freezes the head, so lorakit pays the (batch × hidden) copy instead.
+    """
+    x = args[0] if args else None
+    if isinstance(x, Tensor) and x.dim() > 2 and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
+
+
+def create_state(model: nn.Module) -> LoraState:
+    """Attach a new `LoraState` to `model`: record every requires_grad flag, hook the output head."""
+    state = LoraState(requires_grad={name: p.requires_grad for name, p in model.named_parameters()})
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if isinstance(head, nn.Linear):
+        state.hooks.append(head.register_forward_pre_hook(_contiguous_input))
+    model.__dict__["_lorakit"] = state
+    return state
+
+
+def drop_state(model: nn.Module) -> None:
+    """Undo `create_state`: requires_grad flags as before injection, hooks removed, state gone."""
+    state = model.__dict__.pop("_lorakit")
+    for name, p in model.named_parameters():
+        if name in state.requires_grad:
+            p.requires_grad_(state.requires_grad[name])
+    for handle in state.hooks:
+        handle.remove()
 
 
 def get_state(model: nn.Module, required: bool = True) -> LoraState | None:
