@@ -2,15 +2,16 @@
 
     flock /tmp/lorakit-cpu.lock .venv/bin/python benchmarks/mixed_batch.py
 
-Prefill of B rows with random adapter ids out of N adapters (r=8; q,v and all-linear), median wall
-time relative to the plain base model:
+Prefill of B rows with random adapter ids out of N adapters (r=8; q,v and all-linear), wall time
+relative to the plain base model (median over rounds of the time / the same round's base time):
 - lorakit `mixed_batch` (per-row gathered A/B, two bmm per layer; the time includes entering the
   context, i.e. stacking the adapters of this batch),
 - (a) one forward per adapter group (`set_adapter`, rows of that adapter),
 - (b) PEFT's ``model(..., adapter_names=rows)`` on the same adapter files (adapters kept in the
   model's dtype, PEFT's fastest setting),
 - (c) the base model alone (1.00).
-Then lorakit's cost from 1 to 64 adapters, merged swap time and load-from-disk time per adapter.
+Then greedy generation through the mixed batch (prefill + decode with a KV cache, what `lorakit serve`
+runs), lorakit's cost from 1 to 64 adapters, merged swap time and load-from-disk time per adapter.
 All variants run interleaved, repetition by repetition, so machine noise hits them alike.
 """
 
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import paired_ratio
 
 import lorakit
 from lorakit.adapters import randomize_adapters
@@ -31,8 +33,8 @@ from lorakit.models import load_model
 TARGETS = {"q,v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 
 
-def median_times(fns: dict[str, callable], reps: int) -> dict[str, float]:
-    """Median seconds of each fn, run round-robin `reps` times after one warm-up each."""
+def round_times(fns: dict[str, callable], reps: int) -> dict[str, list[float]]:
+    """Seconds of each fn in each of `reps` rounds (every fn once per round, after one warm-up each)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
         for fn in fns.values():
@@ -42,7 +44,7 @@ def median_times(fns: dict[str, callable], reps: int) -> dict[str, float]:
                 t0 = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def lorakit_model(dtype: torch.dtype, targets, n: int, seed: int = 0):
@@ -66,11 +68,12 @@ def peft_from_files(dtype: torch.dtype, folders: list[Path]):
     return model.eval(), per_load
 
 
-def prefill_table(args, dtype, base, label, targets, configs) -> list[str]:
-    """Rows of the lorakit / loop / PEFT / base comparison for (N adapters, batch B) pairs."""
+def prefill_table(args, dtype, base, label, targets, configs) -> tuple:
+    """Print the lorakit / loop / PEFT / base rows for (N adapters, batch B) pairs.
+
+    Returns (the generation row, lorakit and PEFT seconds per adapter load, the lorakit model)."""
     n_max = max(n for n, _ in configs)
     model = lorakit_model(dtype, targets, n_max)
-    lines = []
     with tempfile.TemporaryDirectory() as tmp:
         folders = [lorakit.save_adapter(model, Path(tmp) / f"t{i}", adapter=f"t{i}") for i in range(n_max)]
         probe, _ = load_model("smollm2-135m", dtype=dtype)
@@ -101,20 +104,36 @@ def prefill_table(args, dtype, base, label, targets, configs) -> list[str]:
             "(a) loop per adapter": loop,
             "(b) PEFT adapter_names": lambda ids=ids, rows=rows: peft(ids, adapter_names=rows),
         }
-        t = median_times(fns, args.reps)
+        t = round_times(fns, args.reps)
+        ratio = {k: paired_ratio(v, t["base"]) for k, v in t.items()}
         with torch.no_grad():
             diff = (mixed().float() - peft(ids, adapter_names=rows).logits.float()).abs().max().item()
-        lines.append(
-            f"| {label} | {n} × {b} | {t['base'] * 1e3:.0f} ms | **{t['lorakit mixed'] / t['base']:.3f}×** "
-            f"| {t['(a) loop per adapter'] / t['base']:.2f}× | {t['(b) PEFT adapter_names'] / t['base']:.3f}× "
-            f"| {len(set(rows))} | {diff:.1e} |"
-        )
-        print(lines[-1], flush=True)
-    return lines, lk_load, peft_load, model
+        print(f"| {label} | {n} × {b} | {statistics.median(t['base']) * 1e3:.0f} ms | **{ratio['lorakit mixed']:.3f}×** "
+              f"| {ratio['(a) loop per adapter']:.2f}× | {ratio['(b) PEFT adapter_names']:.3f}× "
+              f"| {len(set(rows))} | {diff:.1e} |", flush=True)
+    return generate_row(args, base, label, model, peft), lk_load, peft_load, model
 
 
-def scaling_rows(args, dtype, base, label, targets, model) -> list[str]:
-    """lorakit mixed batch of 16 rows over 1..64 adapters (cost grows with the adapters a batch uses)."""
+def generate_row(args, base, label, model, peft) -> str:
+    """Greedy generation (the serving path: prefill + decode steps with a KV cache), 16 rows over 16 adapters."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(10, 40000, (16, args.gen_prompt), generator=gen)
+    rows = [f"t{i}" for i in torch.randint(0, 16, (16,), generator=gen).tolist()]
+    kw = dict(max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, do_sample=False,
+              attention_mask=torch.ones_like(ids), pad_token_id=0)
+
+    def mixed():
+        with lorakit.mixed_batch(model, rows):
+            return model.generate(ids, **kw)
+
+    t = round_times({"base": lambda: base.generate(ids, **kw), "lorakit mixed": mixed,
+                     "PEFT": lambda: peft.generate(input_ids=ids, adapter_names=rows, **kw)}, max(3, args.reps // 2))
+    return (f"| {label} | {statistics.median(t['base']) * 1e3:.0f} ms | **{paired_ratio(t['lorakit mixed'], t['base']):.3f}×** "
+            f"| {paired_ratio(t['PEFT'], t['base']):.3f}× |")
+
+
+def scaling_row(args, base, label, targets, model) -> None:
+    """Print lorakit's mixed batch of 16 rows over 1..64 adapters relative to the base model."""
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(10, 40000, (16, args.seq), generator=gen)
     have = len(lorakit.list_adapters(model))
@@ -130,10 +149,8 @@ def scaling_rows(args, dtype, base, label, targets, model) -> list[str]:
                 return model(ids)
 
         fns[n] = mixed
-    t = median_times(fns, args.reps)
-    row = f"| {label} | " + " | ".join(f"{t[n] / t['base']:.3f}×" for n in (1, 4, 16, 64)) + " |"
-    print(row, flush=True)
-    return [row]
+    t = round_times(fns, args.reps)
+    print(f"| {label} | " + " | ".join(f"{paired_ratio(t[n], t['base']):.3f}×" for n in (1, 4, 16, 64)) + " |", flush=True)
 
 
 def swap_times(dtype, targets, reps: int = 20) -> tuple[float, float]:
@@ -161,8 +178,8 @@ def swap_times(dtype, targets, reps: int = 20) -> tuple[float, float]:
         peft.base_model.set_adapter(names[state[0] % 2])
         peft.base_model.merge_adapter()
 
-    t = median_times({"lk": lk_swap, "peft": peft_swap}, reps)
-    return t["lk"], t["peft"]
+    t = round_times({"lk": lk_swap, "peft": peft_swap}, reps)
+    return statistics.median(t["lk"]), statistics.median(t["peft"])
 
 
 def main() -> None:
@@ -170,6 +187,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--seq", type=int, default=64, help="prompt length of every row")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--gen-prompt", type=int, default=16, help="prompt length of the generation rows")
+    parser.add_argument("--gen-tokens", type=int, default=32, help="new tokens of the generation rows")
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -181,22 +200,24 @@ def main() -> None:
     head = ("| targets | adapters × batch | base | lorakit mixed | (a) loop per adapter | (b) PEFT mixed "
             "| adapters used | max |Δlogits| vs PEFT |\n|---|---|---|---|---|---|---|---|")
     print(head)
-    table, scale, loads, swaps = [], [], {}, {}
-    models = {}
+    loads, models, gen_rows = {}, {}, []
     for label, targets in TARGETS.items():
-        rows, lk_load, peft_load, model = prefill_table(args, dtype, base, label, targets, [(4, 8), (16, 16)])
-        table += rows
+        gen_row, lk_load, peft_load, model = prefill_table(args, dtype, base, label, targets, [(4, 8), (16, 16)])
+        gen_rows.append(gen_row)
         loads[label] = (lk_load, peft_load)
         models[label] = model
+    print(f"\ngeneration, 16 rows over 16 adapters, {args.gen_prompt}-token prompts, {args.gen_tokens} new tokens "
+          "(greedy, KV cache), relative to the base model:\n")
+    print("| targets | base | lorakit mixed | PEFT adapter_names |\n|---|---|---|---|")
+    print("\n".join(gen_rows))
     print("\nlorakit mixed batch of 16 rows, cost relative to the base model, by number of adapters:\n")
     print("| targets | 1 | 4 | 16 | 64 |\n|---|---|---|---|---|")
     for label, targets in TARGETS.items():
-        scale += scaling_rows(args, dtype, base, label, targets, models.pop(label))
+        scaling_row(args, base, label, targets, models.pop(label))
     print("\nmerged swap (unmerge old + merge new) and load-from-disk per adapter:\n")
     print("| targets | lorakit swap | PEFT swap | speed-up | lorakit load | PEFT load |\n|---|---|---|---|---|---|")
     for label, targets in TARGETS.items():
-        swaps[label] = swap_times(dtype, targets)
-        lk, pf = swaps[label]
+        lk, pf = swap_times(dtype, targets)
         lk_load, peft_load = loads[label]
         print(f"| {label} | {lk * 1e3:.1f} ms | {pf * 1e3:.1f} ms | {pf / lk:.2f}× | {lk_load * 1e3:.0f} ms "
               f"| {peft_load * 1e3:.0f} ms |", flush=True)

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama
 
 import lorakit
+from conftest import tiny_bert, tiny_llama
 from lorakit.state import get_state
 
 CFG = lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
