@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from lorakit.demo import SLOTS, build_task, describe_example, make_records, parse_example, score
 
 
@@ -26,3 +28,19 @@ def test_score_exact_and_slots():
     half = [right[0], "nothing useful"]
     exact, slots = score(half, task)
     assert exact == 0.5 and slots == 0.5
+
+
+def test_interleaved_latency_pairs_rounds_and_leaves_the_model_merged(monkeypatch):
+    """The merged/base ratio is the median of each round's ratio, not a ratio of medians."""
+    import lorakit
+    from lorakit import demo
+
+    model = lorakit.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), lorakit.LoraConfig(r=2, target_modules=["0"]))
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    # the machine slows down round by round; within the rounds merged takes 1.0x, 1.3x, 1.1x the base
+    times = iter([1.0, 1.0, 1.2, 2.0, 2.6, 2.4, 4.0, 4.4, 4.8])
+    monkeypatch.setattr(demo, "forward_latency", lambda m, ids, repeats: next(times))
+    base, merged, unmerged, ratio = demo._interleaved_latency(plain, model, torch.zeros(1, 4), rounds=3)
+    assert (base, merged, unmerged) == (2.0, 2.6, 2.4)
+    assert abs(ratio - 1.1) < 1e-9  # a ratio of the medians would say 1.3
+    assert all(layer.merged_adapters for _, layer in lorakit.state.lora_layers(model))

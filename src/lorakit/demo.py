@@ -115,17 +115,23 @@ def forward_latency(model: nn.Module, ids: torch.Tensor, repeats: int = 15) -> f
     return statistics.median(times)
 
 
-def _interleaved_latency(plain: nn.Module, model: nn.Module, ids: torch.Tensor, rounds: int = 3) -> tuple[float, float, float]:
-    """(base, merged, unmerged) forward latency, alternating the models each round so drift hits all alike; leaves `model` merged."""
+def _interleaved_latency(plain: nn.Module, model: nn.Module, ids: torch.Tensor,
+                         rounds: int = 9) -> tuple[float, float, float, float]:
+    """(base, merged, unmerged latency, merged/base ratio), the models alternating round by round; leaves `model` merged.
+
+    The ratio is the median over rounds of merged / base within the round, so a machine that slows
+    down or speeds up between rounds does not show up as a difference between the models.
+    """
     base, merged, unmerged = [], [], []
     for _ in range(rounds):
-        base.append(forward_latency(plain, ids, repeats=10))
+        base.append(forward_latency(plain, ids, repeats=4))
         merging.merge(model)
-        merged.append(forward_latency(model, ids, repeats=10))
+        merged.append(forward_latency(model, ids, repeats=4))
         merging.unmerge(model)
-        unmerged.append(forward_latency(model, ids, repeats=10))
+        unmerged.append(forward_latency(model, ids, repeats=4))
     merging.merge(model)
-    return statistics.median(base), statistics.median(merged), statistics.median(unmerged)
+    ratio = statistics.median(m / b for m, b in zip(merged, base))
+    return statistics.median(base), statistics.median(merged), statistics.median(unmerged), ratio
 
 
 def _peak_rss_mb() -> float:
@@ -198,11 +204,12 @@ def run_demo(
 
     say("\n## 4. Merge: W = W0 + (alpha/r)·B·A, no extra inference latency")
     plain = load_model(model_name)[0].to(torch.bfloat16 if precision == "bf16" else torch.float32)  # the untouched base
-    base_latency, merged_latency, unmerged_latency = _interleaved_latency(plain, model, ids)
+    base_latency, merged_latency, unmerged_latency, merged_ratio = _interleaved_latency(plain, model, ids)
     del plain
     merged_same = generate(model, tok, [ex["prompt"] for ex in describe.test[:4]]) == tuned[:4]
-    say(f"forward latency ({ids.shape[1]} tokens, median of 3 interleaved rounds × 10): base {1e3 * base_latency:.1f} ms, "
-        f"merged {1e3 * merged_latency:.1f} ms ({merged_latency / base_latency:.2f}×), unmerged adapter {1e3 * unmerged_latency:.1f} ms")
+    say(f"forward latency ({ids.shape[1]} tokens, 9 interleaved rounds × 4): base {1e3 * base_latency:.1f} ms, "
+        f"merged {1e3 * merged_latency:.1f} ms ({merged_ratio:.2f}× the base, median of the rounds' ratios), "
+        f"unmerged adapter {1e3 * unmerged_latency:.1f} ms")
     say(f"merged answers equal the unmerged ones: {merged_same}")
     merging.unmerge(model)
 
@@ -232,7 +239,8 @@ def run_demo(
     (out / "report.md").write_text("\n".join(lines) + "\n\n![training loss of the 'describe' adapter](loss.png)\n")
     return {"base": base_scores, "tuned": {"describe": tuned_score, "parse": parse_score}, "trainable": trainable,
             "total_params": total_params, "peak_rss_mb": rss_peak, "adapter_mb": adapter_mb, "model_mb": model_mb,
-            "latency": {"base": base_latency, "merged": merged_latency, "unmerged": unmerged_latency},
+            "latency": {"base": base_latency, "merged": merged_latency, "unmerged": unmerged_latency,
+                        "merged_ratio": merged_ratio},
             "swap_s": max(swaps.values()), "merged_swap_s": merged_swap, "seconds": total}
 
 
