@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -657,8 +658,7 @@ def plot_loss(metrics_file: Path, png: Path) -> None:
         window = len(train) // 20  # smooth only when there are enough logged points to smooth
         ax.plot(*zip(*train), lw=0.8 if window > 1 else 1.6, alpha=0.5 if window > 1 else 1.0, label="train loss")
         if window > 1:
-            ys = [sum(y for _, y in train[max(0, i - window + 1):i + 1]) / len(train[max(0, i - window + 1):i + 1])
-                  for i in range(len(train))]
+            ys = [statistics.fmean(y for _, y in train[max(0, i - window + 1):i + 1]) for i in range(len(train))]
             ax.plot([s for s, _ in train], ys, lw=1.6, label=f"train loss (mean of {window} logged steps)")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
