@@ -97,7 +97,10 @@ def main() -> None:
                 if k in ("task", "data", "steps", "batch_size", "max_length", "precision", "threads") and v is not None]
             if args.train_size:
                 cmd.append(f"--train-size={args.train_size}")
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:  # the child's own error (a bad run key, a missing data folder), not just its exit code
+                sys.exit(f"run {run!r} seed {seed} failed:\n{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            out = proc.stdout.strip().splitlines()[-1]
             record = json.loads(out)
             results.append(record)
             with open(args.results, "a") as f:

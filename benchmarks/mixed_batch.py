@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--gen-prompt", type=int, default=16, help="prompt length of the generation rows")
     parser.add_argument("--gen-tokens", type=int, default=32, help="new tokens of the generation rows")
     args = parser.parse_args()
+    if min(args.seq, args.reps, args.gen_prompt, args.gen_tokens) < 1:
+        parser.error("--seq, --reps, --gen-prompt and --gen-tokens must be at least 1")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
