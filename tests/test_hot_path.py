@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers import LoraSpec, attach
+from lorakit.layers import SMALL_BATCH_ROWS, LoraSpec, attach
 
 
 def _layer(dtype: torch.dtype = torch.float32, bias: bool = True) -> nn.Linear:
@@ -131,3 +131,17 @@ def test_cached_inference_factors_follow_every_change_of_the_adapter(change):
         W, b = layer.weight, layer.bias
         expected = F.linear(x, W, b) + 4.0 * (x @ layer.lora_A["a"].t()) @ layer.lora_B["a"].t()
     torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [5, SMALL_BATCH_ROWS + 1])
+def test_bf16_inference_runs_the_update_in_fp32_for_few_rows_only(rows):
+    layer = _layer(torch.bfloat16)
+    x = torch.randn(rows, 24, dtype=torch.bfloat16)
+    At = layer.lora_A["a"].t().to(torch.bfloat16)  # the factors rounded as the activations are
+    Bt = (2.0 * layer.lora_B["a"].t()).to(torch.bfloat16)
+    base = F.linear(x, layer.weight, layer.bias)
+    # decode steps: fp32 update added to the bf16 base output, rounded once; prefill: the bf16 GEMMs
+    few = rows <= SMALL_BATCH_ROWS
+    expected = base.add_((x.float() @ At.float()) @ Bt.float()) if few else base.addmm_(x @ At, Bt)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), expected)

@@ -375,3 +375,20 @@ def test_a_name_listed_twice_in_set_adapter_applies_once(input_ids):
     lorakit.set_adapter(model, ["a", "a"])
     assert lorakit.active_adapters(model) == ["a"]
     assert torch.equal(logits(model, input_ids), once)
+
+
+@pytest.mark.parametrize("tokens", [3, 20])  # 4 rows: ≤ / > SMALL_BATCH_ROWS, fp32 / bf16 rank-r products
+def test_bf16_mixed_batch_equals_one_adapter_at_a_time_bit_for_bit(tokens):
+    model = two_adapters(seed=7).to(torch.bfloat16)
+    ids = torch.randint(3, 128, (4, tokens), generator=torch.Generator().manual_seed(8))
+    rows = ["b", None, "a", "b"]
+    with torch.no_grad():
+        ref = per_adapter_reference(model, ids, rows)
+    with lorakit.mixed_batch(model, rows):
+        with torch.no_grad():
+            assert torch.equal(logits(model, ids), ref)
+        model.get_input_embeddings().weight.requires_grad_(True)  # an output that records a graph: not written in place
+        recorded = model(ids).logits
+        model.get_input_embeddings().weight.requires_grad_(False)
+    assert recorded.grad_fn is not None and recorded.dtype == torch.bfloat16
+    assert torch.equal(recorded.detach(), ref)

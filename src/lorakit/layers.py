@@ -193,6 +193,22 @@ def tensor_fingerprint(t: Tensor) -> tuple[int, int, int]:
     return id(t), t._version, t.data_ptr()
 
 
+#: Up to this many token rows, a bf16/fp16 layer's rank-r products run in fp32 (see `lora_math_dtype`).
+SMALL_BATCH_ROWS = 64
+
+
+def lora_math_dtype(x: Tensor) -> torch.dtype:
+    """dtype of the inference-time rank-r products for activations `x` (..., k).
+
+    Decode steps (a few token rows) of a bf16/fp16 model run them in fp32: there the tiny GEMMs cost
+    their fixed call overhead, and oneDNN's bf16 path pays ~2x fp32's (16 rows × 576: ~80 vs ~40 µs
+    per layer); from ~100 rows on bf16's AMX path is the faster one. fp32 also rounds the update once.
+    """
+    if x.dtype in (torch.bfloat16, torch.float16) and x.numel() <= SMALL_BATCH_ROWS * x.shape[-1]:
+        return torch.float32
+    return x.dtype
+
+
 def _cast_factors(A: Tensor, B: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(Aᵀ (k, r), scale·Bᵀ (r, d)) in `dtype`, contiguous, one copy each.
 
@@ -262,24 +278,32 @@ class LoraLinearMixin(LoraLayer):
         A, B = self._modules["lora_A"]._parameters[name], self._modules["lora_B"]._parameters[name]
         if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
             return _FrozenLinearLora.apply(x, weight, bias, A, B, spec.scale)
-        At, Bt = self._inference_factors(name, A, B, spec.scale, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        out = F.linear(x2, weight, bias).addmm_(x2 @ At, Bt)  # (N, d)
+        dtype = lora_math_dtype(x2)
+        At, Bt = self._inference_factors(name, A, B, spec.scale, x.dtype, dtype)
+        out = F.linear(x2, weight, bias)
+        if dtype == out.dtype:
+            out.addmm_(x2 @ At, Bt)  # (N, d)
+        else:
+            out.add_((x2.to(dtype) @ At) @ Bt)  # the fp32 update added and rounded once
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _inference_factors(self, name: str, A: Tensor, B: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(Aᵀ, scale·Bᵀ) in `dtype`, contiguous, kept until A or B change (identity, version, storage).
+    def _inference_factors(
+        self, name: str, A: Tensor, B: Tensor, scale: float, dtype: torch.dtype, math_dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """(Aᵀ, scale·Bᵀ) rounded to `dtype`, held in `math_dtype`, contiguous, kept until A or B change.
 
         At inference the casts, the transposes and the scale cost more than the two rank-r products
-        (bf16, 128 tokens, 576×576: ~90 of ~210 µs); caching them removes that per forward.
+        (bf16, 128 tokens, 576×576: ~90 of ~210 µs); caching them removes that per forward. Rounding to
+        the activations' dtype even when the products run in fp32 gives the values mixed batches use.
         """
-        key = (dtype, scale, tensor_fingerprint(A), tensor_fingerprint(B))
+        key = (dtype, math_dtype, scale, tensor_fingerprint(A), tensor_fingerprint(B))
         cache = self.__dict__.setdefault("_lora_infer_cache", {})
         hit = cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.inference_mode(False):  # plain tensors, usable outside inference mode too
-            factors = _cast_factors(A, B, scale, dtype)
+            factors = tuple(t.to(math_dtype) for t in _cast_factors(A, B, scale, dtype))
         cache[name] = (key, factors)
         return factors
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .adapters import set_adapter
 from .config import LoraConfig
 from .functional import expand_sliced_B
-from .layers import LoraLayer, LoraSpec, tensor_fingerprint
+from .layers import LoraLayer, LoraSpec, lora_math_dtype, tensor_fingerprint
 from .state import AdapterRecord, get_state, lora_layers
 
 COMBINE_METHODS = ("cat", "linear", "svd")
@@ -126,33 +126,42 @@ class _RowAdapters:
             )
         return self.slots.repeat_interleave(n // b)
 
-    def _rows(self, n: int, x_dtype: torch.dtype, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(per-row Aᵀ (n, d_in, r) — an embedding's whole stack instead —, per-row (scale·B)ᵀ (n, r, d_out), bias (n, 1, d_out))."""
-        key = (n, x_dtype, out_dtype)
+    def _rows(self, n: int, dtype: torch.dtype, math_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-row Aᵀ (n, d_in, r) (an embedding: its whole stack), (scale·B)ᵀ (n, r, d_out), bias (n, 1, d_out).
+
+        Rounded to the activations' `dtype` (as the one-adapter path rounds them), held in `math_dtype`.
+        """
+        key = (n, dtype, math_dtype)
         hit = self._gathered.get(key)
         if hit is None:
             slots = self._row_slots(n)
-            A = self.A.to(out_dtype) if self.embedding else self.A.index_select(0, slots).to(x_dtype)
-            B = self.B.index_select(0, slots).to(out_dtype)  # index_select: ~3x faster than B[slots]
-            bias = self.bias.index_select(0, slots).unsqueeze(1).to(out_dtype) if self.bias is not None else None
-            hit = self._gathered[key] = (A, B, bias)
+            A = self.A if self.embedding else self.A.index_select(0, slots)
+            B = self.B.index_select(0, slots)  # index_select: ~3x faster than B[slots]
+            bias = self.bias.index_select(0, slots).unsqueeze(1) if self.bias is not None else None
+            hit = tuple(t.to(dtype).to(math_dtype) if t is not None else None for t in (A, B, bias))
+            self._gathered[key] = hit
         return hit
 
     def __call__(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         x = args[0]
         b = x.shape[0]
-        A, B, bias = self._rows(b, x.dtype, out.dtype)
         if self.embedding:
+            A, B, bias = self._rows(b, out.dtype, out.dtype)
             h = A[self._row_slots(b).view(-1, *([1] * (x.dim() - 1))), x]  # (b, ..., r): row i's A at its token ids
             h = h.reshape(b, -1, h.shape[-1])
+            dtype = out.dtype
         else:
-            h = torch.bmm(x.reshape(b, -1, x.shape[-1]), A).to(out.dtype)  # (b, T, r_max)
+            dtype = lora_math_dtype(x)  # fp32 at decode steps of a bf16 model, as the one-adapter path
+            A, B, bias = self._rows(b, x.dtype, dtype)
+            h = torch.bmm(x.reshape(b, -1, x.shape[-1]).to(dtype), A)  # (b, T, r_max)
         out3 = out.reshape(b, -1, out.shape[-1])
-        # out + row i's B·A·x in one pass; written into the base output when no graph needs it unchanged
         recording = torch.is_grad_enabled() and out.requires_grad
-        y = torch.baddbmm(out3, h, B) if recording else out3.baddbmm_(h, B)
+        if dtype != out.dtype:  # the fp32 update added and rounded once
+            y = torch.add(out3, torch.bmm(h, B)).to(out.dtype) if recording else out3.add_(torch.bmm(h, B))
+        else:  # out + row i's B·A·x in one pass; written into the base output when no graph needs it unchanged
+            y = torch.baddbmm(out3, h, B) if recording else out3.baddbmm_(h, B)
         if bias is not None:
-            y = y + bias
+            y = y + bias.to(out.dtype)
         return y.view(out.shape)
 
 
