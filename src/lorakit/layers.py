@@ -297,14 +297,15 @@ class LoraLinearMixin(LoraLayer):
         (bf16, 128 tokens, 576×576: ~90 of ~210 µs); caching them removes that per forward. Rounding to
         the activations' dtype even when the products run in fp32 gives the values mixed batches use.
         """
-        key = (dtype, math_dtype, scale, tensor_fingerprint(A), tensor_fingerprint(B))
-        cache = self.__dict__.setdefault("_lora_infer_cache", {})
-        hit = cache.get(name)
+        key = (scale, tensor_fingerprint(A), tensor_fingerprint(B))
+        # per adapter, one entry per (dtype, math_dtype): generate's bf16 prefill and fp32 decode steps both hit
+        cache = self.__dict__.setdefault("_lora_infer_cache", {}).setdefault(name, {})
+        hit = cache.get((dtype, math_dtype))
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.inference_mode(False):  # plain tensors, usable outside inference mode too
             factors = tuple(t.to(math_dtype) for t in _cast_factors(A, B, scale, dtype))
-        cache[name] = (key, factors)
+        cache[dtype, math_dtype] = (key, factors)
         return factors
 
     def lora_forward(self, x: Tensor, out: Tensor, name: str) -> Tensor:
