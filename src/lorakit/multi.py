@@ -98,8 +98,7 @@ class _RowAdapters:
     """A forward hook that adds row i's adapter update from its layer's stacks.
 
     `slots`: (batch,) stack slot of each row (0: base model, or an adapter not on this layer), one
-    tensor shared by every layer with the same slots (`slot_tensors`). Row i's A and B are gathered
-    once per batch size and dtype and kept for the block, so decoding steps reuse them.
+    tensor shared by every layer with the same slots (`slot_tensors`).
     """
 
     def __init__(self, layer: LoraLayer, rows: list[str | None], in_generate: list[bool], slot_tensors: dict) -> None:
@@ -112,7 +111,6 @@ class _RowAdapters:
             slot_tensors[slots, device] = torch.tensor(slots, dtype=torch.long, device=device)
         self.slots = slot_tensors[slots, device]
         self.embedding = layer.is_embedding
-        self._gathered: dict[tuple, tuple[Tensor, Tensor, Tensor | None]] = {}
 
     def _row_slots(self, n: int) -> Tensor:
         """Slots for a batch of `n` rows; inside ``generate``, num_beams / num_return_sequences repeat each row."""
@@ -130,17 +128,13 @@ class _RowAdapters:
         """Per-row Aᵀ (n, d_in, r) (an embedding: its whole stack), (scale·B)ᵀ (n, r, d_out), bias (n, 1, d_out).
 
         Rounded to the activations' `dtype` (as the one-adapter path rounds them), held in `math_dtype`.
+        Gathered per call, not kept: kept copies would cost rows × adapter size for the whole block.
         """
-        key = (n, dtype, math_dtype)
-        hit = self._gathered.get(key)
-        if hit is None:
-            slots = self._row_slots(n)
-            A = self.A if self.embedding else self.A.index_select(0, slots)
-            B = self.B.index_select(0, slots)  # index_select: ~3x faster than B[slots]
-            bias = self.bias.index_select(0, slots).unsqueeze(1) if self.bias is not None else None
-            hit = tuple(t.to(dtype).to(math_dtype) if t is not None else None for t in (A, B, bias))
-            self._gathered[key] = hit
-        return hit
+        slots = self._row_slots(n)
+        A = self.A if self.embedding else self.A.index_select(0, slots)
+        B = self.B.index_select(0, slots)  # index_select: ~3x faster than B[slots]
+        bias = self.bias.index_select(0, slots).unsqueeze(1) if self.bias is not None else None
+        return tuple(t.to(dtype).to(math_dtype) if t is not None else None for t in (A, B, bias))
 
     def __call__(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         x = args[0]
