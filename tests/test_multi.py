@@ -247,6 +247,11 @@ def test_mixed_batch_sees_adapters_changed_added_or_removed_since_the_last_batch
     ref = per_adapter_reference(model, ids, rows)
     with lorakit.mixed_batch(model, rows):
         assert torch.allclose(logits(model, ids), ref, atol=1e-5)
+    for _, layer in lora_layers(model):  # storage swapped under the same Parameter (no version bump)
+        layer.lora_B["b"].data = torch.randn_like(layer.lora_B["b"]) * 0.1
+    ref = per_adapter_reference(model, ids, rows)
+    with lorakit.mixed_batch(model, rows):
+        assert torch.allclose(logits(model, ids), ref, atol=1e-5)
     lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=5), adapter="c")
     randomize_adapters(model, std=0.1, seed=10)
     lorakit.delete_adapter(model, "a")
