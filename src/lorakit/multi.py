@@ -78,8 +78,7 @@ def _stack_key(layer: LoraLayer) -> tuple:
     As, Bs, biases = (layer._modules[k]._parameters for k in ("lora_A", "lora_B", "lora_B_bias"))
     key: list = []
     for n, spec in layer.lora_specs.items():
-        A, B = As[n], Bs[n]  # tensor_fingerprint, inlined: ~7,000 calls per entry
-        key += (n, spec, id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr())
+        key += (n, spec, *tensor_fingerprint(As[n]), *tensor_fingerprint(Bs[n]))
         if n in biases:
             key += tensor_fingerprint(biases[n])
     return tuple(key)
@@ -124,13 +123,12 @@ class _RowAdapters:
             )
         return self.slots.repeat_interleave(n // b)
 
-    def _rows(self, n: int, dtype: torch.dtype, math_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _rows(self, slots: Tensor, dtype: torch.dtype, math_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
         """Per-row Aᵀ (n, d_in, r) (an embedding: its whole stack), (scale·B)ᵀ (n, r, d_out), bias (n, 1, d_out).
 
         Rounded to the activations' `dtype` (as the one-adapter path rounds them), held in `math_dtype`.
         Gathered per call, not kept: kept copies would cost rows × adapter size for the whole block.
         """
-        slots = self._row_slots(n)
         A = self.A if self.embedding else self.A.index_select(0, slots)
         B = self.B.index_select(0, slots)  # index_select: ~3x faster than B[slots]
         bias = self.bias.index_select(0, slots).unsqueeze(1) if self.bias is not None else None
@@ -139,14 +137,15 @@ class _RowAdapters:
     def __call__(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         x = args[0]
         b = x.shape[0]
+        slots = self._row_slots(b)
         if self.embedding:
-            A, B, bias = self._rows(b, out.dtype, out.dtype)
-            h = A[self._row_slots(b).view(-1, *([1] * (x.dim() - 1))), x]  # (b, ..., r): row i's A at its token ids
+            A, B, bias = self._rows(slots, out.dtype, out.dtype)
+            h = A[slots.view(-1, *([1] * (x.dim() - 1))), x]  # (b, ..., r): row i's A at its token ids
             h = h.reshape(b, -1, h.shape[-1])
             dtype = out.dtype
         else:
             dtype = lora_math_dtype(x)  # fp32 at decode steps of a bf16 model, as the one-adapter path
-            A, B, bias = self._rows(b, x.dtype, dtype)
+            A, B, bias = self._rows(slots, x.dtype, dtype)
             h = torch.bmm(x.reshape(b, -1, x.shape[-1]).to(dtype), A)  # (b, T, r_max)
         out3 = out.reshape(b, -1, out.shape[-1])
         recording = torch.is_grad_enabled() and out.requires_grad
