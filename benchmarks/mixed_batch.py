@@ -9,7 +9,8 @@ relative to the plain base model (median over rounds of the time / the same roun
 - (a) one forward per adapter group (`set_adapter`, rows of that adapter),
 - (b) PEFT's ``model(..., adapter_names=rows)`` on the same adapter files (adapters kept in the
   model's dtype, PEFT's fastest setting),
-- (c) the base model alone (1.00).
+- (c) the base model alone (1.00), and a second, separately loaded copy of it: an A/A ratio that
+  shows how far this run's noise alone moves a ratio.
 Then greedy generation through the mixed batch (prefill + decode with a KV cache, what `lorakit serve`
 runs), lorakit's cost from 1 to 64 adapters, merged swap time and load-from-disk time per adapter.
 All variants run interleaved, repetition by repetition, so machine noise hits them alike.
@@ -34,13 +35,20 @@ TARGETS = {"q,v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 
 
 def round_times(fns: dict[str, callable], reps: int) -> dict[str, list[float]]:
-    """Seconds of each fn in each of `reps` rounds (every fn once per round, after one warm-up each)."""
+    """Seconds of each fn in each of `reps` rounds (every fn once per round, after one warm-up each).
+
+    The order rotates from round to round: on this machine whichever runs first in a round can be a few
+    percent faster or slower (an A/A test of two identical base models gave 1.02-1.03x), so no variant
+    is always first.
+    """
     times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
     with torch.no_grad():
         for fn in fns.values():
             fn()
-        for _ in range(reps):
-            for k, fn in fns.items():
+        for i in range(reps):
+            for k in keys[i % len(keys):] + keys[: i % len(keys)]:
+                fn = fns[k]
                 t0 = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t0)
@@ -68,7 +76,7 @@ def peft_from_files(dtype: torch.dtype, folders: list[Path]):
     return model.eval(), per_load
 
 
-def prefill_table(args, dtype, base, label, targets, configs) -> tuple:
+def prefill_table(args, dtype, base, copy, label, targets, configs) -> tuple:
     """Print the lorakit / loop / PEFT / base rows for (N adapters, batch B) pairs.
 
     Returns (the generation row, lorakit and PEFT seconds per adapter load, the lorakit model)."""
@@ -103,6 +111,7 @@ def prefill_table(args, dtype, base, label, targets, configs) -> tuple:
             "lorakit mixed": mixed,
             "(a) loop per adapter": loop,
             "(b) PEFT adapter_names": lambda ids=ids, rows=rows: peft(ids, adapter_names=rows),
+            "(c) base copy": lambda ids=ids: copy(ids),
         }
         t = round_times(fns, args.reps)
         ratio = {k: paired_ratio(v, t["base"]) for k, v in t.items()}
@@ -110,7 +119,7 @@ def prefill_table(args, dtype, base, label, targets, configs) -> tuple:
             diff = (mixed().float() - peft(ids, adapter_names=rows).logits.float()).abs().max().item()
         print(f"| {label} | {n} × {b} | {statistics.median(t['base']) * 1e3:.0f} ms | **{ratio['lorakit mixed']:.3f}×** "
               f"| {ratio['(a) loop per adapter']:.2f}× | {ratio['(b) PEFT adapter_names']:.3f}× "
-              f"| {len(set(rows))} | {diff:.1e} |", flush=True)
+              f"| {ratio['(c) base copy']:.3f}× | {len(set(rows))} | {diff:.1e} |", flush=True)
     return generate_row(args, base, label, model, peft), lk_load, peft_load, model
 
 
@@ -197,14 +206,15 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     base, _ = load_model("smollm2-135m", dtype=dtype)
     base.eval()
+    copy = load_model("smollm2-135m", dtype=dtype)[0].eval()
     print(f"SmolLM2-135M, {args.dtype}, prefill of {args.seq} tokens per row, r=8, median of {args.reps}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     head = ("| targets | adapters × batch | base | lorakit mixed | (a) loop per adapter | (b) PEFT mixed "
-            "| adapters used | max |Δlogits| vs PEFT |\n|---|---|---|---|---|---|---|---|")
+            "| (c) base copy (A/A) | adapters used | max |Δlogits| vs PEFT |\n|---|---|---|---|---|---|---|---|---|")
     print(head)
     loads, models, gen_rows = {}, {}, []
     for label, targets in TARGETS.items():
-        gen_row, lk_load, peft_load, model = prefill_table(args, dtype, base, label, targets, [(4, 8), (16, 16)])
+        gen_row, lk_load, peft_load, model = prefill_table(args, dtype, base, copy, label, targets, [(4, 8), (16, 16)])
         gen_rows.append(gen_row)
         loads[label] = (lk_load, peft_load)
         models[label] = model
