@@ -6,6 +6,7 @@ the frozen base model's own forward + backward to the input activations only: ev
 Configurations (floor, lorakit, PEFT; r=8 on q,v and on all 7 linear layers) run interleaved
 (round-robin) in one process; the table reports medians and each configuration's ratio to the floor, the
 median over rounds of its step time / the floor's in the same round (robust to drift on a shared machine).
+``floor-copy`` is a second, separately loaded floor: its ratio (an A/A test) shows the run's own noise.
 Peak memory: each configuration runs alone in a child process of this script (``--child``), which
 resets the kernel's peak-RSS counter after loading the model and reports the step's peak RSS.
 
@@ -78,11 +79,11 @@ def step(setup: Setup, ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-CONFIGS = [("floor", None), ("lorakit", "qv"), ("peft", "qv"), ("lorakit", "all"), ("peft", "all")]
+CONFIGS = [("floor", None), ("floor", "copy"), ("lorakit", "qv"), ("peft", "qv"), ("lorakit", "all"), ("peft", "all")]
 
 
 def configs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
-    return [(k, t) for k, t in CONFIGS if (k != "peft" or args.peft) and (t is None or t in args.targets)]
+    return [(k, t) for k, t in CONFIGS if (k != "peft" or args.peft) and (t in (None, "copy") or t in args.targets)]
 
 
 def _peak_rss_mib() -> float:
