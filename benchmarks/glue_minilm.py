@@ -23,7 +23,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
 
 def parse_run(spec: str) -> dict:
-    """``method[:key=value,...]``, e.g. ``lora:lr=1e-3,alpha=32,init=gaussian,head=pooler+classifier``."""
+    """``method[:key=value,...]``, e.g. ``lora:lr=1e-3,alpha=32,init=gaussian,head=pooler+classifier,base_dropout=0``."""
     method, _, rest = spec.partition(":")
     run = {"method": method}
     for kv in filter(None, rest.split(",")):
@@ -57,6 +57,10 @@ def child(args: argparse.Namespace) -> None:
         weight_decay=float(run.get("wd", 0.0)), init=run.get("init", "kaiming"), seed=args.seed, precision=run.get("precision", args.precision),
         eval_batch_size=128, modules_to_save=head if run["method"] == "lora" else None, log_every=1,
     )
+    if "base_dropout" in run:  # the encoder's own dropout (BERT: 0.1 on attention and hidden states)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = float(run["base_dropout"])
     t0 = time.perf_counter()
     result = finetune(model, tok, train, dev, cfg)
     steps = [h["step_s"] for h in result.history if "step_s" in h]
