@@ -22,12 +22,21 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
 
+RUN_KEYS = ("lr", "alpha", "r", "ratio_b", "head", "target", "warmup", "wd", "dropout", "init", "precision", "base_dropout")
+
+
 def parse_run(spec: str) -> dict:
-    """``method[:key=value,...]``, e.g. ``lora:lr=1e-3,alpha=32,init=gaussian,head=pooler+classifier,base_dropout=0``."""
+    """``method[:key=value,...]``, e.g. ``lora:lr=1e-3,alpha=32,init=gaussian,head=pooler+classifier,base_dropout=0``.
+
+    An unknown method or key is an error (a typo would otherwise run the defaults under the probe's name)."""
     method, _, rest = spec.partition(":")
+    if method not in ("lora", "full"):
+        raise ValueError(f"run {spec!r}: method must be 'lora' or 'full', got {method!r}")
     run = {"method": method}
     for kv in filter(None, rest.split(",")):
         key, _, value = kv.partition("=")
+        if key not in RUN_KEYS or not value:
+            raise ValueError(f"run {spec!r}: {kv!r} is not key=value with a known key; keys: {', '.join(RUN_KEYS)}")
         run[key] = value
     return run
 
@@ -92,6 +101,11 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    for run in args.runs:
+        try:
+            parse_run(run)
+        except ValueError as e:
+            p.error(str(e))
     results = []
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
