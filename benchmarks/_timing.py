@@ -9,3 +9,9 @@ def paired_ratio(times: list[float], ref: list[float]) -> float:
     """Median over rounds of ``times[i] / ref[i]``: each round runs every configuration back to back, so
     pairing within a round cancels the slow drift of a shared machine that skews a ratio of medians."""
     return statistics.median(t / r for t, r in zip(times, ref, strict=True))
+
+
+def rotated(items: list, i: int) -> list:
+    """`items` started at position ``i % len(items)``: round i's order, so no configuration always runs first."""
+    k = i % len(items)
+    return items[k:] + items[:k]

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _timing import paired_ratio
+from _timing import paired_ratio, rotated
 
 import lorakit
 from lorakit.adapters import randomize_adapters
@@ -42,15 +42,13 @@ def round_times(fns: dict[str, callable], reps: int) -> dict[str, list[float]]:
     is always first.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
     with torch.no_grad():
         for fn in fns.values():
             fn()
         for i in range(reps):
-            for k in keys[i % len(keys):] + keys[: i % len(keys)]:
-                fn = fns[k]
+            for k in rotated(list(fns), i):
                 t0 = time.perf_counter()
-                fn()
+                fns[k]()
                 times[k].append(time.perf_counter() - t0)
     return times
 
@@ -76,7 +74,7 @@ def peft_from_files(dtype: torch.dtype, folders: list[Path]):
     return model.eval(), per_load
 
 
-def prefill_table(args, dtype, base, copy, label, targets, configs) -> tuple:
+def prefill_table(args, dtype, base, base_copy, label, targets, configs) -> tuple:
     """Print the lorakit / loop / PEFT / base rows for (N adapters, batch B) pairs.
 
     Returns (the generation row, lorakit and PEFT seconds per adapter load, the lorakit model)."""
@@ -111,7 +109,7 @@ def prefill_table(args, dtype, base, copy, label, targets, configs) -> tuple:
             "lorakit mixed": mixed,
             "(a) loop per adapter": loop,
             "(b) PEFT adapter_names": lambda ids=ids, rows=rows: peft(ids, adapter_names=rows),
-            "(c) base copy": lambda ids=ids: copy(ids),
+            "(c) base copy": lambda ids=ids: base_copy(ids),
         }
         t = round_times(fns, args.reps)
         ratio = {k: paired_ratio(v, t["base"]) for k, v in t.items()}
@@ -206,7 +204,7 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     base, _ = load_model("smollm2-135m", dtype=dtype)
     base.eval()
-    copy = load_model("smollm2-135m", dtype=dtype)[0].eval()
+    base_copy = load_model("smollm2-135m", dtype=dtype)[0].eval()
     print(f"SmolLM2-135M, {args.dtype}, prefill of {args.seq} tokens per row, r=8, median of {args.reps}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     head = ("| targets | adapters × batch | base | lorakit mixed | (a) loop per adapter | (b) PEFT mixed "
@@ -214,7 +212,7 @@ def main() -> None:
     print(head)
     loads, models, gen_rows = {}, {}, []
     for label, targets in TARGETS.items():
-        gen_row, lk_load, peft_load, model = prefill_table(args, dtype, base, copy, label, targets, [(4, 8), (16, 16)])
+        gen_row, lk_load, peft_load, model = prefill_table(args, dtype, base, base_copy, label, targets, [(4, 8), (16, 16)])
         gen_rows.append(gen_row)
         loads[label] = (lk_load, peft_load)
         models[label] = model

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _timing import paired_ratio
+from _timing import paired_ratio, rotated
 
 import lorakit
 from lorakit.models import load_model
@@ -140,8 +140,7 @@ def timing(args: argparse.Namespace, dtype: str) -> dict[str, list[float]]:
             step(s, ids)
     times: dict[str, list[float]] = {s.name: [] for s in setups}
     for i in range(args.repeats):
-        order = setups[i % len(setups):] + setups[: i % len(setups)]  # rotate: no config always first
-        for s in order:
+        for s in rotated(setups, i):
             times[s.name].append(step(s, ids))
     return times
 
