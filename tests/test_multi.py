@@ -217,10 +217,17 @@ def test_mixed_batch_through_generate_with_kv_cache(kwargs):
     model = two_adapters(seed=5)
     ids = torch.randint(3, 128, (4, 5), generator=torch.Generator().manual_seed(6))
     rows = ["b", None, "a", "b"]
-    per_row = kwargs.get("num_return_sequences", 1)
     with lorakit.mixed_batch(model, rows), torch.no_grad():
         mixed = model.generate(ids, **kwargs)
-    expected = torch.empty_like(mixed)
+    assert torch.equal(mixed, per_adapter_generate(model, ids, rows, kwargs))
+    assert "generate" not in model.__dict__  # the block's generate wrapper is gone
+    assert len({tuple(r) for r in mixed[:, 5:].tolist()}) > 1  # the adapters do change the text
+
+
+def per_adapter_generate(model, ids, rows, kwargs):
+    """Row i's `generate` output with only rows[i] active (num_return_sequences rows per input row)."""
+    per_row = kwargs.get("num_return_sequences", 1)
+    expected = None
     for name in dict.fromkeys(rows):
         with torch.no_grad():
             if name is None:
@@ -229,12 +236,28 @@ def test_mixed_batch_through_generate_with_kv_cache(kwargs):
             else:
                 lorakit.set_adapter(model, name)
                 out = model.generate(ids, **kwargs)
+        expected = torch.empty_like(out) if expected is None else expected
         for i, n in enumerate(rows):
             if n == name:
                 expected[i * per_row:(i + 1) * per_row] = out[i * per_row:(i + 1) * per_row]
-    assert torch.equal(mixed, expected)
-    assert "generate" not in model.__dict__  # the block's generate wrapper is gone
-    assert len({tuple(r) for r in mixed[:, 5:].tolist()}) > 1  # the adapters do change the text
+    return expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_rows", [2, 8])  # 3 stack slots: 2 rows' (fp32) factors are kept, 8 rows' exceed twice the stacks
+def test_mixed_generate_reuses_per_row_factors_only_within_budget(dtype, n_rows):
+    model = two_adapters(seed=11).to(dtype)
+    ids = torch.randint(3, 128, (n_rows, 4), generator=torch.Generator().manual_seed(12))
+    rows = (["a", "b", None, "b"] * 2)[:n_rows]
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    seen = []
+    with lorakit.mixed_batch(model, rows), torch.no_grad():
+        mixed = model.generate(ids, **kwargs)
+        for _, layer in lora_layers(model):
+            seen += [hook.kept_rows for hook in layer._forward_hooks.values() if hasattr(hook, "kept_rows")]
+    assert torch.equal(mixed, per_adapter_generate(model, ids, rows, kwargs))
+    assert seen and all((kept is not None) == (n_rows == 2) for kept in seen)
+    assert not any(hasattr(h, "kept_rows") for _, layer in lora_layers(model) for h in layer._forward_hooks.values())
 
 
 def test_mixed_batch_sees_adapters_changed_added_or_removed_since_the_last_batch():

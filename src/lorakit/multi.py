@@ -110,6 +110,7 @@ class _RowAdapters:
             slot_tensors[slots, device] = torch.tensor(slots, dtype=torch.long, device=device)
         self.slots = slot_tensors[slots, device]
         self.embedding = layer.is_embedding
+        self.kept_rows: tuple | None = None  # (key, per-row factors) reused by the next calls, see `_rows`
 
     def _row_slots(self, n: int) -> Tensor:
         """Slots for a batch of `n` rows; inside ``generate``, num_beams / num_return_sequences repeat each row."""
@@ -127,12 +128,26 @@ class _RowAdapters:
         """Per-row Aᵀ (n, d_in, r) (an embedding: its whole stack), (scale·B)ᵀ (n, r, d_out), bias (n, 1, d_out).
 
         Rounded to the activations' `dtype` (as the one-adapter path rounds them), held in `math_dtype`.
-        Gathered per call, not kept: kept copies would cost rows × adapter size for the whole block.
+        Kept for the block's next calls with as many rows (generate's decode steps, where the gather
+        costs more than the one-token products) while no larger than twice the layer's stacks;
+        otherwise gathered per call.
         """
+        key = (slots.shape[0], dtype, math_dtype)
+        if self.kept_rows is not None and self.kept_rows[0] == key:
+            return self.kept_rows[1]
         A = self.A if self.embedding else self.A.index_select(0, slots)
         B = self.B.index_select(0, slots)  # index_select: ~3x faster than B[slots]
         bias = self.bias.index_select(0, slots).unsqueeze(1) if self.bias is not None else None
-        return tuple(t.to(dtype).to(math_dtype) if t is not None else None for t in (A, B, bias))
+        rows = tuple(t.to(dtype).to(math_dtype) if t is not None else None for t in (A, B, bias))
+        if self._fits(rows):
+            self.kept_rows = (key, rows)
+        return rows
+
+    def _fits(self, rows: tuple[Tensor, Tensor, Tensor | None]) -> bool:
+        """Whether keeping `rows` costs at most twice the layer's stacks (with bf16 stacks: fp32 rows for as many rows as slots)."""
+        stacks = sum(t.numel() * t.element_size() for t in (self.A, self.B, self.bias) if t is not None)
+        kept = sum(t.numel() * t.element_size() for t in rows if t is not None and t is not self.A)
+        return kept <= 2 * stacks
 
     def __call__(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         x = args[0]
