@@ -64,3 +64,22 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The model's logits without grad."""
     with torch.no_grad():
         return model(ids).logits
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-()" + "".join(
+    chr(c) for c in range(0x400, 0x400 + 51)
+)  # Cyrillic letters fill the tiny model's vocabulary of 128, so every generated id decodes to one character
+
+
+def char_tokenizer():
+    """A character-level `PreTrainedTokenizerFast` (ids 0..127): <pad>=0, <s>=1, </s>=2, <unk>=3."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 import lorakit
 from lorakit.cli import build_parser, main
+from lorakit.training import lr_schedule
 
 
 def test_version(capsys):
@@ -47,3 +49,29 @@ def test_demo_parser_is_registered_with_a_handler():
 def test_python_dash_m_lorakit_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "lorakit", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == f"lorakit {lorakit.__version__}"
+
+
+def test_finetune_command_on_a_local_model_folder(tmp_path, capsys):
+    """`lorakit finetune` end to end: local model + JSONL, cosine schedule, adapter, metrics and plot written."""
+    pytest.importorskip("tokenizers")
+    from conftest import char_tokenizer, tiny_llama
+
+    model_dir, out = tmp_path / "model", tmp_path / "run"
+    tiny_llama().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"add {i} {i}", "answer": str(2 * i)}) + "\n" for i in range(12)))
+    args = ["finetune", "--model", str(model_dir), "--data", str(data), "--prompt-field", "question",
+            "--completion-field", "answer", "--steps", "6", "--batch-size", "4", "--lr", "1e-2", "--warmup", "2",
+            "--schedule", "cosine", "--precision", "fp32", "--target", "q_proj,v_proj,o_proj", "--out", str(out)]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "lr" in r]
+    expected = [1e-2 * lr_schedule(6, 2, "cosine")(s) for s in range(6)]
+    assert lrs == pytest.approx(expected)
+    assert (out / "loss.png").stat().st_size > 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["o_proj", "q_proj", "v_proj"]
+    with pytest.raises(SystemExit):  # an unknown schedule is argparse's error, before any work
+        main(args[:-2] + ["--schedule", "step", "--out", str(tmp_path / "bad")])
+    assert "invalid choice: 'step'" in capsys.readouterr().err and not (tmp_path / "bad").exists()

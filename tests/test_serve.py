@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import tiny_llama
+from conftest import char_tokenizer, tiny_llama
 from lorakit.adapters import randomize_adapters
 
 httpx = pytest.importorskip("httpx")
@@ -21,24 +21,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from lorakit.serve import Engine, create_app  # noqa: E402
 
-CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-()" + "".join(
-    chr(c) for c in range(0x400, 0x400 + 51)
-)  # Cyrillic letters fill the tiny model's vocabulary of 128, so every generated id decodes to one character
 MAX_WAIT = 0.4  # seconds a batch waits for more requests: concurrent requests below arrive well within it
-
-
-def char_tokenizer():
-    """A character-level `PreTrainedTokenizerFast` (ids 0..127): <pad>=0, <s>=1, </s>=2, <unk>=3."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
 
 
 def offline(model, tokenizer, prompt: str, adapter: str | None, max_tokens: int) -> str:

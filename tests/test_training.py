@@ -26,7 +26,7 @@ from lorakit.training import (
     evaluate,
     finetune,
     latest_checkpoint,
-    linear_schedule,
+    lr_schedule,
 )
 from toy_tokenizer import ByteTokenizer
 from train_worker import config, examples
@@ -118,8 +118,13 @@ def test_lora_plus_gives_B_a_higher_learning_rate():
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-    f = linear_schedule(10, 4)
+    f = lr_schedule(10, 4)
     assert [round(f(s), 2) for s in range(10)] == [0.2, 0.4, 0.6, 0.8, 1.0, 0.83, 0.67, 0.5, 0.33, 0.17]
+    cosine = lr_schedule(10, 4, "cosine")  # 0.5·(1 + cos(π·t)), t = decay progress: 0 → 1
+    assert [round(cosine(s), 2) for s in range(10)] == [0.2, 0.4, 0.6, 0.8, 1.0, 0.93, 0.75, 0.5, 0.25, 0.07]
+    assert [lr_schedule(10, 0.2, "constant")(s) for s in range(10)] == [1 / 3, 2 / 3] + [1.0] * 8
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        TrainConfig(schedule="step")
 
 
 def test_grad_accumulation_matches_a_big_batch():

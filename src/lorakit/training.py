@@ -47,7 +47,8 @@ STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 #: TrainConfig fields that must match when a run resumes (the others may change, e.g. eval_every).
 RESUME_FIELDS = ("task", "method", "r", "alpha", "target_modules", "lr", "lr_ratio_b", "steps", "epochs",
-                 "batch_size", "grad_accum", "max_length", "warmup", "weight_decay", "seed", "precision")
+                 "batch_size", "grad_accum", "max_length", "warmup", "schedule", "weight_decay", "seed", "precision")
+SCHEDULES = ("linear", "cosine", "constant")
 
 
 class TrainingError(RuntimeError):
@@ -60,7 +61,8 @@ class TrainConfig:
 
     `batch_size` is per micro-batch; an optimizer step sees ``batch_size * grad_accum`` examples.
     `steps` (optimizer steps) wins over `epochs`. `warmup` < 1 is a fraction of the steps, else a
-    step count. `precision`: ``"auto"`` (bf16 frozen base where the CPU/GPU runs bf16 fast, else
+    step count; after it the lr follows `schedule` (``"linear"`` or ``"cosine"`` decay to 0, or
+    ``"constant"``). `precision`: ``"auto"`` (bf16 frozen base where the CPU/GPU runs bf16 fast, else
     fp32), ``"bf16"`` or ``"fp32"``; trainable weights and optimizer state stay fp32.
     """
 
@@ -79,6 +81,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 256
     warmup: float = 0.06
+    schedule: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     grad_checkpointing: bool = False
@@ -108,6 +111,8 @@ class TrainConfig:
             raise ValueError(f"lr and lr_ratio_b must be positive, got {self.lr!r}, {self.lr_ratio_b!r}")
         if self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("warmup, weight_decay and max_grad_norm must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
 
@@ -314,14 +319,18 @@ def total_steps(n_examples: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(micro / cfg.grad_accum))
 
 
-def linear_schedule(total: int, warmup: float) -> Callable[[int], float]:
-    """lr multiplier: linear warm-up over `warmup` steps (a fraction of `total` if < 1), then linear decay to 0."""
+def lr_schedule(total: int, warmup: float, schedule: str = "linear") -> Callable[[int], float]:
+    """lr multiplier: linear warm-up over `warmup` steps (a fraction of `total` if < 1), then `schedule`
+    (``"linear"`` or ``"cosine"`` decay to 0 at `total`, or ``"constant"``)."""
     warm = int(round(warmup * total)) if warmup < 1 else int(warmup)
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / (warm + 1)
-        return max(0.0, (total - step) / max(1, total - warm))
+        left = max(0.0, (total - step) / max(1, total - warm))  # 1 → 0 over the decay
+        if schedule == "cosine":
+            return 0.5 * (1 - math.cos(math.pi * left))
+        return left if schedule == "linear" else 1.0
 
     return factor
 
@@ -439,7 +448,7 @@ def finetune(
             log.warning("%s has no activation checkpointing: grad_checkpointing ignored", type(model).__name__)
     optimizer = build_optimizer(model, cfg)
     total = total_steps(len(train_enc), cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total, cfg.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(total, cfg.warmup, cfg.schedule))
     trainable = [p for p in model.parameters() if p.requires_grad]
     named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     step = 0
@@ -586,7 +595,7 @@ def _load_checkpoint(
 ) -> int:
     """Restore trainable weights, optimizer, scheduler and RNG from `path`; returns its step."""
     meta = json.loads((path / STATE_JSON).read_text())
-    saved = meta["config"]
+    saved = {**TrainConfig().to_dict(), **meta["config"]}  # a field added since the checkpoint: its default
     changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in RESUME_FIELDS
                if json.loads(json.dumps(getattr(cfg, k))) != saved.get(k)]
     if meta.get("data_sha256") and data_sha and meta["data_sha256"] != data_sha:

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--warmup", type=float, default=0.06, help="warm-up steps (or a fraction of the steps if < 1)")
+    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear",
+                   help="learning rate after the warm-up: linear or cosine decay to 0, or constant")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         task=args.task, method=args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=target,
         lr=args.lr, lr_ratio_b=args.lr_ratio_b, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, max_length=args.max_length, warmup=args.warmup, weight_decay=args.weight_decay,
+        grad_accum=args.grad_accum, max_length=args.max_length, warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, grad_checkpointing=args.grad_checkpointing, eval_every=args.eval_every,
         save_every=args.save_every, seed=args.seed, precision=args.precision,
         use_chat_template=False if args.no_chat_template else None,
