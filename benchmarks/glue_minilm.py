@@ -22,7 +22,7 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
 
-RUN_KEYS = ("lr", "alpha", "r", "ratio_b", "head", "target", "warmup", "schedule", "wd", "dropout", "init", "precision", "base_dropout")
+RUN_KEYS = ("lr", "alpha", "r", "ratio_b", "head", "target", "warmup", "schedule", "wd", "dropout", "init", "precision", "base_dropout", "clip")
 
 
 def parse_run(spec: str) -> dict:
@@ -65,6 +65,7 @@ def child(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, max_length=args.max_length, warmup=float(run.get("warmup", 0.06)),
         schedule=run.get("schedule", "linear"), weight_decay=float(run.get("wd", 0.0)), init=run.get("init", "kaiming"), seed=args.seed, precision=run.get("precision", args.precision),
         eval_batch_size=128, modules_to_save=head if run["method"] == "lora" else None, log_every=1,
+        max_grad_norm=float(run.get("clip", 1.0)),
     )
     if "base_dropout" in run:  # the encoder's own dropout (BERT: 0.1 on attention and hidden states)
         for m in model.modules():
@@ -73,11 +74,14 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     result = finetune(model, tok, train, dev, cfg)
     steps = [h["step_s"] for h in result.history if "step_s" in h]
+    norms = [h["grad_norm"] for h in result.history if "grad_norm" in h]
     print(json.dumps({
         "task": args.task, "run": args.child, "seed": args.seed, "steps": result.steps, "batch": args.batch_size,
         "train_examples": len(train), "accuracy": result.eval_metrics["eval_accuracy"],
         "mcc": result.eval_metrics["eval_mcc"], "trainable": result.trainable,
         "total": result.total, "precision": result.precision, "step_ms_median": 1e3 * statistics.median(steps[5:] or steps),
+        "grad_norm_median": statistics.median(norms),
+        "clipped": sum(n > cfg.max_grad_norm for n in norms) / len(norms) if cfg.max_grad_norm else 0.0,
         "seconds": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 

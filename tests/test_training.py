@@ -129,14 +129,18 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 def test_grad_accumulation_matches_a_big_batch():
     data = examples()[:8]
-    results = []
+    results, norms = [], []
     for bs, acc in ((8, 1), (4, 2)):
         model = tiny_llama()
-        cfg = TrainConfig(steps=1, batch_size=bs, grad_accum=acc, lr=1e-2, precision="fp32", dropout=0.0, seed=3)
-        finetune(model, TOK, [dict(d, completion="abcd") for d in data], None, cfg)  # equal lengths: equal weights
+        cfg = TrainConfig(steps=2, batch_size=bs, grad_accum=acc, lr=1e-2, precision="fp32", dropout=0.0, seed=3,
+                          max_grad_norm=1e-4)
+        result = finetune(model, TOK, [dict(d, completion="abcd") for d in data], None, cfg)  # equal lengths: equal weights
         results.append(lorakit.adapter_state_dict(model))
+        norms.append([r["grad_norm"] for r in result.history])
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=1e-4)
+    # the logged norm is the whole step's (accumulated) gradient norm before clipping, as in HF's Trainer
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4) and min(norms[0]) > 1e-3
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -495,8 +495,8 @@ def finetune(
         step += 1
         last_loss = loss_total
         dt = time.perf_counter() - t0
-        record = {"step": step, "loss": loss_total, "lr": lr, "tokens_per_s": tokens / dt, "step_s": dt,
-                  "peak_mb": peak_memory_mb(device)}
+        record = {"step": step, "loss": loss_total, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / dt,
+                  "step_s": dt, "peak_mb": peak_memory_mb(device)}
         if step % cfg.log_every == 0 or step == total:
             history.append(record)
             _append_metrics(out, record)
