@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import lorakit
 from lorakit.cli import build_parser, main
@@ -75,3 +76,39 @@ def test_finetune_command_on_a_local_model_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):  # an unknown schedule is argparse's error, before any work
         main(args[:-2] + ["--schedule", "step", "--out", str(tmp_path / "bad")])
     assert "invalid choice: 'step'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def _model_folder(path, model) -> str:
+    """Save `model` with the char tokenizer into `path` (a local --model folder)."""
+    from conftest import char_tokenizer
+
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_finetune_seed_covers_the_new_classification_head(tmp_path):
+    """The head a headless encoder gets is seeded by --seed: two identical runs start from the same loss."""
+    pytest.importorskip("tokenizers")
+    import transformers
+    from safetensors.torch import load_file
+
+    from conftest import tiny_bert
+    from lorakit.models import load_model
+
+    encoder = transformers.BertModel(tiny_bert(num_labels=2).config)  # like minilm-l6: no classification head
+    model_dir = _model_folder(tmp_path / "encoder", encoder)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": "good " * (i % 3 + 1), "label": i % 2}) + "\n" for i in range(8)))
+    heads = [load_model(model_dir, "classification", seed=s)[0].classifier.weight for s in (7, 7, 8)]
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+    losses, saved = [], []
+    for run in ("a", "b"):
+        args = ["finetune", "--model", model_dir, "--data", str(data), "--task", "classification", "--steps", "2",
+                "--batch-size", "4", "--precision", "fp32", "--seed", "3", "--out", str(tmp_path / run)]
+        assert main(args) == 0
+        losses.append([json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+        saved.append(load_file(tmp_path / run / "adapter_model.safetensors"))
+    assert losses[0] == losses[1]
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+

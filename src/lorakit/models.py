@@ -101,16 +101,20 @@ def load_model(
     num_labels: int = 2,
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
+    seed: int | None = None,
 ) -> tuple[nn.Module, object]:
     """(model, tokenizer) for a bundled short name, a local folder or a hub id.
 
     `task` is ``"causal-lm"`` or ``"classification"`` (a sequence-classification head with
-    `num_labels` outputs, newly initialised when the checkpoint has none).
+    `num_labels` outputs, newly initialised when the checkpoint has none). `seed` seeds torch just
+    before the model is built, so a newly initialised head is the same in every run with that seed.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(name_or_path, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if seed is not None:
+        torch.manual_seed(seed)
     if task == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     elif task == "classification":

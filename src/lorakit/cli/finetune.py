@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every, seed=args.seed, precision=args.precision,
         use_chat_template=False if args.no_chat_template else None,
     )
-    model, tokenizer = load_model(args.model, args.task, num_labels=args.num_labels)
+    model, tokenizer = load_model(args.model, args.task, num_labels=args.num_labels, seed=args.seed)  # seeds a new head
     bar = None
 
     def progress(event: dict) -> None:
