@@ -112,3 +112,52 @@ def test_finetune_seed_covers_the_new_classification_head(tmp_path):
     assert losses[0] == losses[1]
     assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
 
+
+def test_finetune_mistyped_model_path_is_one_line_without_a_hub_request(tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a path that does not exist must not reach from_pretrained")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("./no-such-dir", str(tmp_path / "no-such-dir"), "runs/models/no-such-dir"):
+        assert main(["finetune", "--model", name, "--data", str(data), "--out", str(tmp_path / "run")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith(f"lorakit finetune: error: model {name!r} is not an existing folder")
+        assert "smollm2-135m, minilm-l6" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_hub_id_that_cannot_be_loaded_is_one_clear_error(tmp_path, monkeypatch):
+    """Hub ids still go to the hub (one slash at most); a failure there is translated, not a traceback."""
+    import transformers
+
+    from conftest import char_tokenizer, tiny_llama
+    from lorakit.models import load_model
+
+    asked = []
+
+    def offline(name, *args, **kwargs):
+        asked.append(name)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet connection.")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(FileNotFoundError, match=r"model 'someone/no-such-model' is not an existing folder, not a bundled "
+                                                r"short name \(smollm2-135m, minilm-l6\), and not a Hugging Face hub model "
+                                                r"that could be loaded \(We couldn't connect to 'https://huggingface.co' "
+                                                r"to load the files.\)$"):
+        load_model("someone/no-such-model")
+    assert asked == ["someone/no-such-model"]
+    monkeypatch.undo()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"folder '.*empty' has no config.json: it is not a transformers model"):
+        load_model(str(tmp_path / "empty"))
+    tiny_llama().config.save_pretrained(tmp_path / "no-weights")
+    char_tokenizer().save_pretrained(tmp_path / "no-weights")
+    with pytest.raises(FileNotFoundError, match=r"cannot load a model from the folder '.*no-weights': .*no file named"):
+        load_model(str(tmp_path / "no-weights"), "causal-lm")
+

@@ -86,12 +86,40 @@ def materialize_smollm2(cache_dir: Path | None = None) -> Path:
 
 
 def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
-    """A transformers-loadable id or folder for `name_or_path` (bundled short names resolved)."""
+    """A transformers-loadable id or folder for `name_or_path` (bundled short names resolved).
+
+    A name that can only be a path (it starts with ``.``, ``/`` or ``~``, or has more than one ``/``)
+    and does not exist, or a folder without ``config.json``, is a `FileNotFoundError` here, before
+    any hub request.
+    """
     if name_or_path == "smollm2-135m":
         return str(materialize_smollm2(cache_dir))
     if name_or_path == "minilm-l6":
         return str(bundled_path("minilm-l6"))
-    return name_or_path
+    folder = Path(name_or_path).expanduser()
+    if _looks_like_path(name_or_path) and not folder.exists():
+        raise FileNotFoundError(f"model {name_or_path!r} is not an existing folder (nor a bundled short name: "
+                                f"{', '.join(BUNDLED)}): check the path")
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"folder {name_or_path!r} has no config.json: it is not a transformers model folder "
+                                "(model.save_pretrained and tokenizer.save_pretrained write one)")
+    return str(folder) if name_or_path.startswith("~") else name_or_path
+
+
+def _looks_like_path(name: str) -> bool:
+    """True when `name` cannot be a hub id (``namespace/name``: one slash at most, no leading ``.``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def _load_error(name_or_path: str, path: str, error: Exception) -> FileNotFoundError:
+    """A one-line error for a failed ``from_pretrained`` of `path` (what `name_or_path` resolved to)."""
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    if Path(path).is_dir():
+        return FileNotFoundError(f"cannot load a model from the folder {path!r}: {reason}")
+    return FileNotFoundError(
+        f"model {name_or_path!r} is not an existing folder, not a bundled short name ({', '.join(BUNDLED)}), and not "
+        f"a Hugging Face hub model that could be loaded ({reason})"
+    )
 
 
 def load_model(
@@ -108,19 +136,25 @@ def load_model(
     `task` is ``"causal-lm"`` or ``"classification"`` (a sequence-classification head with
     `num_labels` outputs, newly initialised when the checkpoint has none). `seed` seeds torch just
     before the model is built, so a newly initialised head is the same in every run with that seed.
+    A name that is no folder, bundled model or loadable hub id is a one-line `FileNotFoundError`.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from huggingface_hub.errors import HFValidationError
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    path = resolve_model_path(name_or_path, cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if seed is not None:
-        torch.manual_seed(seed)
-    if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    elif task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
-    else:
+    if task not in ("causal-lm", "classification"):
         raise ValueError(f"task must be 'causal-lm' or 'classification', got {task!r}")
+    path = resolve_model_path(name_or_path, cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if seed is not None:
+            torch.manual_seed(seed)
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    except (OSError, HFValidationError) as e:
+        raise _load_error(name_or_path, path, e) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
