@@ -161,3 +161,19 @@ def test_a_hub_id_that_cannot_be_loaded_is_one_clear_error(tmp_path, monkeypatch
     with pytest.raises(FileNotFoundError, match=r"cannot load a model from the folder '.*no-weights': .*no file named"):
         load_model(str(tmp_path / "no-weights"), "causal-lm")
 
+
+def test_finetune_an_encoder_as_a_causal_lm_points_to_classification(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    import transformers
+
+    from conftest import tiny_bert
+
+    model_dir = _model_folder(tmp_path / "encoder", transformers.BertModel(tiny_bert().config))
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    capsys.readouterr()
+    assert main(["finetune", "--model", model_dir, "--data", str(data), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit finetune: error: {model_dir!r} is an encoder (bert: it reads the text in both "
+                          "directions), not a causal language model: fine-tune it for classification (--task classification")
+    assert not (tmp_path / "run").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import lorakit
@@ -335,3 +336,14 @@ def test_binary_classification_eval_reports_matthews_correlation():
     metrics = evaluate(model, enc, cfg, pad_id=0)
     assert metrics["eval_mcc"] == pytest.approx((tp * tn - fp * fn) / denom if denom else 0.0)
     assert metrics["eval_accuracy"] == pytest.approx((tp + tn) / 16)
+
+
+def test_an_encoder_is_refused_as_a_causal_lm_and_pointed_to_classification():
+    for model in (tiny_bert(), transformers.BertLMHeadModel(tiny_bert().config)):  # the latter: what AutoModelForCausalLM builds
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"is not a causal language model.*--task classification"):
+            finetune(model, TOK, examples(), None, TrainConfig(steps=1, precision="fp32"))
+        assert lorakit.list_adapters(model) == [] and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    decoder = transformers.BertLMHeadModel(transformers.BertConfig(**{**tiny_bert().config.to_dict(), "is_decoder": True}))
+    assert finetune(decoder, TOK, examples(), None, TrainConfig(steps=1, batch_size=4, precision="fp32")).steps == 1
+

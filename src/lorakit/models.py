@@ -122,6 +122,17 @@ def _load_error(name_or_path: str, path: str, error: Exception) -> FileNotFoundE
     )
 
 
+def is_bidirectional_encoder(config: object) -> bool:
+    """True for the config of an encoder such as BERT: it attends in both directions, so it is no causal LM.
+
+    (Its masked-LM architectures can be built as ``...LMHeadModel`` but are causal only with ``is_decoder``.)
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not any(
+        getattr(config, flag, False) for flag in ("is_decoder", "is_encoder_decoder", "causal"))
+
+
 def load_model(
     name_or_path: str,
     task: str = "causal-lm",
@@ -136,7 +147,8 @@ def load_model(
     `task` is ``"causal-lm"`` or ``"classification"`` (a sequence-classification head with
     `num_labels` outputs, newly initialised when the checkpoint has none). `seed` seeds torch just
     before the model is built, so a newly initialised head is the same in every run with that seed.
-    A name that is no folder, bundled model or loadable hub id is a one-line `FileNotFoundError`.
+    A name that is no folder, bundled model or loadable hub id is a one-line `FileNotFoundError`;
+    an encoder (BERT…) asked for as a causal LM is a `ValueError`.
     """
     from huggingface_hub.errors import HFValidationError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -146,6 +158,11 @@ def load_model(
     path = resolve_model_path(name_or_path, cache_dir)
     try:
         config = AutoConfig.from_pretrained(path)
+        if task == "causal-lm" and is_bidirectional_encoder(config):
+            raise ValueError(
+                f"{name_or_path!r} is an encoder ({config.model_type}: it reads the text in both directions), not a "
+                "causal language model: fine-tune it for classification (--task classification, task='classification')"
+            )
         tokenizer = AutoTokenizer.from_pretrained(path)
         if seed is not None:
             torch.manual_seed(seed)

@@ -36,6 +36,7 @@ from .checkpoint import atomic_write_bytes, save_adapter
 from .config import LoraConfig
 from .data import IGNORE_INDEX, collate, encode_causal, encode_classification
 from .injection import HEAD_NAMES, inject
+from .models import is_bidirectional_encoder
 from .precision import base_dtype_choice, cast_base
 from .state import get_state
 
@@ -411,6 +412,7 @@ def finetune(
     notify = callback or (lambda event: None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if cfg.task == "causal-lm":
+        _require_causal_lm(model)
         train_enc = encode_causal(tokenizer, train, cfg.max_length, cfg.use_chat_template)
         eval_enc = encode_causal(tokenizer, eval, cfg.max_length, cfg.use_chat_template) if eval else None
     else:
@@ -525,6 +527,20 @@ def finetune(
     peak = peak_memory_mb(device)
     notify({"event": "end", "step": step, "seconds": seconds, "peak_memory_mb": peak, "peak_memory_kind": memory_kind, **eval_metrics})
     return TrainResult(step, last_loss, eval_metrics, precision, n_train, n_all, seconds, out, history, peak, memory_kind)
+
+
+def _require_causal_lm(model: nn.Module) -> None:
+    """Refuse a model that is not a causal LM (an encoder such as BERT, or a model without an LM head)."""
+    config = getattr(model, "config", None)
+    if config is not None and is_bidirectional_encoder(config):
+        why = f"an encoder ({config.model_type}) that reads the text in both directions"
+    elif hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is None:
+        why = "it has no language-model head"
+    else:
+        return
+    raise ValueError(f"{type(model).__name__} is not a causal language model ({why}): task 'causal-lm' needs one "
+                     "(e.g. a ...ForCausalLM); fine-tune an encoder for classification (--task classification, "
+                     "task='classification')")
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
