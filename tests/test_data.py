@@ -125,3 +125,26 @@ def test_e2e_in_the_lora_papers_txt_format(tmp_path):
     (tmp_path / "bad.txt").write_text("no separator here\n")
     with pytest.raises(ValueError, match=r"bad.txt:1 has no '\|\|'"):
         load_data(tmp_path / "bad.txt", "causal-lm")
+
+
+def test_a_negative_label_is_named_with_its_example_not_a_num_labels_hint(tmp_path):
+    file = tmp_path / "neg.jsonl"
+    file.write_text('{"text": "fine", "label": 1}\n{"text": "meh", "label": -1}\n')
+    with pytest.raises(ValueError, match=r"example 1 has label -1; labels must be class ids: integers >= 0") as err:
+        load_data(file, "classification")
+    assert "--num-labels" not in str(err.value)
+    # examples handed straight to the encoder (the Python API) get the same message, not "--num-labels 0"
+    with pytest.raises(ValueError, match=r"train data: example 0 has label -1; labels must be class ids") as err:
+        encode_classification(ByteTokenizer(), [{"text": "meh", "label": -1}], 16, num_labels=2, source="train data")
+    assert "--num-labels" not in str(err.value)
+    with pytest.raises(ValueError, match=r"example 0 has label 1.5; labels must be class ids"):
+        encode_classification(ByteTokenizer(), [{"text": "meh", "label": 1.5}], 16, num_labels=2)
+
+
+def test_a_null_field_is_called_null_not_missing(tmp_path):
+    file = tmp_path / "null.jsonl"
+    file.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": null}\n')
+    with pytest.raises(ValueError, match=r"field 'completion' is null/empty in example 1 \(the completion\)") as err:
+        load_data(file, "causal-lm")
+    assert "has no field" not in str(err.value)
+

@@ -347,3 +347,16 @@ def test_an_encoder_is_refused_as_a_causal_lm_and_pointed_to_classification():
     decoder = transformers.BertLMHeadModel(transformers.BertConfig(**{**tiny_bert().config.to_dict(), "is_decoder": True}))
     assert finetune(decoder, TOK, examples(), None, TrainConfig(steps=1, batch_size=4, precision="fp32")).steps == 1
 
+
+def test_raw_records_with_other_field_names_get_the_loaders_message_not_a_key_error(tmp_path):
+    rows = [{"question": f"add {i} {i}", "answer": str(2 * i)} for i in range(4)]
+    with pytest.raises(ValueError, match=r"train data: example 0 has no field 'prompt' \(it has \['answer', 'question'\]\); "
+                                         r"name the prompt field to use: --prompt-field in the CLI, prompt_field= in "
+                                         r"lorakit.load_data\(\)"):
+        finetune(tiny_llama(), TOK, rows, None, TrainConfig(steps=1, precision="fp32"), out_dir=tmp_path / "a")
+    cls = TrainConfig(task="classification", steps=1, precision="fp32")
+    with pytest.raises(ValueError, match=r"eval data: example 1 has no field 'label' \(it has \['sentiment', 'text'\]\)"):
+        finetune(tiny_bert(num_labels=2), TOK, [{"text": "ok", "label": 1}], [{"text": "a", "label": 0},
+                 {"text": "b", "sentiment": 1}], cls, out_dir=tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,24 +62,42 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     )
 
 
-def _require(rows: list[dict], fields: Sequence[str], source: str) -> None:
+def _require(rows: Sequence[Mapping], fields: dict[str, str], source: str) -> None:
+    """Every row has a non-null value for each field; `fields` maps a role (``prompt``, ``label``…) to its field name.
+
+    The error names the example, the field and the option that renames it (CLI and Python).
+    """
     if not rows:
         raise ValueError(f"{source} has no examples: the dataset is empty")
     for i, row in enumerate(rows):
-        missing = [f for f in fields if f not in row or row[f] is None]
-        if missing:
-            raise ValueError(
-                f"{source}: example {i} has no field {missing[0]!r} (it has {sorted(row)}); "
-                "name the field to use (prompt_field=, completion_field=, text_field=, label_field=; in the CLI "
-                "--prompt-field, --completion-field, --text-field, --label-field)"
-            )
+        for role, name in fields.items():
+            if name not in row:
+                raise ValueError(
+                    f"{source}: example {i} has no field {name!r} (it has {sorted(row)}); name the {role} field to use: "
+                    f"--{role.replace('_', '-')}-field in the CLI, {role}_field= in lorakit.load_data()"
+                )
+            if row[name] is None:
+                raise ValueError(f"{source}: field {name!r} is null/empty in example {i} (the {role}); fill it in or "
+                                 "remove that example")
+
+
+def class_id(raw: Any, i: int, source: str) -> int:
+    """`raw` (an int, an integral float or a numeric string) as a class id >= 0; the error names example `i`."""
+    try:
+        label = int(raw)
+    except (TypeError, ValueError, OverflowError):
+        label = -1
+    if label < 0 or (not isinstance(raw, (numbers.Integral, str)) and raw != label):
+        raise ValueError(f"{source}: example {i} has label {raw!r}; labels must be class ids: integers >= 0 "
+                         "(0 .. number of classes - 1)")
+    return label
 
 
 def causal_examples(
     rows: list[dict], prompt_field: str = "prompt", completion_field: str = "completion", source: str = "data"
 ) -> list[dict[str, str]]:
     """Prompt/completion pairs from records with the given field names."""
-    _require(rows, [prompt_field, completion_field], source)
+    _require(rows, {"prompt": prompt_field, "completion": completion_field}, source)
     return [{"prompt": str(r[prompt_field]), "completion": str(r[completion_field])} for r in rows]
 
 
@@ -91,17 +110,12 @@ def classification_examples(
     source: str = "data",
 ) -> list[dict[str, Any]]:
     """Text (+ optional pair) and integer class id; string labels map through `labels` (their order = class id)."""
-    _require(rows, [text_field, label_field] + ([text_pair_field] if text_pair_field else []), source)
+    _require(rows, {"text": text_field, "label": label_field, **({"text_pair": text_pair_field} if text_pair_field else {})},
+             source)
     out = []
     for i, r in enumerate(rows):
         raw = r[label_field]
-        if labels is not None and str(raw) in labels:
-            label = list(labels).index(str(raw))
-        else:
-            try:
-                label = int(raw)
-            except (TypeError, ValueError):
-                raise ValueError(f"{source}: example {i} has label {raw!r}, which is not a class id (an integer)") from None
+        label = list(labels).index(str(raw)) if labels is not None and str(raw) in labels else class_id(raw, i, source)
         ex = {"text": str(r[text_field]), "label": label}
         if text_pair_field:
             ex["text_pair"] = str(r[text_pair_field])
@@ -214,7 +228,8 @@ def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool | None = 
 
 
 def encode_causal(
-    tokenizer: Any, examples: list[dict[str, str]], max_length: int, use_chat_template: bool | None = None
+    tokenizer: Any, examples: list[dict[str, str]], max_length: int, use_chat_template: bool | None = None,
+    source: str = "data",
 ) -> list[dict[str, list[int]]]:
     """Token ids and labels per example: labels copy the completion (+ EOS) and are -100 on the prompt.
 
@@ -222,6 +237,7 @@ def encode_causal(
     """
     if not examples:
         raise ValueError("the dataset is empty: nothing to train or evaluate on")
+    _require(examples, {"prompt": "prompt", "completion": "completion"}, source)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
     for ex in examples:
@@ -237,21 +253,23 @@ def encode_causal(
 
 
 def encode_classification(
-    tokenizer: Any, examples: list[dict[str, Any]], max_length: int, num_labels: int
+    tokenizer: Any, examples: list[dict[str, Any]], max_length: int, num_labels: int, source: str = "data"
 ) -> list[dict[str, Any]]:
     """Token ids (truncated to `max_length`) and the label; a label the head cannot take is an error."""
     if not examples:
         raise ValueError("the dataset is empty: nothing to train or evaluate on")
-    bad = sorted({ex["label"] for ex in examples if not 0 <= ex["label"] < num_labels})
+    _require(examples, {"text": "text", "label": "label"}, source)
+    labels = [class_id(ex["label"], i, source) for i, ex in enumerate(examples)]
+    bad = sorted({label for label in labels if label >= num_labels})
     if bad:
         raise ValueError(
-            f"labels {bad[:10]} do not fit a head with {num_labels} classes (ids 0..{num_labels - 1}); "
-            f"pass --num-labels {max(bad) + 1} or fix the data"
+            f"{source}: labels {bad[:10]} do not fit a head with {num_labels} classes (ids 0..{num_labels - 1}); "
+            f"pass --num-labels {max(bad) + 1} (num_labels= of load_model) or fix the data"
         )
     out = []
-    for ex in examples:
+    for ex, label in zip(examples, labels):
         enc = tokenizer(ex["text"], ex.get("text_pair"), truncation=True, max_length=max_length)
-        item = {"input_ids": enc["input_ids"], "labels": ex["label"]}
+        item = {"input_ids": enc["input_ids"], "labels": label}
         if "token_type_ids" in enc:
             item["token_type_ids"] = enc["token_type_ids"]
         out.append(item)

@@ -413,14 +413,14 @@ def finetune(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if cfg.task == "causal-lm":
         _require_causal_lm(model)
-        train_enc = encode_causal(tokenizer, train, cfg.max_length, cfg.use_chat_template)
-        eval_enc = encode_causal(tokenizer, eval, cfg.max_length, cfg.use_chat_template) if eval else None
+        train_enc = encode_causal(tokenizer, train, cfg.max_length, cfg.use_chat_template, source="train data")
+        eval_enc = encode_causal(tokenizer, eval, cfg.max_length, cfg.use_chat_template, source="eval data") if eval else None
     else:
         num_labels = int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
         if not num_labels:
             raise ValueError("classification needs a model with config.num_labels (a sequence-classification head)")
-        train_enc = encode_classification(tokenizer, train, cfg.max_length, num_labels)
-        eval_enc = encode_classification(tokenizer, eval, cfg.max_length, num_labels) if eval else None
+        train_enc = encode_classification(tokenizer, train, cfg.max_length, num_labels, source="train data")
+        eval_enc = encode_classification(tokenizer, eval, cfg.max_length, num_labels, source="eval data") if eval else None
     checkpoint = latest_checkpoint(out) if out is not None else None
     if checkpoint is not None and not resume:
         raise ValueError(f"{out} holds checkpoints of an earlier run ({checkpoint.name}): resume it (--resume, "
