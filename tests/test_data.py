@@ -148,3 +148,14 @@ def test_a_null_field_is_called_null_not_missing(tmp_path):
         load_data(file, "causal-lm")
     assert "has no field" not in str(err.value)
 
+
+def test_no_completion_token_left_after_truncation_is_an_error(caplog):
+    tok = ByteTokenizer()
+    data = [{"prompt": "abc", "completion": "xyz"}, {"prompt": "de", "completion": "uvw"}]
+    with pytest.raises(ValueError, match=r"no completion tokens survive max_length=1 \(--max-length\) in any of the 2 "
+                                         r"examples.*raise it"):
+        encode_causal(tok, data, max_length=1, use_chat_template=False)
+    # some examples without a token to predict (an empty prompt and completion): a warning, and they add nothing
+    with caplog.at_level("WARNING", logger="lorakit.data"):
+        encode_causal(tok, [*data, {"prompt": "", "completion": ""}], max_length=8, use_chat_template=False)
+    assert "1 of 3 examples have no completion token to predict (e.g. example 2)" in caplog.text

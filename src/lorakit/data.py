@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import numbers
 import os
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -234,6 +237,7 @@ def encode_causal(
     """Token ids and labels per example: labels copy the completion (+ EOS) and are -100 on the prompt.
 
     Too-long examples are cut from the end of the prompt's left side, so the completion survives.
+    Examples left with no completion token to predict are an error when it is all of them, else a warning.
     """
     if not examples:
         raise ValueError("the dataset is empty: nothing to train or evaluate on")
@@ -249,6 +253,16 @@ def encode_causal(
             "input_ids": prompt_ids + completion_ids,
             "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
         })
+    empty = [i for i, item in enumerate(out) if all(t == IGNORE_INDEX for t in item["labels"][1:])]
+    if len(empty) == len(out):
+        if max_length < 2:
+            raise ValueError(f"{source}: no completion tokens survive max_length={max_length} (--max-length) in any of the "
+                             f"{len(out)} examples, so there is nothing to learn: raise it (to at least 2)")
+        raise ValueError(f"{source}: none of the {len(out)} examples has a completion token to predict (that needs a "
+                         "prompt token before it): check that prompts and completions are not empty")
+    if empty:
+        log.warning("%s: %d of %d examples have no completion token to predict (e.g. example %d) and add nothing to "
+                    "the loss", source, len(empty), len(out), empty[0])
     return out
 
 
