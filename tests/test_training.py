@@ -338,16 +338,6 @@ def test_binary_classification_eval_reports_matthews_correlation():
     assert metrics["eval_accuracy"] == pytest.approx((tp + tn) / 16)
 
 
-def test_an_encoder_is_refused_as_a_causal_lm_and_pointed_to_classification():
-    for model in (tiny_bert(), transformers.BertLMHeadModel(tiny_bert().config)):  # the latter: what AutoModelForCausalLM builds
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(ValueError, match=r"is not a causal language model.*--task classification"):
-            finetune(model, TOK, examples(), None, TrainConfig(steps=1, precision="fp32"))
-        assert lorakit.list_adapters(model) == [] and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    decoder = transformers.BertLMHeadModel(transformers.BertConfig(**{**tiny_bert().config.to_dict(), "is_decoder": True}))
-    assert finetune(decoder, TOK, examples(), None, TrainConfig(steps=1, batch_size=4, precision="fp32")).steps == 1
-
-
 def test_raw_records_with_other_field_names_get_the_loaders_message_not_a_key_error(tmp_path):
     rows = [{"question": f"add {i} {i}", "answer": str(2 * i)} for i in range(4)]
     with pytest.raises(ValueError, match=r"train data: example 0 has no field 'prompt' \(it has \['answer', 'question'\]\); "
@@ -360,3 +350,23 @@ def test_raw_records_with_other_field_names_get_the_loaders_message_not_a_key_er
                  {"text": "b", "sentiment": 1}], cls, out_dir=tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
+
+def test_an_encoder_is_refused_as_a_causal_lm_and_pointed_to_classification():
+    for model in (tiny_bert(), transformers.BertLMHeadModel(tiny_bert().config)):  # the latter: what AutoModelForCausalLM builds
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"is not a causal language model.*--task classification"):
+            finetune(model, TOK, examples(), None, TrainConfig(steps=1, precision="fp32"))
+        assert lorakit.list_adapters(model) == [] and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    decoder = transformers.BertLMHeadModel(transformers.BertConfig(**{**tiny_bert().config.to_dict(), "is_decoder": True}))
+    assert finetune(decoder, TOK, examples(), None, TrainConfig(steps=1, batch_size=4, precision="fp32")).steps == 1
+
+
+def test_resuming_a_finished_run_says_so_and_keeps_its_result(tmp_path):
+    finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert latest_checkpoint(tmp_path).name == "checkpoint-8"
+    with pytest.raises(ValueError, match=r"already finished at step 12: nothing to resume"):
+        finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match=r"holds a run that finished at step 12 \(and its checkpoint-8\): use another"):
+        finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files

@@ -46,6 +46,8 @@ TASKS = ("causal-lm", "classification")
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+#: Written to the output folder when a run has saved its final result: a resume of it has nothing to do.
+FINISHED_JSON = "run_finished.json"
 #: TrainConfig fields that must match when a run resumes (the others may change, e.g. eval_every).
 RESUME_FIELDS = ("task", "method", "r", "alpha", "target_modules", "lr", "lr_ratio_b", "steps", "epochs",
                  "batch_size", "grad_accum", "max_length", "warmup", "schedule", "weight_decay", "seed", "precision")
@@ -403,7 +405,8 @@ def finetune(
 
     With `out_dir`: checkpoints every `save_every` steps, ``metrics.jsonl``, ``loss.png`` and the
     final artefact (the adapter folder for LoRA) in `out_dir`. `resume` continues from the latest
-    checkpoint there. `callback` receives dicts with ``event`` = start / step / eval / save / end.
+    checkpoint there (a run that finished there is a `ValueError`: nothing to resume). `callback`
+    receives dicts with ``event`` = start / step / eval / save / end.
     When the run is bf16 (``precision="auto"`` picks it where bf16 matmuls are fast) the frozen base
     weights are cast to bf16 in place; ``precision="fp32"`` leaves them exactly as loaded.
     """
@@ -411,6 +414,20 @@ def finetune(
     out = Path(out_dir) if out_dir is not None else None
     notify = callback or (lambda event: None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    finished = out / FINISHED_JSON if out is not None else None
+    done = json.loads(finished.read_text())["step"] if finished is not None and finished.is_file() else None
+    checkpoint = latest_checkpoint(out) if out is not None else None
+    if done is not None and resume:
+        raise ValueError(f"the run in {out} already finished at step {done}: nothing to resume (its result is kept); "
+                         "to train again, use another output folder")
+    if checkpoint is not None and not resume:
+        if done is not None:
+            raise ValueError(f"{out} holds a run that finished at step {done} (and its {checkpoint.name}): use another "
+                             "output folder, or delete this one")
+        raise ValueError(f"{out} holds checkpoints of an earlier run ({checkpoint.name}): resume it (--resume, "
+                         "resume=True), or use another output folder, or delete them")
+    if resume and checkpoint is None:
+        log.warning("no checkpoint in %s to resume from: starting from step 0", out)
     if cfg.task == "causal-lm":
         _require_causal_lm(model)
         train_enc = encode_causal(tokenizer, train, cfg.max_length, cfg.use_chat_template, source="train data")
@@ -421,12 +438,6 @@ def finetune(
             raise ValueError("classification needs a model with config.num_labels (a sequence-classification head)")
         train_enc = encode_classification(tokenizer, train, cfg.max_length, num_labels, source="train data")
         eval_enc = encode_classification(tokenizer, eval, cfg.max_length, num_labels, source="eval data") if eval else None
-    checkpoint = latest_checkpoint(out) if out is not None else None
-    if checkpoint is not None and not resume:
-        raise ValueError(f"{out} holds checkpoints of an earlier run ({checkpoint.name}): resume it (--resume, "
-                         "resume=True), or use another output folder, or delete them")
-    if resume and checkpoint is None:
-        log.warning("no checkpoint in %s to resume from: starting from step 0", out)
     if cfg.eval_every and not eval_enc:
         log.warning("eval_every=%d but no eval data was given: nothing will be evaluated", cfg.eval_every)
     # checkpoints record which data they were trained on, so a resume on other data is refused
@@ -436,6 +447,7 @@ def finetune(
     METHODS[cfg.method].prepare(model, cfg)  # raises for a method the model cannot take: no folder left behind
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        finished.unlink(missing_ok=True)  # an earlier run's: this one is not finished until it saves
     device = next(model.parameters()).device
     precision, why = choose_precision(cfg.precision, device)
     if precision == "bf16":  # frozen base in bf16, adapters and heads fp32; all-trainable models autocast instead
@@ -521,6 +533,7 @@ def finetune(
         try:
             METHODS[cfg.method].save(model, out)
             plot_loss(out / "metrics.jsonl", out / "loss.png")
+            atomic_write_bytes(finished, json.dumps({"step": step, "config": cfg.to_dict()}, indent=1).encode())
         except OSError as e:
             raise TrainingError(f"could not write the final result to {out}: {e}; the last good checkpoint is {last_good}") from e
     seconds = time.perf_counter() - t_start
