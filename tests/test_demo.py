@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lorakit.demo import SLOTS, build_task, describe_example, make_records, parse_example, score
@@ -44,3 +45,23 @@ def test_interleaved_latency_pairs_rounds_and_leaves_the_model_merged(monkeypatc
     assert (base, merged, unmerged) == (2.0, 2.6, 2.4)
     assert abs(ratio - 1.1) < 1e-9  # a ratio of the medians would say 1.3
     assert all(layer.merged_adapters for _, layer in lorakit.state.lora_layers(model))
+
+
+def test_demo_runs_on_a_tiny_model_and_labels_binary_sizes_mib(tmp_path):
+    """Every memory and file size the demo prints is divided by 2**20, so it says MiB, never MB."""
+    import re
+
+    pytest.importorskip("tokenizers")
+    from conftest import char_tokenizer, tiny_llama
+    from lorakit.demo import run_demo
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    lines: list[str] = []
+    figures = run_demo(str(tmp_path / "model"), tmp_path / "out", steps=2, n_test=2, emit=lines.append)
+    text = "\n".join(lines)
+    assert not re.search(r"\bMB\b", text)
+    adapter = (tmp_path / "out" / "describe" / "adapter_model.safetensors").stat().st_size / 2**20
+    assert f"adapter file: {adapter:.2f} MiB" in text and figures["adapter_mb"] == adapter
+    assert re.search(r"peak memory \(measured, process RSS\): [\d,]+ MiB \(before training [\d,]+ MiB", text)
+    assert (tmp_path / "out" / "report.md").read_text().startswith(lines[0])

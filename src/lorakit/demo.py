@@ -135,11 +135,8 @@ def _interleaved_latency(plain: nn.Module, model: nn.Module, ids: torch.Tensor,
 
 
 def _peak_rss_mb() -> float:
+    """Peak RSS of the process in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
 def run_demo(
@@ -190,12 +187,12 @@ def run_demo(
     model_file = Path(resolve_model_path(model_name)) / "model.safetensors"
     say(f"trained {steps} steps × 8 examples in {result.seconds:.0f}s, loss {result.history[0]['loss']:.3f} → {result.train_loss:.3f}")
     say(f"trainable parameters: {trainable:,} = {100 * trainable / total_params:.3f}% of the base model's {total_params:,}")
-    say(f"peak memory (measured, process RSS): {rss_peak:,.0f} MB (before training {rss_before:,.0f} MB, including the fp32 load)")
-    say(f"full fine-tuning needs (computed): fp32 weights + grads + AdamW moments = 4 × {dense / 2**20:,.0f} MB = "
-        f"{4 * dense / 2**20:,.0f} MB before activations; LoRA's grads + moments: {3 * trainable * 4 / 2**20:.1f} MB")
+    say(f"peak memory (measured, process RSS): {rss_peak:,.0f} MiB (before training {rss_before:,.0f} MiB, including the fp32 load)")
+    say(f"full fine-tuning needs (computed): fp32 weights + grads + AdamW moments = 4 × {dense / 2**20:,.0f} MiB = "
+        f"{4 * dense / 2**20:,.0f} MiB before activations; LoRA's grads + moments: {3 * trainable * 4 / 2**20:.1f} MiB")
     adapter_mb = (out / "describe" / "adapter_model.safetensors").stat().st_size / 2**20
     model_mb = model_file.stat().st_size / 2**20 if model_file.is_file() else dense / 2**20
-    say(f"adapter file: {adapter_mb:.2f} MB vs the model's {model_mb:,.0f} MB ({model_mb / adapter_mb:,.0f}× smaller)")
+    say(f"adapter file: {adapter_mb:.2f} MiB vs the model's {model_mb:,.0f} MiB ({model_mb / adapter_mb:,.0f}× smaller)")
 
     say("\n## 3. The fine-tuned model on the same held-out records")
     tuned = generate(model, tok, [ex["prompt"] for ex in describe.test])
