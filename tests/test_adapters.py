@@ -180,3 +180,153 @@ def test_resolve_needs_a_name_when_several_adapters_are_active():
     with pytest.raises(ValueError, match="2 adapters are active"):
         lorakit.adapter_state_dict(model)
     assert lorakit.adapter_state_dict(model, "a")
+
+
+# ---- modules_to_save: each adapter its own copy -------------------------------------------------
+
+def _head_adapter(model: nn.Module, name: str, seed: int) -> None:
+    """Adapter `name` with LoRA on query/value and its own trained classifier head (random values)."""
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]),
+                   adapter=name)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lorakit.adapter_parameters(model, name).values():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def _reference(name: str, seed: int, input_ids: torch.Tensor) -> torch.Tensor:
+    """The logits of adapter `name` alone on a fresh model."""
+    model = tiny_bert()
+    _head_adapter(model, name, seed)
+    return logits(model, input_ids)
+
+
+def test_each_adapter_keeps_its_own_saved_head_and_delete_restores_the_base(input_ids):
+    base_model = tiny_bert()
+    base, base_keys = logits(base_model, input_ids), list(base_model.state_dict())
+    ref_a, ref_b = _reference("a", 1, input_ids), _reference("b", 2, input_ids)
+    model = tiny_bert()
+    _head_adapter(model, "a", 1)
+    _head_adapter(model, "b", 2)  # b's head must not overwrite a's, nor the base head
+    torch.testing.assert_close(logits(model, input_ids), ref_b)
+    lorakit.set_adapter(model, "a")
+    torch.testing.assert_close(logits(model, input_ids), ref_a)
+    assert {n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n} == {
+        "classifier.modules_to_save.a.weight", "classifier.modules_to_save.a.bias"}
+    with lorakit.disable_adapters(model):
+        torch.testing.assert_close(logits(model, input_ids), base)
+    lorakit.delete_adapter(model, "a")
+    torch.testing.assert_close(logits(model, input_ids), base)  # no adapter active now
+    lorakit.set_adapter(model, "b")
+    torch.testing.assert_close(logits(model, input_ids), ref_b)
+    lorakit.delete_adapter(model, "b")
+    assert type(model.classifier) is nn.Linear and list(model.state_dict()) == base_keys
+    torch.testing.assert_close(logits(model, input_ids), base)
+
+
+def test_loaded_saved_head_goes_to_the_adapters_copy(tmp_path, input_ids):
+    trained = tiny_bert()
+    _head_adapter(trained, "b", 2)
+    lorakit.save_adapter(trained, tmp_path)
+    base = logits(tiny_bert(), input_ids)
+    model = tiny_bert()
+    _head_adapter(model, "a", 1)
+    out_a = logits(model, input_ids)
+    lorakit.load_adapter(model, tmp_path, adapter="b")
+    torch.testing.assert_close(logits(model, input_ids), logits(trained, input_ids))
+    lorakit.set_adapter(model, "a")
+    torch.testing.assert_close(logits(model, input_ids), out_a)
+    lorakit.delete_adapter(model, "b")
+    lorakit.delete_adapter(model, "a")
+    torch.testing.assert_close(logits(model, input_ids), base)
+
+
+def test_two_active_adapters_with_copies_of_one_head_are_refused(input_ids):
+    model = tiny_bert()
+    _head_adapter(model, "a", 1)
+    _head_adapter(model, "b", 2)
+    before = logits(model, input_ids)
+    with pytest.raises(ValueError, match=r"adapters \['a', 'b'\] each have their own copy of 'classifier'"):
+        lorakit.set_adapter(model, ["a", "b"])
+    assert lorakit.active_adapters(model) == ["b"]
+    torch.testing.assert_close(logits(model, input_ids), before)
+
+
+def test_merge_and_unload_keeps_the_trained_head_and_unload_the_base(input_ids):
+    base = logits(tiny_bert(), input_ids)
+    for strip, expect in ((lorakit.merge_and_unload, "tuned"), (lorakit.unload, "base")):
+        model = tiny_bert()
+        _head_adapter(model, "a", 1)
+        tuned = logits(model, input_ids)
+        strip(model)
+        assert type(model.classifier) is nn.Linear
+        torch.testing.assert_close(logits(model, input_ids), tuned if expect == "tuned" else base, atol=1e-5, rtol=0)
+
+
+def test_adapters_that_train_base_biases_do_not_share_a_model(input_ids):
+    model = tiny_bert()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lorakit.inject(model, lorakit.LoraConfig(r=2, bias="all"), adapter="a")
+    with torch.no_grad():
+        model.bert.pooler.dense.bias.add_(1.0)  # "trained"
+    with pytest.raises(ValueError, match=r"adapter 'a' trains the base model's biases"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2), adapter="b")
+    assert lorakit.list_adapters(model) == ["a"]
+    lorakit.delete_adapter(model, "a")  # the biases it trained go back to their base values
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+    lorakit.inject(model, lorakit.LoraConfig(r=2), adapter="b")
+    with pytest.raises(ValueError, match=r"adapter 'c' trains biases \(bias='lora_only'\).*\['b'\]"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, bias="lora_only"), adapter="c")
+    assert lorakit.list_adapters(model) == ["b"]
+
+
+# ---- merged models: swaps check everything first, new adapters train unmerged ---------------
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def test_merged_swap_onto_a_tied_embedding_adapter_is_refused_unchanged(input_ids):
+    model = tiny_gpt2()  # lm_head.weight is wte.weight
+    lorakit.inject(model, lorakit.LoraConfig(r=2), adapter="attn")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["wte"]), adapter="emb")
+    randomize_adapters(model, std=0.1)
+    lorakit.set_adapter(model, "attn")
+    lorakit.merge(model)
+    before, out = _weights(model), logits(model, input_ids)
+    with pytest.raises(ValueError, match=r"cannot merge into 'transformer.wte': its weight is tied"):
+        lorakit.set_adapter(model, "emb")
+    assert lorakit.active_adapters(model) == ["attn"]
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert all(m.merged_adapters == ["attn"] for m in model.modules() if isinstance(m, LoraLayer) and "attn" in m.lora_specs)
+    torch.testing.assert_close(logits(model, input_ids), out)
+
+
+def test_merged_swap_that_fails_on_a_later_layer_changes_no_layer(input_ids):
+    model = tiny_llama()  # no base biases: a lora_bias cannot be merged
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter="a")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["v_proj"], lora_bias=True), adapter="b")
+    randomize_adapters(model, std=0.1)
+    lorakit.set_adapter(model, "a")
+    lorakit.merge(model)
+    before, out = _weights(model), logits(model, input_ids)
+    with pytest.raises(ValueError, match="has a lora_bias but no base bias"):
+        lorakit.set_adapter(model, "b")
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert all(m.merged_adapters == ["a"] and m.active_adapters == ["a"]
+               for m in model.modules() if isinstance(m, LoraLayer) and "a" in m.lora_specs)
+    torch.testing.assert_close(logits(model, input_ids), out)
+
+
+def test_inject_into_a_merged_model_trains_the_new_adapter_unmerged(input_ids):
+    base = logits(tiny_llama(), input_ids)
+    model = _two_adapters()
+    lorakit.merge(model)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="new")
+    assert not any(m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer))
+    assert lorakit.active_adapters(model) == ["new"]
+    torch.testing.assert_close(logits(model, input_ids), base, atol=1e-5, rtol=0)  # B = 0: the base model
+    model(input_ids).logits.pow(2).mean().backward()
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.lora_B["new"].grad is not None and q.lora_B["new"].grad.abs().sum() > 0
+    assert q.weight.grad is None

@@ -48,7 +48,7 @@ def test_each_method_trains_only_its_parameters(arch, method, input_ids):
     if method in ("adapter-h", "adapter-l", "bitfit", "full"):  # identity at init: same outputs
         torch.testing.assert_close(logits(model, input_ids), base_out)
     _train_steps(model, input_ids)
-    after = _snapshot(model)
+    after = {n.replace(".original_module.", "."): t for n, t in _snapshot(model).items()}  # LoRA's head: the base copy
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     new = set(after) - set(before)
     if method == "full":
@@ -177,8 +177,10 @@ def test_trainer_method_hook(method, tmp_path):
     result = finetune(model, ByteTokenizer(), data, data, cfg, out_dir=tmp_path)
     assert 0 < result.trainable < result.total and "eval_accuracy" in result.eval_metrics
     assert result.peak_memory_mb > 0 and result.median_step_s > 0  # what every method reports, in one format
-    changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(before[n].to(p.dtype), p)}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    params = {n.replace(".modules_to_save.default.", "."): p  # LoRA trains its own copy of the head
+              for n, p in model.named_parameters() if ".original_module." not in n}
+    changed = {n for n, p in params.items() if n in before and not torch.equal(before[n].to(p.dtype), p)}
+    trainable = {n for n, p in params.items() if p.requires_grad}
     assert "classifier.weight" in changed and changed <= trainable
     fresh = tiny_bert(num_labels=2)
     baselines.prepare(fresh, method, lora_config=lorakit.LoraConfig(r=4, alpha=16, modules_to_save=["classifier"]),

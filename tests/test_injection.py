@@ -212,9 +212,9 @@ def test_only_adapter_params_saved_modules_and_chosen_biases_train(arch, bias, i
     randomize_adapters(model, std=0.05)
     adapted = _adapted(model)
     expected = {n for n, _ in model.named_parameters() if ".lora_" in n}
-    expected |= {n for n, _ in model.named_parameters() if n.split(".")[-2] == head.split(".")[-1]}
-    if bias == "all":
-        expected |= {n for n, _ in model.named_parameters() if n.endswith(".bias") and ".lora_" not in n}
+    expected |= {n for n, _ in model.named_parameters() if f".{head}.modules_to_save.default." in f".{n}"}
+    if bias == "all":  # the base head's own bias stays frozen: the adapter trains its copy
+        expected |= {n for n, _ in model.named_parameters() if n.endswith(".bias") and ".lora_" not in n and ".original_module." not in n}
     elif bias == "lora_only":
         expected |= {f"{p}.bias" for p, m in adapted.items() if m.bias is not None}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
@@ -233,7 +233,7 @@ def test_modules_to_save_are_never_adapted_and_train_whole():
     assert "classifier" not in _adapted(model)
     assert model.classifier.weight.requires_grad and model.classifier.bias.requires_grad
     assert lorakit.trainable_parameters(model)[0] == sum(
-        p.numel() for n, p in model.named_parameters() if ".lora_" in n or n.startswith("classifier.")
+        p.numel() for n, p in model.named_parameters() if ".lora_" in n or n.startswith("classifier.modules_to_save.")
     )
 
 

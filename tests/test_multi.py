@@ -187,6 +187,37 @@ def test_mixed_batch_on_embedding_and_all_linear_layers():
         assert torch.allclose(logits(model, ids), ref, atol=1e-5)
 
 
+def test_mixed_batch_rows_use_their_own_adapters_saved_head():
+    model = BUILDERS["bert"]()
+    for name in ("a", "b"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, modules_to_save=["classifier"]), adapter=name)
+    randomize_adapters(model, std=0.1)
+    with torch.no_grad():
+        for i, name in enumerate(("a", "b"), start=1):
+            model.classifier.modules_to_save[name].weight.mul_(-i)  # each adapter's head is its own
+    ids = torch.randint(3, 128, (5, 7), generator=torch.Generator().manual_seed(2))
+    rows = ["b", None, "a", "b", None]
+    ref = per_adapter_reference(model, ids, rows)
+    with lorakit.mixed_batch(model, rows):
+        assert torch.allclose(logits(model, ids), ref, atol=1e-5)
+    assert model.classifier.rows is None
+
+
+def test_mixed_generate_with_a_saved_lm_head():
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, modules_to_save=["lm_head"]), adapter="a")
+    lorakit.inject(model, CFG_A, adapter="b")
+    randomize_adapters(model, std=0.1)
+    with torch.no_grad():
+        model.lm_head.modules_to_save["a"].weight.mul_(-1)
+    ids = torch.randint(3, 128, (3, 4), generator=torch.Generator().manual_seed(5))
+    rows = ["a", "b", None]
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "num_beams": 2, "num_return_sequences": 2, "pad_token_id": 0}
+    expected = per_adapter_generate(model, ids, rows, kwargs)
+    with torch.no_grad(), lorakit.mixed_batch(model, rows):
+        assert torch.equal(model.generate(ids, **kwargs), expected)
+
+
 def test_mixed_batch_runs_each_layer_once_per_forward_and_restores_merges():
     model = two_adapters()
     lorakit.set_adapter(model, "b")

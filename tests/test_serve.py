@@ -19,7 +19,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 tokenizers = pytest.importorskip("tokenizers")
 
-from lorakit.serve import Engine, create_app  # noqa: E402
+from lorakit.serve import Engine, Job, RequestError, create_app  # noqa: E402
 
 MAX_WAIT = 0.4  # seconds a batch waits for more requests: concurrent requests below arrive well within it
 
@@ -183,3 +183,45 @@ def test_metrics_report_requests_errors_and_tokens(server):
     assert 'lorakit_requests_total{model="sql"}' in text
     assert metric(url, 'lorakit_request_errors_total{status="404"}') >= 1
     assert metric(url, "lorakit_completion_tokens_total") > 0
+
+
+def test_an_adapter_unloaded_while_queued_fails_only_its_own_jobs():
+    """The batcher checks adapters before the lock; a DELETE in between must not fail the whole batch."""
+    model, tok = tiny_llama(seed=5), char_tokenizer()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="kept")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="gone")
+    randomize_adapters(model, std=0.3, seed=6)
+    engine = Engine(model, tok, max_new_tokens=8)
+    jobs = [Job("kept", engine.encode(["abc"], 5), 5), Job("gone", engine.encode(["abc"], 5), 5), Job("base", engine.encode(["xy"], 5), 5)]
+    engine.unload("gone")  # after the batcher's check, before generate takes the lock
+    kept, gone, base = engine.generate(jobs)
+    assert isinstance(gone, RequestError) and gone.status == 404 and "'gone' does not exist" in str(gone)
+    assert kept[0][0] == offline(model, tok, "abc", "kept", 5)
+    assert base[0][0] == offline(model, tok, "xy", None, 5)
+
+
+def test_adapter_with_a_saved_head_served_and_deleted_leaves_the_base_as_it_was(server, tmp_path):
+    url, model, tok, _ = server
+    trained = tiny_llama(seed=3)
+    lorakit.inject(trained, lorakit.LoraConfig(r=2, alpha=4, modules_to_save=["lm_head"]), adapter="head")
+    randomize_adapters(trained, std=0.3, seed=7)
+    with torch.no_grad():
+        trained.lm_head.modules_to_save["head"].weight.mul_(-1)
+    lorakit.save_adapter(trained, tmp_path, adapter="head")
+    before = {n: complete(url, n, "abc", 6).json()["choices"][0]["text"] for n in ("base", "sql")}
+    assert post(url, "/v1/adapters", json={"name": "head", "path": str(tmp_path)}).status_code == 201
+    assert complete(url, "head", "abc", 6).json()["choices"][0]["text"] == offline(trained, tok, "abc", "head", 6)
+    assert {n: complete(url, n, "abc", 6).json()["choices"][0]["text"] for n in ("base", "sql")} == before
+    assert httpx.delete(url + "/v1/adapters/head", timeout=10).status_code == 200
+    assert type(model.lm_head) is torch.nn.Linear
+    assert {n: complete(url, n, "abc", 6).json()["choices"][0]["text"] for n in ("base", "sql")} == before
+
+
+@pytest.mark.parametrize("spec, message", [("base=./x", "not be 'base'"), ("a b=./x", "must match"),
+                                           ("sql=./x", "given twice")])
+def test_serve_cli_refuses_bad_adapter_names_before_loading(spec, message, capsys):
+    from lorakit.cli import main
+
+    extra = ["--adapter", "sql=./y"] if message == "given twice" else []
+    assert main(["serve", "--model", "./no-model-needed", "--adapter", spec, *extra]) == 1
+    assert message in capsys.readouterr().err

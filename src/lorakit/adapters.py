@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from .functional import expand_sliced_B
 from .layers import LoraLayer
+from .merging import check_mergeable, restore_biases
+from .saved import SavedModule, remove_copy, saved_copy, wrappers
 from .state import drop_state, get_state, lora_layers, resolve_adapter
 
 PREFIX = "base_model.model."
@@ -31,19 +33,37 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
     """Make `adapter` (or several, whose updates add) the active, trainable adapter(s).
 
     On a merged model the old adapters are unmerged and the new ones merged, so inference
-    keeps the base model's cost.
+    keeps the base model's cost. Every check runs first: on an error nothing has changed.
     """
     state = get_state(model)
     names = [adapter] if isinstance(adapter, str) else list(dict.fromkeys(adapter))  # a name applies once
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}")
-    layers = lora_layers(model)
-    was_merged = any(layer.merged_adapters for _, layer in layers)
-    for _, layer in layers:
+    activate(model, names, merged=any(layer.merged_adapters for _, layer in lora_layers(model)))
+
+
+def activate(model: nn.Module, names: list[str], merged: bool) -> None:
+    """Make `names` the active adapters, merged into the base weights or not (all checks before any change)."""
+    state = get_state(model)
+    if merged:
+        check_mergeable(model, names)
+    heads: list[tuple[SavedModule, str | None]] = []
+    for path, module in model.named_modules():
+        if isinstance(module, SavedModule):
+            owners = [n for n in names if n in module.modules_to_save]
+            if len(owners) > 1:
+                raise ValueError(
+                    f"adapters {owners} each have their own copy of {path!r} (modules_to_save), and only one can "
+                    "run at a time; activate one of them, or use mixed_batch to give rows different adapters"
+                )
+            heads.append((module, owners[0] if owners else None))
+    for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in names if n in layer.lora_specs]
         # one fused pass per layer: W ← W0 + ΔW_new (exact W0 kept while merged, so no drift)
-        layer.set_merged(layer.active_adapters if was_merged else [])
+        layer.set_merged(layer.active_adapters if merged else [])
+    for module, owner in heads:
+        module.active = owner
     state.active = names
     _refresh_trainable(model)
 
@@ -62,7 +82,7 @@ def _refresh_trainable(model: nn.Module) -> None:
                 if name in store:
                     trainable.add(id(store[name]))
         for path in record.saved_modules:
-            trainable.update(id(p) for p in modules[path].parameters())
+            trainable.update(id(p) for p in saved_copy(model, path, name).parameters())
         trainable.update(id(params[n]) for n in record.bias_params)
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -81,8 +101,8 @@ def adapter_parameters(model: nn.Module, adapter: str | None = None) -> dict[str
             if name in store:
                 out[f"{path}.{store_name}.{name}"] = store[name]
     for path in record.saved_modules:
-        for pname, p in modules[path].named_parameters():
-            out[f"{path}.{pname}"] = p
+        for pname, p in saved_copy(model, path, name).named_parameters():
+            out[f"{path}.modules_to_save.{name}.{pname}"] = p
     params = dict(model.named_parameters())
     for pname in record.bias_params:
         out[pname] = params[pname]
@@ -117,7 +137,7 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
         if name in layer.lora_B_bias:
             out[f"{PREFIX}{path}.lora_B.bias"] = layer.lora_B_bias[name].detach()
     for path in record.saved_modules:
-        for key, t in modules[path].state_dict().items():
+        for key, t in saved_copy(model, path, name).state_dict().items():
             out[f"{PREFIX}{path}.{key}"] = t.detach()
     params = dict(model.named_parameters())
     for pname in record.bias_params + record.base_params:
@@ -132,14 +152,22 @@ def peft_param_name(pname: str, adapted: list[str]) -> str:
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
-    """Remove adapter `adapter` and free its tensors; layers left with no adapter become plain."""
+    """Remove adapter `adapter` and free its tensors; layers left with no adapter become plain.
+
+    Its copies of `modules_to_save` go (the base modules return when no copy is left) and the
+    biases it trained get their base values back.
+    """
     from .injection import _drop_empty_layers
 
     state = get_state(model)
     name = resolve_adapter(model, adapter)
+    record = state.adapters[name]
     for _, layer in lora_layers(model):
         if name in layer.lora_specs:
             layer.remove_adapter(name)
+    for path in record.saved_modules:
+        remove_copy(model, path, name)
+    restore_biases(model, record)
     del state.adapters[name]
     state.active = [n for n in state.active if n != name]
     _drop_empty_layers(model)
@@ -154,13 +182,18 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes as its base (merged adapters are unmerged, then restored)."""
     layers = [layer for _, layer in lora_layers(model)]
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
+    heads = [(module, module.active) for module in wrappers(model)]
     try:
         for layer in layers:
             for name in reversed(merged[id(layer)]):
                 layer.unmerge_adapter(name)
             layer.lora_disabled = True
+        for module, _ in heads:
+            module.active = None
         yield model
     finally:
+        for module, active in heads:
+            module.active = active
         for layer in layers:
             layer.lora_disabled = False
             for name in merged[id(layer)]:

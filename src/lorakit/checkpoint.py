@@ -22,11 +22,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .adapters import PREFIX, adapter_state_dict, peft_param_name
+from .adapters import PREFIX, activate, adapter_state_dict, peft_param_name
 from .config import LoraConfig
 from .functional import compress_sliced_B
 from .injection import inject, plan, resolve_config
 from .layers import adapter_shapes, is_conv1d_gpt2
+from .saved import base_of, saved_copy
 from .state import DEFAULT_ADAPTER, get_state, lora_layers, resolve_adapter
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 METADATA_KEY = "lorakit_config"
 LORA_SLOTS = ("lora_A", "lora_B", "lora_B_bias")
+SAVED = "saved:"  # slot prefix of a `modules_to_save` entry: the key inside the adapter's copy
 
 #: PEFT fields that change the math and that lorakit does not implement: refused when set.
 UNSUPPORTED_FIELDS: dict[str, Any] = {
@@ -345,9 +347,9 @@ def _expected(model: nn.Module, cfg: LoraConfig, adapter: str) -> tuple[Expected
     from .injection import _bias_params, _find_saved_modules
 
     saved = _find_saved_modules(model, cfg.modules_to_save)
-    for path in saved:
-        for key, t in modules[path].state_dict().items():
-            expected[f"{PREFIX}{path}.{key}"] = (path, key, tuple(t.shape))
+    for path in saved:  # loaded into the adapter's own copy, made by inject
+        for key, t in base_of(modules[path]).state_dict().items():
+            expected[f"{PREFIX}{path}.{key}"] = (path, SAVED + key, tuple(t.shape))
     layers = [p.path for p in planned]
     params = dict(model.named_parameters())
     for pname in _bias_params(model, cfg, layers):
@@ -412,22 +414,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
                 values[key] = compress_sliced_B(tensors[key], list(specs[mpath].enabled), specs[mpath].r)
             except ValueError as e:
                 raise ValueError(f"adapter {path}: {key}: {e}; the model is unchanged") from e
-    backup = {key: _target_tensor(modules, params, loc).detach().clone() for key, loc in expected.items() if loc[1] not in LORA_SLOTS}
+    backup = {key: _target_tensor(modules, params, loc).detach().clone() for key, loc in expected.items() if _is_base(loc)}
     before_active = list(state.active) if state is not None else []
     before_merged = {p: list(layer.merged_adapters) for p, layer in lora_layers(model)}
-    inject(model, cfg, adapter)
+    inject(model, cfg, adapter)  # unmerges a merged model; merged again below, with the loaded ΔW
     try:
         with torch.no_grad():
-            merged = [layer for p in specs if adapter in (layer := modules[p]).merged_adapters]
-            for layer in merged:  # merged at zero ΔW by inject on a merged model: fold in the loaded ΔW below
-                layer.unmerge_adapter(adapter)
             for key, (mpath, slot, _) in expected.items():
                 if slot in LORA_SLOTS:
                     getattr(modules[mpath], slot)[adapter].copy_(values[key])
+                elif slot.startswith(SAVED):
+                    saved_copy(model, mpath, adapter).state_dict(keep_vars=True)[slot.removeprefix(SAVED)].copy_(values[key])
                 else:
                     _target_tensor(modules, params, (mpath, slot, None)).copy_(values[key])
-            for layer in merged:
-                layer.merge_adapter(adapter)
+        if any(before_merged.values()):
+            activate(model, [adapter], merged=True)
     except Exception:
         from .adapters import delete_adapter, set_adapter
 
@@ -467,6 +468,11 @@ def _as_peft_resolves(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
         if names:
             log.debug("adapter %s %s match no module of %s: ignored, as PEFT does", key, names, type(model).__name__)
     return cfg.replace(**changes) if changes else cfg
+
+
+def _is_base(loc: tuple) -> bool:
+    """Whether a file entry at `loc` writes into the base model (a bias, an embedding), not the adapter's own tensors."""
+    return loc[1] not in LORA_SLOTS and not loc[1].startswith(SAVED)
 
 
 def _target_tensor(modules: dict, params: dict, loc: tuple) -> Tensor:

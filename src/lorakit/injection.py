@@ -15,7 +15,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .layers import LoraLayer, LoraSpec, adapter_shapes, attach, base_shape, is_conv1d_gpt2, supports
-from .state import DEFAULT_ADAPTER, AdapterRecord, create_state, drop_state, get_state, lora_layers
+from .saved import add_copy, inner_paths, remove_copy
+from .state import DEFAULT_ADAPTER, AdapterRecord, LoraState, create_state, drop_state, get_state, lora_layers
 
 #: The paper's default targets (Wq, Wv) for common architectures, by ``config.model_type``.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -133,8 +134,9 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
     layers = [cfg.layers] if isinstance(cfg.layers, int) else cfg.layers
     planned: list[Planned] = []
     hit: set[str] = set()
+    wrapped = inner_paths(model)  # other adapters' saved modules and the base modules behind them
     for path, module in model.named_modules():
-        if not path:
+        if not path or path in wrapped:
             continue
         if isinstance(targets, list):  # a name that matches only excluded modules is no typo
             hit.update(n for n in targets if path == n or path.endswith("." + n))
@@ -224,8 +226,9 @@ def _no_match_message(model: nn.Module, cfg: LoraConfig, missing, layers) -> str
 def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
     """Add adapter `adapter` to `model` in place per `config`, make it the one that trains.
 
-    The base weights are frozen; only A, B (plus `modules_to_save` and biases per `config.bias`)
-    require grad. Returns the same model object.
+    The base weights are frozen; only A, B (plus the adapter's own copies of `modules_to_save`
+    and biases per `config.bias`) require grad. On a merged model the merged adapters are
+    unmerged first, so the new one trains against W0. Returns the same model object.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
@@ -238,14 +241,22 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
     config = resolve_config(model, config)
     planned = plan(model, config, adapter)
     saved = _find_saved_modules(model, config.modules_to_save)
+    biases = _bias_params(model, config, [p.path for p in planned])
+    _check_shared_biases(state, adapter, config.bias, biases)
     created = state is None
     if created:
         state = create_state(model)
+    copied: list[str] = []
     try:
         for p in planned:
             layer = attach(p.module)
             layer.add_adapter(adapter, p.spec, init=config.init)
+        for path in saved:
+            add_copy(model, path, adapter)
+            copied.append(path)
     except Exception:
+        for path in copied:
+            remove_copy(model, path, adapter)
         for p in planned:
             if isinstance(p.module, LoraLayer):
                 p.module.remove_adapter(adapter)
@@ -253,22 +264,43 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
         if created:
             drop_state(model)
         raise
+    params = dict(model.named_parameters())
     state.adapters[adapter] = AdapterRecord(
         config=config,
         layers=[p.path for p in planned],
         saved_modules=saved,
-        bias_params=_bias_params(model, config, [p.path for p in planned]),
+        bias_params=biases,
+        bias_values={n: params[n].detach().clone() for n in biases},
     )
-    from .adapters import set_adapter
+    from .adapters import activate
 
-    set_adapter(model, adapter)
+    activate(model, [adapter], merged=False)
     return model
+
+
+def _check_shared_biases(state: LoraState | None, adapter: str, bias: str, biases: list[str]) -> None:
+    """Trained biases live in the base model, shared by every adapter: allow them only on a model with one adapter."""
+    if state is None or not state.adapters:
+        return
+    if biases:
+        raise ValueError(
+            f"adapter {adapter!r} trains biases (bias={bias!r}), which are the base "
+            f"model's own and would change for the adapters already here ({list(state.adapters)}); use bias='none' "
+            "(lora_bias=True gives an adapter its own bias), or put it on a model of its own"
+        )
+    owners = [n for n, record in state.adapters.items() if record.bias_params]
+    if owners:
+        raise ValueError(
+            f"adapter {owners[0]!r} trains the base model's biases, so another adapter on the same model would "
+            f"see them; delete_adapter(model, {owners[0]!r}) first or load {adapter!r} on a model of its own"
+        )
 
 
 def _find_saved_modules(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:
     if not modules_to_save:
         return []
-    paths = [p for p, _ in model.named_modules() if p]
+    wrapped = inner_paths(model)
+    paths = [p for p, _ in model.named_modules() if p and p not in wrapped]
     found = [p for p in paths if any(p == m or p.endswith("." + m) for m in modules_to_save)]
     missing = [m for m in modules_to_save if not any(p == m or p.endswith("." + m) for p in found)]
     if missing:
@@ -278,11 +310,14 @@ def _find_saved_modules(model: nn.Module, modules_to_save: list[str] | None) -> 
 
 
 def _bias_params(model: nn.Module, cfg: LoraConfig, layers: list[str]) -> list[str]:
+    """The base biases `cfg.bias` trains; those of `modules_to_save` train in the adapter's own copy instead."""
     if cfg.bias == "none":
         return []
-    modules = dict(model.named_modules())
+    wrapped = inner_paths(model)
     names = []
-    for path, m in modules.items():
+    for path, m in model.named_modules():
+        if path in wrapped or is_saved_module(path, cfg.modules_to_save):
+            continue
         bias = getattr(m, "bias", None)
         if isinstance(bias, nn.Parameter) and (cfg.bias == "all" or path in layers):
             names.append(f"{path}.bias" if path else "bias")

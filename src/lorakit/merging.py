@@ -6,20 +6,32 @@ W0 (to fp32 round-off), and nothing merges as a side effect of ``eval()``.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .layers import detach
-from .state import drop_state, get_state, lora_layers
+from .saved import unwrap
+from .state import AdapterRecord, drop_state, get_state, lora_layers
 
 
 def merge(model: nn.Module, adapter: str | list[str] | None = None) -> nn.Module:
     """W ← W + (alpha/r)·B·A for the active adapters (or `adapter`); idempotent."""
     state = get_state(model)
     names = state.active if adapter is None else ([adapter] if isinstance(adapter, str) else adapter)
+    check_mergeable(model, names)
+    for _, layer in lora_layers(model):
+        for name in names:
+            if name in layer.lora_specs:
+                layer.merge_adapter(name)
+    return model
+
+
+def check_mergeable(model: nn.Module, names: list[str]) -> None:
+    """Raise, naming the layer and the fix, if merging `names` would need a missing bias or change a tied weight."""
     shared: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         shared.setdefault(id(p), []).append(pname)
-    for path, layer in lora_layers(model):  # all or nothing: check every layer before changing any
+    for path, layer in lora_layers(model):
         if getattr(layer, "bias", None) is None and any(n in layer.lora_B_bias for n in names):
             raise ValueError(
                 f"cannot merge: {path!r} has a lora_bias but no base bias to fold it into; "
@@ -33,11 +45,6 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None) -> nn.Module
                 "nn.Parameter(model.lm_head.weight.detach().clone()); model.config.tie_word_embeddings = False; "
                 "or keep the adapter unmerged"
             )
-    for _, layer in lora_layers(model):
-        for name in names:
-            if name in layer.lora_specs:
-                layer.merge_adapter(name)
-    return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -50,25 +57,38 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def _strip(model: nn.Module, keep_merged: bool) -> nn.Module:
-    get_state(model)  # a clear error if the model carries no adapter
+    state = get_state(model)  # a clear error if the model carries no adapter
     for _, layer in lora_layers(model):
         if not keep_merged:
             for name in reversed(list(layer.merged_adapters)):
                 layer.unmerge_adapter(name)
         detach(layer)
+    if not keep_merged:
+        for record in state.adapters.values():
+            restore_biases(model, record)
+    unwrap(model, keep=state.active if keep_merged else [])
     drop_state(model)
     return model
+
+
+@torch.no_grad()
+def restore_biases(model: nn.Module, record: AdapterRecord) -> None:
+    """Put the base values back into the biases `record`'s adapter trained."""
+    params = dict(model.named_parameters())
+    for pname, value in record.bias_values.items():
+        params[pname].copy_(value)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold the active adapters into W and return the plain model (no lorakit types left).
 
-    Inference then costs exactly what the base model costs (the paper's Sec. 4.2).
+    Inference then costs exactly what the base model costs (the paper's Sec. 4.2). A module the
+    active adapter trained whole (``modules_to_save``) is replaced by its trained copy.
     """
     merge(model)
     return _strip(model, keep_merged=True)
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Drop every adapter and return the plain model with W0 as it was (merges are undone)."""
+    """Drop every adapter and return the plain model as it was: merges undone, trained biases and saved modules back to base."""
     return _strip(model, keep_merged=False)

@@ -24,6 +24,7 @@ from .adapters import set_adapter
 from .config import LoraConfig
 from .functional import expand_sliced_B
 from .layers import LoraLayer, LoraSpec, lora_math_dtype, tensor_fingerprint
+from .saved import wrappers
 from .state import AdapterRecord, get_state, lora_layers
 
 COMBINE_METHODS = ("cat", "linear", "svd")
@@ -214,8 +215,9 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
     """Within the block, row i of every batch uses adapter ``adapters[i]`` (None: the base model).
 
     Works through ``model.generate`` (rows keep their adapter at every decoding step, with a KV
-    cache; beams repeat their row's adapter). Merged adapters are unmerged for the block and merged
-    back after; the active adapters are ignored inside it. Inference only: no gradients reach A, B.
+    cache; beams repeat their row's adapter). A module an adapter trains whole (``modules_to_save``)
+    runs on each row as that row's adapter has it. Merged adapters are unmerged for the block and
+    merged back after; the active adapters are ignored inside it. Inference only: no gradients reach A, B.
     """
     state = get_state(model)
     rows = list(adapters)
@@ -230,8 +232,11 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
         stacks = [_RowAdapters(layer, rows, in_generate, slot_tensors) for layer in layers]
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     disabled = {id(layer): layer.lora_disabled for layer in layers}
+    heads = wrappers(model)
     handles = []
     try:
+        for head in heads:  # modules_to_save: each row through its adapter's copy
+            head.rows = rows
         for layer, stack in zip(layers, stacks):
             layer.set_merged([])
             layer.lora_disabled = True  # the hook adds the per-row update instead
@@ -240,6 +245,8 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
         with _flag_during_generate(model, in_generate):
             yield model
     finally:
+        for head in heads:
+            head.rows = None
         for handle in handles:
             handle.remove()
         for layer in layers:
@@ -303,8 +310,9 @@ def combine_adapters(
 
     - ``"cat"``: exact; ranks add up (A's stacked, weighted scaled B's side by side).
     - ``"linear"``: PEFT's weighted sum of the A's and of the B's, √|w_i·s_i| each (the sign on A);
-      equal ranks only, not exact unless the sources share their row space. (PEFT's own result is
-      off by √r when its first source uses rsLoRA: it keeps that flag with alpha = r.)
+      equal ranks only; not the weighted sum of the updates in general (the product adds cross
+      terms B_i·A_j). (PEFT's own result is off by √r when its first source uses rsLoRA: it
+      keeps that flag with alpha = r.)
     - ``"svd"``: the best rank-`rank` approximation (default: the largest source rank) of the
       exact sum, by truncated SVD per layer.
     The new adapter has scale 1 (alpha = r, no rsLoRA) and is not activated: ``set_adapter`` it.
@@ -324,8 +332,8 @@ def combine_adapters(
     extras = [n for n in weights if state.adapters[n].saved_modules or state.adapters[n].bias_params]
     if extras:
         raise ValueError(
-            f"adapters {extras} train modules_to_save or biases, which live in the base model and cannot be "
-            "combined; combine adapters that hold only A and B"
+            f"adapters {extras} train whole modules (modules_to_save) or biases, which have no low-rank update "
+            "to add up; combine adapters that hold only A and B"
         )
     weights = {n: float(w) for n, w in weights.items()}
     computed: list[tuple[str, LoraLayer, Tensor, Tensor, Tensor | None]] = []

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .layers import LoraLayer
+from .saved import wrappers
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,14 @@ def cast_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modul
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype such as torch.bfloat16, got {dtype}")
     skip = _adapter_stores(model)
+    copies = {id(m) for head in wrappers(model) for m in head.modules_to_save.modules()}  # trained even while inactive
     for module in model.modules():
         if id(module) in skip:
             continue
         own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
         if not own:
             continue
-        if any(p.requires_grad for p in own):
+        if id(module) in copies or any(p.requires_grad for p in own):
             if own[0].dtype != dtype and not module.__dict__.get("_lorakit_cast_hooks"):
                 _to_dtype_hooks(module)
                 module._lorakit_cast_hooks = True

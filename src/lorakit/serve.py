@@ -74,6 +74,13 @@ class Metrics:
     latency_count: int = 0
 
 
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name an adapter on the server (None if it can)."""
+    if name == BASE or not NAME_RE.match(name):
+        return f"adapter name {name!r} must match {NAME_RE.pattern} and not be {BASE!r} (the base model's name)"
+    return None
+
+
 class Engine:
     """A causal LM with named adapters that completes mixed-adapter batches.
 
@@ -118,12 +125,27 @@ class Engine:
                 )
         return ids
 
-    def generate(self, jobs: list[Job]) -> list[list[tuple[str, int, str]]]:
+    def generate(self, jobs: list[Job]) -> list[list[tuple[str, int, str]] | RequestError]:
         """Complete every prompt of `jobs` in one mixed batch: per job, per prompt (text, tokens, finish_reason).
 
-        All jobs must share one sampling setting. Raises `RequestError` for a job whose adapter was
-        removed meanwhile (the caller splits such jobs out first via `check_adapter`).
+        All jobs must share one sampling setting. A job whose adapter was unloaded since it was
+        queued gets a 404 `RequestError` in place of its result; the other jobs still run.
         """
+        outcome: dict[int, list[tuple[str, int, str]] | RequestError] = {}
+        with self.lock, torch.inference_mode():
+            live = []
+            for job in jobs:
+                try:
+                    self.check_adapter(job.adapter)
+                    live.append(job)
+                except RequestError as e:
+                    outcome[id(job)] = e
+            if live:
+                outcome.update(zip(map(id, live), self._complete(live)))
+        return [outcome[id(job)] for job in jobs]
+
+    def _complete(self, jobs: list[Job]) -> list[list[tuple[str, int, str]]]:
+        """`generate` for jobs whose adapters are loaded (called under the lock)."""
         rows = [(ids, job.adapter) for job in jobs for ids in job.prompts]
         width = max(len(ids) for ids, _ in rows)
         pad = self.tokenizer.pad_token_id
@@ -137,15 +159,12 @@ class Engine:
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         names = [None if name == BASE else name for _, name in rows]
-        with self.lock, torch.inference_mode():
-            for job in jobs:
-                self.check_adapter(job.adapter)
-            if any(names):
-                scope = mixed_batch(self.model, names)
-            else:  # base rows only: switch the adapters off (or there are none)
-                scope = disable_adapters(self.model) if list_adapters(self.model) else contextlib.nullcontext()
-            with scope:
-                out = self.model.generate(input_ids, **kwargs)
+        if any(names):
+            scope = mixed_batch(self.model, names)
+        else:  # base rows only: switch the adapters off (or there are none)
+            scope = disable_adapters(self.model) if list_adapters(self.model) else contextlib.nullcontext()
+        with scope:
+            out = self.model.generate(input_ids, **kwargs)
         new = out[:, width:].tolist()
         results, k = [], 0
         for job in jobs:
@@ -161,8 +180,9 @@ class Engine:
 
     def load(self, name: str, path: str) -> None:
         """Load the adapter folder at `path` as `name` (between batches)."""
-        if not NAME_RE.match(name) or name == BASE:
-            raise RequestError(400, f"adapter name {name!r} must match {NAME_RE.pattern} and not be {BASE!r}")
+        problem = name_problem(name)
+        if problem:
+            raise RequestError(400, problem)
         with self.lock:
             if name in list_adapters(self.model):
                 raise RequestError(409, f"adapter {name!r} is already loaded; DELETE /v1/adapters/{name} first")
@@ -234,11 +254,16 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(e)
                 continue
-            self.metrics.batches += 1
-            self.metrics.batch_rows += sum(len(j.prompts) for j in ready)
-            self.metrics.batch_adapters += len({j.adapter for j in ready})
+            done = [(job, result) for job, result in zip(ready, results) if not isinstance(result, RequestError)]
+            self.metrics.batches += bool(done)
+            self.metrics.batch_rows += sum(len(job.prompts) for job, _ in done)
+            self.metrics.batch_adapters += len({job.adapter for job, _ in done})
             for job, result in zip(ready, results):
-                if not job.future.done():
+                if job.future.done():
+                    continue
+                if isinstance(result, RequestError):  # its adapter was unloaded after the check above
+                    job.future.set_exception(result)
+                else:
                     job.future.set_result(result)
 
 

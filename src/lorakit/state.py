@@ -25,6 +25,7 @@ class AdapterRecord:
     layers: list[str]
     saved_modules: list[str] = field(default_factory=list)
     bias_params: list[str] = field(default_factory=list)
+    bias_values: dict[str, Tensor] = field(default_factory=dict)  # the trained biases' base values, put back on delete
     base_params: list[str] = field(default_factory=list)  # adapted layers' own weights loaded from a PEFT file
 
 

@@ -27,12 +27,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
     import torch
 
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(f"lorakit serve needs {missing}: pip install 'lorakit[serve]'")
     from lorakit.checkpoint import load_adapter
     from lorakit.models import load_model
-    from lorakit.serve import Engine, create_app, serve
+    from lorakit.serve import Engine, create_app, name_problem, serve
 
+    names = [name for name, _ in args.adapter]
+    problems = [p for p in map(name_problem, names) if p] + [
+        f"--adapter {n}=... is given twice" for n in dict.fromkeys(names) if names.count(n) > 1]
+    if problems:
+        raise ValueError("; ".join(problems))
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     for name, path in args.adapter:
         load_adapter(model, path, adapter=name)
