@@ -330,3 +330,43 @@ def test_inject_into_a_merged_model_trains_the_new_adapter_unmerged(input_ids):
     q = model.model.layers[0].self_attn.q_proj
     assert q.lora_B["new"].grad is not None and q.lora_B["new"].grad.abs().sum() > 0
     assert q.weight.grad is None
+
+
+def test_a_module_cannot_be_both_saved_whole_and_adapted(input_ids):
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules="all-linear"), adapter="a")
+    before = logits(model, input_ids)
+    with pytest.raises(ValueError, match=r"saves 'model.layers.1.mlp' whole.*adapters \['a'\] put LoRA inside it"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["layers.1.mlp"]), adapter="b")
+    assert lorakit.list_adapters(model) == ["a"] and not any("modules_to_save" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(logits(model, input_ids), before)
+    other = tiny_llama()
+    lorakit.inject(other, lorakit.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), adapter="b")
+    with pytest.raises(ValueError, match=r"target 'lm_head' is saved whole by adapters \['b'\]"):
+        lorakit.inject(other, lorakit.LoraConfig(r=2, target_modules=["lm_head"]), adapter="c")
+
+
+@pytest.mark.parametrize("name", ["v1.2", "", 3])
+def test_adapter_names_that_cannot_key_a_module_dict_are_refused(name):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="adapter name must be a non-empty string without '.'"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2), adapter=name)
+    assert "_lorakit" not in model.__dict__
+
+
+def test_set_adapter_none_says_how_to_get_the_base():
+    model = _two_adapters()
+    with pytest.raises(ValueError, match=r"adapter name or a list of names, got None.*disable_adapters"):
+        lorakit.set_adapter(model, None)
+
+
+def test_disable_adapters_gives_trained_biases_their_base_values(input_ids):
+    base = logits(tiny_bert(), input_ids)
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, bias="all"), adapter="a")
+    with torch.no_grad():
+        model.bert.pooler.dense.bias.add_(1.0)  # "trained"
+    tuned = logits(model, input_ids)
+    with lorakit.disable_adapters(model):
+        torch.testing.assert_close(logits(model, input_ids), base)
+    torch.testing.assert_close(logits(model, input_ids), tuned)

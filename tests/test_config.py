@@ -68,3 +68,9 @@ def test_replace_validates_and_to_dict_round_trips():
     with pytest.raises(ValueError):
         cfg.replace(r=0)
     assert cfg.replace(r=2).r == 2 and cfg.r == 4
+
+
+@pytest.mark.parametrize("field, value", [("target_modules", 5), ("exclude_modules", [1]), ("modules_to_save", "classifier")])
+def test_module_name_fields_of_the_wrong_type_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a list of module names"):
+        LoraConfig(**{field: value})

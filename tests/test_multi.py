@@ -451,3 +451,38 @@ def test_bf16_mixed_batch_equals_one_adapter_at_a_time_bit_for_bit(tokens):
         model.get_input_embeddings().weight.requires_grad_(False)
     assert recorded.grad_fn is not None and recorded.dtype == torch.bfloat16
     assert torch.equal(recorded.detach(), ref)
+
+
+def test_the_model_cannot_change_inside_a_mixed_batch(input_ids):
+    model = two_adapters()
+    out = logits(model, input_ids)
+    with lorakit.mixed_batch(model, ["a", "b"]):
+        for action, match in [(lambda: lorakit.mixed_batch(model, ["b", "a"]).__enter__(), "open another mixed_batch"),
+                              (lambda: lorakit.delete_adapter(model, "a"), "delete adapter 'a'"),
+                              (lambda: lorakit.set_adapter(model, "a"), "change the active adapters"),
+                              (lambda: lorakit.merge(model), "merge"),
+                              (lambda: lorakit.inject(model, CFG_A, adapter="c"), "add adapter 'c'")]:
+            with pytest.raises(ValueError, match=f"cannot {match} inside a mixed_batch block"):
+                action()
+    assert lorakit.list_adapters(model) == ["a", "b"]
+    torch.testing.assert_close(logits(model, input_ids), out)
+
+
+def test_mixed_batch_and_combine_reject_malformed_arguments():
+    model = two_adapters()
+    with pytest.raises(ValueError, match="one adapter name .* per row.*got the string 'a'"):
+        lorakit.mixed_batch(model, "a").__enter__()
+    with pytest.raises(ValueError, match="weights must be finite numbers"):
+        lorakit.combine_adapters(model, {"a": float("nan"), "b": 0.5}, name="ab")
+    assert lorakit.list_adapters(model) == ["a", "b"]
+
+
+def test_a_saved_module_whose_input_is_not_per_row_cannot_be_mixed():
+    model = BUILDERS["gpt2"]()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, modules_to_save=["wpe"]), adapter="a")
+    lorakit.inject(model, CFG_A, adapter="b")
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(1))
+    with lorakit.mixed_batch(model, ["b", None, "b"]):  # no row uses a's copy of wpe: fine
+        logits(model, ids)
+    with pytest.raises(ValueError, match=r"got an input of batch size 1 for 3 rows"), lorakit.mixed_batch(model, ["a", "b", None]):
+        logits(model, ids)

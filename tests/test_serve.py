@@ -130,6 +130,7 @@ def test_prompt_list_is_one_request_with_several_choices(server):
         ({"model": "sql", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
         ({"model": "sql", "prompt": "hi", "stream": True}, 400, "stream"),
         ({"model": "sql", "prompt": []}, 400, "list of 1..8"),
+        ({"model": "sql", "prompt": "hi", "n": 2}, 400, "n"),
     ],
 )
 def test_bad_requests_get_4xx_and_the_server_stays_up(server, body, status, message):
@@ -217,7 +218,26 @@ def test_adapter_with_a_saved_head_served_and_deleted_leaves_the_base_as_it_was(
     assert {n: complete(url, n, "abc", 6).json()["choices"][0]["text"] for n in ("base", "sql")} == before
 
 
-@pytest.mark.parametrize("spec, message", [("base=./x", "not be 'base'"), ("a b=./x", "must match"),
+def test_adapter_names_with_dots_or_newlines_are_a_400(server):
+    url, _, _, folder = server
+    for name in ("v1.2", "nl\n"):
+        r = post(url, "/v1/adapters", json={"name": name, "path": str(folder)})
+        assert r.status_code == 400 and "must match" in r.json()["error"]["message"], r.text
+
+
+def test_malformed_adapter_config_is_a_400(server, tmp_path):
+    import json
+    import shutil
+
+    url, _, _, folder = server
+    shutil.copytree(folder, tmp_path / "bad")
+    config = json.loads((tmp_path / "bad" / "adapter_config.json").read_text())
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": 5}))
+    r = post(url, "/v1/adapters", json={"name": "bad", "path": str(tmp_path / "bad")})
+    assert r.status_code == 400 and "target_modules must be a list of module names" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("spec, message", [("base=./x", "not be 'base'"), ("a b=./x", "must match"), ("v1.2=./x", "must match"),
                                            ("sql=./x", "given twice")])
 def test_serve_cli_refuses_bad_adapter_names_before_loading(spec, message, capsys):
     from lorakit.cli import main

@@ -12,7 +12,7 @@ from .functional import expand_sliced_B
 from .layers import LoraLayer
 from .merging import check_mergeable, restore_biases
 from .saved import SavedModule, remove_copy, saved_copy, wrappers
-from .state import drop_state, get_state, lora_layers, resolve_adapter
+from .state import check_not_mixed, drop_state, get_state, lora_layers, resolve_adapter
 
 PREFIX = "base_model.model."
 
@@ -36,6 +36,9 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
     keeps the base model's cost. Every check runs first: on an error nothing has changed.
     """
     state = get_state(model)
+    if not isinstance(adapter, (str, list, tuple)):
+        raise ValueError(f"set_adapter takes an adapter name or a list of names, got {adapter!r}; "
+                         f"this model has {list(state.adapters)} (disable_adapters(model) computes the base)")
     names = [adapter] if isinstance(adapter, str) else list(dict.fromkeys(adapter))  # a name applies once
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
@@ -46,6 +49,7 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
 def activate(model: nn.Module, names: list[str], merged: bool) -> None:
     """Make `names` the active adapters, merged into the base weights or not (all checks before any change)."""
     state = get_state(model)
+    check_not_mixed(model, "change the active adapters")
     if merged:
         check_mergeable(model, names)
     heads: list[tuple[SavedModule, str | None]] = []
@@ -160,6 +164,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
     from .injection import _drop_empty_layers
 
     state = get_state(model)
+    check_not_mixed(model, f"delete adapter {adapter!r}")
     name = resolve_adapter(model, adapter)
     record = state.adapters[name]
     for _, layer in lora_layers(model):
@@ -179,11 +184,17 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model computes as its base (merged adapters are unmerged, then restored)."""
+    """Within the block the model computes as its base (merged adapters are unmerged, trained biases
+    hold their base values, saved modules are the base modules; all restored after)."""
     layers = [layer for _, layer in lora_layers(model)]
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     heads = [(module, module.active) for module in wrappers(model)]
+    state = get_state(model, required=False)
+    params = dict(model.named_parameters())
+    trained = {n: params[n].detach().clone() for r in (state.adapters.values() if state else ()) for n in r.bias_values}
     try:
+        for record in state.adapters.values() if state else ():
+            restore_biases(model, record)
         for layer in layers:
             for name in reversed(merged[id(layer)]):
                 layer.unmerge_adapter(name)
@@ -192,6 +203,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             module.active = None
         yield model
     finally:
+        with torch.no_grad():
+            for n, value in trained.items():
+                params[n].copy_(value)
         for module, active in heads:
             module.active = active
         for layer in layers:

@@ -28,7 +28,7 @@ from .functional import compress_sliced_B
 from .injection import inject, plan, resolve_config
 from .layers import adapter_shapes, is_conv1d_gpt2
 from .saved import base_of, saved_copy
-from .state import DEFAULT_ADAPTER, get_state, lora_layers, resolve_adapter
+from .state import DEFAULT_ADAPTER, check_adapter_name, get_state, lora_layers, resolve_adapter
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Ten
     cannot express (``enable_lora`` slices); an edited JSON wins, with a warning.
     """
     fields, tensors, metadata = read_adapter_files(path)
-    cfg = from_peft_config(fields)
+    try:
+        cfg = from_peft_config(fields)
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: adapter_config.json has a field of the wrong type ({e}); compare it with PEFT's LoraConfig") from e
     if METADATA_KEY in metadata:
         saved = LoraConfig(**json.loads(metadata[METADATA_KEY]))
         if _same_for_peft(saved, cfg):
@@ -386,6 +389,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     Every key and shape is checked before the model changes; on any error the model is left
     exactly as it was.
     """
+    check_adapter_name(adapter)
     _, tensors, cfg = read_adapter(path)
     cfg = _as_peft_resolves(model, resolve_config(model, cfg))
     state = get_state(model, required=False)

@@ -64,6 +64,12 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if not (value is None or isinstance(value, str) and name != "modules_to_save"
+                    or isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ValueError(f"{name} must be a list of module names{', a regex string' if name != 'modules_to_save' else ''} "
+                                 f"or None, got {value!r}")
         _check_rank("r", self.r)
         _check_alpha("alpha", self.alpha)
         for key, value in self.rank_pattern.items():

@@ -15,8 +15,18 @@ from torch import nn
 
 from .config import LoraConfig
 from .layers import LoraLayer, LoraSpec, adapter_shapes, attach, base_shape, is_conv1d_gpt2, supports
-from .saved import add_copy, inner_paths, remove_copy
-from .state import DEFAULT_ADAPTER, AdapterRecord, LoraState, create_state, drop_state, get_state, lora_layers
+from .saved import SavedModule, add_copy, inner_paths, remove_copy
+from .state import (
+    DEFAULT_ADAPTER,
+    AdapterRecord,
+    LoraState,
+    check_adapter_name,
+    check_not_mixed,
+    create_state,
+    drop_state,
+    get_state,
+    lora_layers,
+)
 
 #: The paper's default targets (Wq, Wv) for common architectures, by ``config.model_type``.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -151,6 +161,11 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
             continue
         if layers is not None and _layer_index(path, cfg.layers_pattern) not in layers:
             continue
+        if isinstance(module, SavedModule):
+            raise ValueError(
+                f"target {path!r} is saved whole by adapters {list(module.modules_to_save)} (modules_to_save), so it "
+                "cannot also carry LoRA; target other modules, or delete those adapters first"
+            )
         if not supports(module):
             raise ValueError(
                 f"target {path!r} is a {type(module).__name__}; lorakit adapts nn.Linear, GPT-2 Conv1D, "
@@ -232,6 +247,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    check_adapter_name(adapter)
+    check_not_mixed(model, f"add adapter {adapter!r}")
     state = get_state(model, required=False)
     if state is not None and adapter in state.adapters:
         raise ValueError(
@@ -241,6 +258,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
     config = resolve_config(model, config)
     planned = plan(model, config, adapter)
     saved = _find_saved_modules(model, config.modules_to_save)
+    _check_saved_not_adapted(model, adapter, saved)
     biases = _bias_params(model, config, [p.path for p in planned])
     _check_shared_biases(state, adapter, config.bias, biases)
     created = state is None
@@ -276,6 +294,17 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
 
     activate(model, [adapter], merged=False)
     return model
+
+
+def _check_saved_not_adapted(model: nn.Module, adapter: str, saved: list[str]) -> None:
+    """A module one adapter trains whole cannot hold another adapter's LoRA layers (its copy would carry them)."""
+    for path in saved:
+        adapted = {n for m in model.get_submodule(path).modules() if isinstance(m, LoraLayer) for n in m.lora_specs}
+        if adapted:
+            raise ValueError(
+                f"adapter {adapter!r} saves {path!r} whole (modules_to_save), but adapters {sorted(adapted)} put LoRA "
+                f"inside it; one module cannot be both. Delete those adapters first, or put {adapter!r} on a model of its own"
+            )
 
 
 def _check_shared_biases(state: LoraState | None, adapter: str, bias: str, biases: list[str]) -> None:

@@ -11,12 +11,13 @@ from torch import nn
 
 from .layers import detach
 from .saved import unwrap
-from .state import AdapterRecord, drop_state, get_state, lora_layers
+from .state import AdapterRecord, check_not_mixed, drop_state, get_state, lora_layers
 
 
 def merge(model: nn.Module, adapter: str | list[str] | None = None) -> nn.Module:
     """W ← W + (alpha/r)·B·A for the active adapters (or `adapter`); idempotent."""
     state = get_state(model)
+    check_not_mixed(model, "merge")
     names = state.active if adapter is None else ([adapter] if isinstance(adapter, str) else adapter)
     check_mergeable(model, names)
     for _, layer in lora_layers(model):
@@ -50,6 +51,7 @@ def check_mergeable(model: nn.Module, names: list[str]) -> None:
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo every merge, newest first; idempotent."""
     get_state(model)
+    check_not_mixed(model, "unmerge")
     for _, layer in lora_layers(model):
         for name in reversed(list(layer.merged_adapters)):
             layer.unmerge_adapter(name)
@@ -58,6 +60,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def _strip(model: nn.Module, keep_merged: bool) -> nn.Module:
     state = get_state(model)  # a clear error if the model carries no adapter
+    check_not_mixed(model, "unload the adapters")
     for _, layer in lora_layers(model):
         if not keep_merged:
             for name in reversed(list(layer.merged_adapters)):

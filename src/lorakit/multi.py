@@ -25,7 +25,7 @@ from .config import LoraConfig
 from .functional import expand_sliced_B
 from .layers import LoraLayer, LoraSpec, lora_math_dtype, tensor_fingerprint
 from .saved import wrappers
-from .state import AdapterRecord, get_state, lora_layers
+from .state import AdapterRecord, check_adapter_name, check_not_mixed, get_state, lora_layers
 
 COMBINE_METHODS = ("cat", "linear", "svd")
 
@@ -220,12 +220,21 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
     merged back after; the active adapters are ignored inside it. Inference only: no gradients reach A, B.
     """
     state = get_state(model)
+    check_not_mixed(model, "open another mixed_batch")
+    if isinstance(adapters, str):
+        raise ValueError(f"mixed_batch takes one adapter name (or None) per row, e.g. [{adapters!r}, None]; got the string {adapters!r}")
     rows = list(adapters)
     if not rows:
         raise ValueError("mixed_batch needs one adapter name (or None) per batch row; got an empty list")
     unknown = sorted({n for n in rows if n is not None and n not in state.adapters})
     if unknown:
         raise ValueError(f"mixed_batch: no adapter named {unknown}; this model has {list(state.adapters)} (or None for the base)")
+    owners = [n for n, record in state.adapters.items() if record.bias_params]
+    if owners and any(n not in owners for n in rows):
+        raise ValueError(
+            f"adapter {owners[0]!r} trains the base model's biases, which rows cannot hold per row; "
+            f"give every row {owners[0]!r}, or use disable_adapters for base rows"
+        )
     layers = [layer for _, layer in lora_layers(model)]
     in_generate, slot_tensors = [False], {}
     with torch.no_grad():
@@ -234,6 +243,7 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
     disabled = {id(layer): layer.lora_disabled for layer in layers}
     heads = wrappers(model)
     handles = []
+    state.in_mixed_batch = True
     try:
         for head in heads:  # modules_to_save: each row through its adapter's copy
             head.rows = rows
@@ -245,6 +255,7 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
         with _flag_during_generate(model, in_generate):
             yield model
     finally:
+        state.in_mixed_batch = False
         for head in heads:
             head.rows = None
         for handle in handles:
@@ -318,6 +329,8 @@ def combine_adapters(
     The new adapter has scale 1 (alpha = r, no rsLoRA) and is not activated: ``set_adapter`` it.
     """
     state = get_state(model)
+    check_adapter_name(name)
+    check_not_mixed(model, "combine adapters")
     if method not in COMBINE_METHODS:
         raise ValueError(f"method must be one of {COMBINE_METHODS}, got {method!r}")
     if not weights:
@@ -335,6 +348,9 @@ def combine_adapters(
             f"adapters {extras} train whole modules (modules_to_save) or biases, which have no low-rank update "
             "to add up; combine adapters that hold only A and B"
         )
+    bad = {n: w for n, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)}
+    if bad:
+        raise ValueError(f"combine_adapters weights must be finite numbers, got {bad}")
     weights = {n: float(w) for n, w in weights.items()}
     computed: list[tuple[str, LoraLayer, Tensor, Tensor, Tensor | None]] = []
     for path, layer in lora_layers(model):

@@ -45,10 +45,17 @@ class SavedModule(nn.Module):
     def _mixed(self, x: Tensor, *args, **kwargs) -> Tensor:
         """Row i through its adapter's copy: the base module over all rows, each copy over its own rows."""
         rows = self.rows
-        n = x.shape[0]
-        if n != len(rows):  # generate repeats each row for beams / num_return_sequences
-            rows = [r for r in rows for _ in range(n // len(rows))]
         out = self.original_module(x, *args, **kwargs)
+        if not any(r in self.modules_to_save for r in rows):
+            return out
+        n = x.shape[0]
+        if n % len(rows):
+            raise ValueError(
+                f"mixed_batch: a module saved whole by adapters {list(self.modules_to_save)} got an input of batch size "
+                f"{n} for {len(rows)} rows (its input is not one row per name, e.g. position ids), so its rows cannot "
+                "use different copies; use set_adapter for these adapters"
+            )
+        rows = [r for r in rows for _ in range(n // len(rows))]  # generate repeats each row for beams / num_return_sequences
         for name in dict.fromkeys(r for r in rows if r in self.modules_to_save):
             index = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
             part = self.modules_to_save[name](x.index_select(0, index), *args, **kwargs)

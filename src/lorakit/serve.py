@@ -31,7 +31,7 @@ from .multi import mixed_batch
 log = logging.getLogger(__name__)
 
 BASE = "base"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 
 
 class RequestError(Exception):
@@ -76,7 +76,7 @@ class Metrics:
 
 def name_problem(name: str) -> str | None:
     """Why `name` cannot name an adapter on the server (None if it can)."""
-    if name == BASE or not NAME_RE.match(name):
+    if name == BASE or not NAME_RE.fullmatch(name):
         return f"adapter name {name!r} must match {NAME_RE.pattern} and not be {BASE!r} (the base model's name)"
     return None
 
@@ -298,6 +298,7 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="choices per prompt: only 1 (send a list of prompts for more)")
 
 
 class AdapterRequest(BaseModel):

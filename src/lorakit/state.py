@@ -37,6 +37,20 @@ class LoraState:
     active: list[str] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     hooks: list[RemovableHandle] = field(default_factory=list)
+    in_mixed_batch: bool = False
+
+
+def check_adapter_name(name: object) -> None:
+    """Adapter names key PyTorch module dicts: a non-empty string without '.'."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r} (e.g. 'sql', 'v1_2')")
+
+
+def check_not_mixed(model: nn.Module, action: str) -> None:
+    """Raise if a `mixed_batch` block is open on `model`: its hooks assume the adapters stay as they were."""
+    state = model.__dict__.get("_lorakit")
+    if state is not None and state.in_mixed_batch:
+        raise ValueError(f"cannot {action} inside a mixed_batch block: leave the block first")
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
