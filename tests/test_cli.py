@@ -177,3 +177,17 @@ def test_finetune_an_encoder_as_a_causal_lm_points_to_classification(tmp_path, c
     assert err.startswith(f"lorakit finetune: error: {model_dir!r} is an encoder (bert: it reads the text in both "
                           "directions), not a causal language model: fine-tune it for classification (--task classification")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_folder_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    from lorakit.cli import main
+
+    (tmp_path / "afile").write_text("")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    from conftest import tiny_llama
+
+    model = _model_folder(tmp_path / "model", tiny_llama())
+    rc = main(["finetune", "--model", model, "--data", str(data), "--steps", "1", "--out", str(tmp_path / "afile")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "lorakit finetune: error:" in err and "afile" in err and "Traceback" not in err

@@ -200,7 +200,8 @@ def run_demo(
     say(f"trainable parameters: {trainable:,} = {100 * trainable / total_params:.3f}% of the base model's {total_params:,}")
     say(f"peak memory (measured, process RSS): {rss_peak:,.0f} MiB (before training {rss_before:,.0f} MiB, including the fp32 load)")
     say(f"full fine-tuning needs (computed): fp32 weights + grads + AdamW moments = 4 × {dense / 2**20:,.0f} MiB = "
-        f"{4 * dense / 2**20:,.0f} MiB before activations; LoRA's grads + moments: {3 * trainable * 4 / 2**20:.1f} MiB")
+        f"{4 * dense / 2**20:,.0f} MiB before activations (the measured peak above includes them); "
+        f"LoRA's grads + moments: {3 * trainable * 4 / 2**20:.1f} MiB")
     adapter_mb = (out / "describe" / "adapter_model.safetensors").stat().st_size / 2**20
     model_mb = model_file.stat().st_size / 2**20 if model_file.is_file() else dense / 2**20
     say(f"adapter file: {adapter_mb:.2f} MiB vs the model's {model_mb:,.0f} MiB ({model_mb / adapter_mb:,.0f}× smaller)")

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (ValueError, OSError, ModuleNotFoundError) as e:  # OSError: a file or folder that cannot be written or read
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 1
 
