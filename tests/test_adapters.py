@@ -263,6 +263,21 @@ def test_merge_and_unload_keeps_the_trained_head_and_unload_the_base(input_ids):
         torch.testing.assert_close(logits(model, input_ids), tuned if expect == "tuned" else base, atol=1e-5, rtol=0)
 
 
+def test_tie_weights_keeps_the_base_head_tied_and_the_trained_copy_its_own(input_ids):
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    copy = model.lm_head.modules_to_save["default"]
+    with torch.no_grad():
+        copy.weight.add_(0.5)  # "trained"
+    tuned = logits(model, input_ids)
+    model.tie_weights()  # transformers calls this, e.g. in resize_token_embeddings; it raised KeyError on the wrapper
+    assert model.lm_head.original_module.weight is model.model.embed_tokens.weight
+    assert model.lm_head.modules_to_save["default"] is copy and copy.weight.requires_grad
+    torch.testing.assert_close(logits(model, input_ids), tuned, atol=0, rtol=0)
+
+
 def test_adapters_that_train_base_biases_do_not_share_a_model(input_ids):
     model = tiny_bert()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}

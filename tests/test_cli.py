@@ -130,6 +130,10 @@ def test_finetune_mistyped_model_path_is_one_line_without_a_hub_request(tmp_path
         assert err.startswith(f"lorakit finetune: error: model {name!r} is not an existing folder")
         assert "smollm2-135m, minilm-l6" in err
     assert not (tmp_path / "run").exists()
+    for typo, meant in (("smolm2-135m", "smollm2-135m"), ("MiniLM-L6", "minilm-l6")):
+        assert main(["finetune", "--model", typo, "--data", str(data), "--out", str(tmp_path / "run")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"did you mean {meant!r}?" in err
 
 
 def test_a_hub_id_that_cannot_be_loaded_is_one_clear_error(tmp_path, monkeypatch):

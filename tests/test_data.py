@@ -77,6 +77,20 @@ def test_glue_cola_has_no_header():
     assert ex[2]["text"] == "Day by day the facts are getting murkier."
 
 
+def test_glue_test_split_and_wrong_task_are_named(tmp_path):
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA" / "test.tsv").write_text("index\tsentence\n0\tBill whistled past the house.\n")
+    with pytest.raises(ValueError, match="test splits carry no labels.*dev to evaluate"):
+        load_glue(tmp_path / "CoLA", "test")
+    with pytest.raises(ValueError, match="--task classification"):
+        load_data(DATA / "glue" / "SST-2", "causal-lm")
+
+
+def test_classification_rows_as_causal_lm_suggest_the_task():
+    with pytest.raises(ValueError, match="no field 'prompt'.*--task classification"):
+        load_data(DATA / "reviews.csv", "causal-lm")
+
+
 def test_unknown_format_and_missing_file():
     with pytest.raises(FileNotFoundError):
         read_records(DATA / "nope.jsonl")

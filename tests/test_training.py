@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -233,7 +234,8 @@ def test_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "metrics.jsonl"]
     monkeypatch.setattr(training, "atomic_write_bytes", real)
     result = finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path, resume=True)
-    assert result.steps == 12
+    assert (result.start_step, result.steps) == (4, 12)
+    assert [h["step"] for h in result.history] == list(range(5, 13))  # this run's steps: what `seconds` covers
 
 
 def test_non_finite_gradients_stop_before_the_update_and_nothing_bad_is_saved(tmp_path):
@@ -278,8 +280,10 @@ def test_full_disk_on_the_loss_plot_is_a_clean_stop(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(training, "plot_loss", lambda metrics, png: fail(png, b""))
-    with pytest.raises(TrainingError, match="could not write the final result"):
+    with pytest.raises(TrainingError, match="could not write the final result.*the last good checkpoint is .*checkpoint-8"):
         finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path)
+    with pytest.raises(TrainingError, match="could not write the final result.*; no checkpoint was written$"):
+        finetune(tiny_llama(), TOK, examples(), None, dataclasses.replace(config(), save_every=0), out_dir=tmp_path / "b")
 
 
 def test_a_fresh_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path):
@@ -367,6 +371,15 @@ def test_resuming_a_finished_run_says_so_and_keeps_its_result(tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint-8"
     with pytest.raises(ValueError, match=r"already finished at step 12: nothing to resume"):
         finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path, resume=True)
-    with pytest.raises(ValueError, match=r"holds a run that finished at step 12 \(and its checkpoint-8\): use another"):
+    with pytest.raises(ValueError, match=r"holds a run that finished at step 12: use another output folder"):
         finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path):
+    finetune(tiny_llama(), TOK, examples(), None, dataclasses.replace(config(), save_every=0), out_dir=tmp_path)
+    assert latest_checkpoint(tmp_path) is None
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"holds a run that finished at step 12"):
+        finetune(tiny_llama(), TOK, examples(), None, dataclasses.replace(config(), save_every=0), out_dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files

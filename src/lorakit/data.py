@@ -75,9 +75,11 @@ def _require(rows: Sequence[Mapping], fields: dict[str, str], source: str) -> No
     for i, row in enumerate(rows):
         for role, name in fields.items():
             if name not in row:
+                hint = ("; these look like classification examples (a label field): --task classification"
+                        if role in ("prompt", "completion") and "label" in row else "")
                 raise ValueError(
                     f"{source}: example {i} has no field {name!r} (it has {sorted(row)}); name the {role} field to use: "
-                    f"--{role.replace('_', '-')}-field in the CLI, {role}_field= in lorakit.load_data()"
+                    f"--{role.replace('_', '-')}-field in the CLI, {role}_field= in lorakit.load_data(){hint}"
                 )
             if row[name] is None:
                 raise ValueError(f"{source}: field {name!r} is null/empty in example {i} (the {role}); fill it in or "
@@ -156,6 +158,9 @@ def load_glue(task_dir: str | os.PathLike, split: str = "train") -> list[dict[st
     if task not in GLUE_LABELS:
         raise ValueError(f"unknown GLUE task folder {task!r}: lorakit reads {sorted(GLUE_LABELS)}")
     file = task_dir / f"{split}.tsv"
+    if split == "test":
+        raise ValueError(f"{file}: GLUE test splits carry no labels (the benchmark keeps them hidden), so they cannot "
+                         "train or score a model; use train to train and dev to evaluate")
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist (GLUE splits are train, dev, test)")
     with file.open(encoding="utf-8", newline="") as f:
@@ -205,6 +210,9 @@ def load_data(
         path = Path(spec)
         if path.is_dir():
             if path.name in GLUE_LABELS:
+                if task != "classification":
+                    raise ValueError(f"{path} is a GLUE task, labelled sentences: use --task classification "
+                                     "(task='classification') with an encoder such as minilm-l6")
                 return load_glue(path, split)
             raise ValueError(f"{path} is a folder but not a GLUE task folder ({sorted(GLUE_LABELS)}); pass a data file")
         if task == "causal-lm" and path.suffix.lower() == ".txt":

@@ -36,6 +36,15 @@ class SavedModule(nn.Module):
         copies = modules["modules_to_save"]._modules
         return getattr(copies[active] if active in copies else modules["original_module"], name)
 
+    def __setattr__(self, name: str, value) -> None:
+        """A parameter set on the wrapper (``tie_weights`` setting ``lm_head.weight``) goes to the base module:
+        the base stays tied as it was, each adapter's copy keeps its own trained weights."""
+        modules = self.__dict__.get("_modules", {})
+        if isinstance(value, nn.Parameter) and "original_module" in modules and name in modules["original_module"]._parameters:
+            setattr(modules["original_module"], name, value)
+        else:
+            super().__setattr__(name, value)
+
     def forward(self, *args, **kwargs):
         if self.rows is None:
             module = self.original_module if self.active is None else self.modules_to_save[self.active]

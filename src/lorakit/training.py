@@ -139,6 +139,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     peak_memory_mb: float | None = None  # see `peak_memory_kind` for what was measured
     peak_memory_kind: str = ""
+    start_step: int = 0  # the step a resumed run started from; `seconds` and `history` cover only this run
 
     @property
     def median_step_s(self) -> float:
@@ -420,10 +421,9 @@ def finetune(
     if done is not None and resume:
         raise ValueError(f"the run in {out} already finished at step {done}: nothing to resume (its result is kept); "
                          "to train again, use another output folder")
+    if done is not None and not resume:
+        raise ValueError(f"{out} holds a run that finished at step {done}: use another output folder, or delete this one")
     if checkpoint is not None and not resume:
-        if done is not None:
-            raise ValueError(f"{out} holds a run that finished at step {done} (and its {checkpoint.name}): use another "
-                             "output folder, or delete this one")
         raise ValueError(f"{out} holds checkpoints of an earlier run ({checkpoint.name}): resume it (--resume, "
                          "resume=True), or use another output folder, or delete them")
     if resume and checkpoint is None:
@@ -469,6 +469,7 @@ def finetune(
     if checkpoint is not None:
         step = _load_checkpoint(checkpoint, cfg, named_trainable, optimizer, scheduler, data_sha)
         log.info("resumed from %s (step %d)", checkpoint, step)
+    start_step = step
     if out is not None:
         _truncate_metrics(out / "metrics.jsonl", step)
     n_train, n_all = sum(p.numel() for p in trainable), sum({id(p): p.numel() for p in model.parameters()}.values())
@@ -492,16 +493,14 @@ def finetune(
             with _autocast(compute, device):
                 loss = causal_lm_loss(model, batch)[0] if cfg.task == "causal-lm" else classification_loss(model, batch)[0]
             if not torch.isfinite(loss):
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-                raise TrainingError(f"loss is {float(loss.detach())} at step {step + 1}: training stopped; {where}. "
+                raise TrainingError(f"loss is {float(loss.detach())} at step {step + 1}: training stopped; {_where(last_good)}. "
                                     "Lower --lr or check the data")
             (loss / cfg.grad_accum).backward()
             loss_total += float(loss.detach()) / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):
-            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
             raise TrainingError(f"gradients are not finite at step {step + 1} (norm {float(grad_norm)}): training stopped "
-                                f"before the update; {where}. Lower --lr or check the data")
+                                f"before the update; {_where(last_good)}. Lower --lr or check the data")
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -535,11 +534,17 @@ def finetune(
             plot_loss(out / "metrics.jsonl", out / "loss.png")
             atomic_write_bytes(finished, json.dumps({"step": step, "config": cfg.to_dict()}, indent=1).encode())
         except OSError as e:
-            raise TrainingError(f"could not write the final result to {out}: {e}; the last good checkpoint is {last_good}") from e
+            raise TrainingError(f"could not write the final result to {out}: {e}; {_where(last_good)}") from e
     seconds = time.perf_counter() - t_start
     peak = peak_memory_mb(device)
     notify({"event": "end", "step": step, "seconds": seconds, "peak_memory_mb": peak, "peak_memory_kind": memory_kind, **eval_metrics})
-    return TrainResult(step, last_loss, eval_metrics, precision, n_train, n_all, seconds, out, history, peak, memory_kind)
+    return TrainResult(step, last_loss, eval_metrics, precision, n_train, n_all, seconds, out, history, peak, memory_kind,
+                       start_step)
+
+
+def _where(last_good: Path | None) -> str:
+    """Where a stopped run can be picked up again, for its error message."""
+    return f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
 
 
 def _require_causal_lm(model: nn.Module) -> None:
@@ -575,7 +580,7 @@ def _check_finite(named: dict[str, nn.Parameter], step: int, last_good: Path | N
     bad = [n for n, p in named.items() if not torch.isfinite(p.detach()).all()]
     if bad:
         raise TrainingError(f"trainable weights are not finite after step {step} (e.g. {bad[0]}): training stopped "
-                            f"without saving them; the last good checkpoint is {last_good or 'none'}. Lower --lr")
+                            f"without saving them; {_where(last_good)}. Lower --lr")
 
 
 def _save_checkpoint(
@@ -610,7 +615,7 @@ def _save_checkpoint(
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"could not write checkpoint at step {step} ({e}); training stopped; "
-                            f"the last good checkpoint is {last_good or 'none'}") from e
+                            f"{_where(last_good)}") from e
     old = sorted((int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in out.glob(f"{CHECKPOINT_PREFIX}*")
                  if p.name[len(CHECKPOINT_PREFIX):].isdigit())
     for _, p in old[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:

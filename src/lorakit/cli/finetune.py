@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="of the frozen base (adapters stay fp32)")
-    p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw even if the tokenizer has a chat template")
+    p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw even if the tokenizer has a chat template (raw prompt and completion are joined "
+                   "as given: put a separator, e.g. a leading space, in the completions)")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -100,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
         print(f"lorakit finetune: stopped: {e}", file=sys.stderr)
         return 1
-    print(f"done ({args.method}): {result.steps} steps in {result.seconds:.0f}s, {1e3 * result.median_step_s:.0f} ms/step (median), "
+    ran = (f"steps {result.start_step} → {result.steps} ({result.steps - result.start_step} this run)" if result.start_step
+           else f"{result.steps} steps")
+    print(f"done ({args.method}): {ran} in {result.seconds:.0f}s, {1e3 * result.median_step_s:.0f} ms/step (median), "
           f"trainable {result.trainable:,} ({100 * result.trainable / result.total:.3f}%), "
           f"peak memory {result.peak_memory_mb:,.0f} MiB ({result.peak_memory_kind}), "
           f"last train loss {result.train_loss:.4f}" + "".join(f", {k} {v:.4f}" for k, v in result.eval_metrics.items()))
