@@ -16,7 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.demo import run_demo
+    from transformers.utils import logging as hf_logging
 
+    from lorakit.demo import run_demo
+    from lorakit.models import resolve_model_path
+
+    resolve_model_path(args.model)  # the one-time GGUF conversion shows its progress bars
+    hf_logging.disable_progress_bar()  # the demo's later loads would print "Loading weights" bars into the report
     run_demo(args.model, args.out, steps=args.steps, seed=args.seed, emit=print)
     return 0
