@@ -98,7 +98,7 @@ def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
     if name_or_path == "minilm-l6":
         return str(bundled_path("minilm-l6"))
     folder = Path(name_or_path).expanduser()
-    near = difflib.get_close_matches(name_or_path.lower(), BUNDLED, n=1, cutoff=0.75)
+    near = difflib.get_close_matches(name_or_path.lower(), BUNDLED, n=1, cutoff=0.6)
     if near and "/" not in name_or_path and not folder.exists():  # a typo, not a hub id: no ~30 s of hub retries
         raise FileNotFoundError(f"model {name_or_path!r} is not a bundled short name nor a folder: did you mean "
                                 f"{near[0]!r}? (bundled: {', '.join(BUNDLED)})")
