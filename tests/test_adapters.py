@@ -373,6 +373,10 @@ def test_set_adapter_none_says_how_to_get_the_base():
     model = _two_adapters()
     with pytest.raises(ValueError, match=r"adapter name or a list of names, got None.*disable_adapters"):
         lorakit.set_adapter(model, None)
+    active = lorakit.active_adapters(model)
+    with pytest.raises(ValueError, match=r"empty list.*disable_adapters"):
+        lorakit.set_adapter(model, [])
+    assert lorakit.active_adapters(model) == active
 
 
 def test_disable_adapters_gives_trained_biases_their_base_values(input_ids):

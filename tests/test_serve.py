@@ -140,6 +140,24 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(server, body, status, mess
     assert httpx.get(url + "/health", timeout=10).status_code == 200
 
 
+@pytest.mark.parametrize("prompt", ['"\\ud800"', '["ok", "\\udfff"]'])
+def test_a_prompt_that_is_not_valid_text_is_a_400(server, prompt):
+    url, *_ = server
+    before = metric(url, 'lorakit_request_errors_total{status="400"}')
+    r = post(url, "/v1/completions", content=f'{{"model": "sql", "prompt": {prompt}}}'.encode(),
+             headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "is not valid text: surrogates not allowed" in r.json()["error"]["message"], r.text
+    assert metric(url, 'lorakit_request_errors_total{status="400"}') == before + 1
+
+
+def test_max_tokens_null_means_the_default_and_a_body_without_json_header_is_told_so(server):
+    url, *_ = server
+    r = post(url, "/v1/completions", json={"model": "sql", "prompt": "hi", "max_tokens": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16, r.text
+    r = post(url, "/v1/completions", content=b'{"model": "sql", "prompt": "hi"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and "content-type: application/json" in r.json()["error"]["message"], r.text
+
+
 def test_malformed_json_gets_400(server):
     url, *_ = server
     r = post(url, "/v1/completions", content=b'{"model": "sql", "prompt": ', headers={"content-type": "application/json"})
@@ -245,3 +263,13 @@ def test_serve_cli_refuses_bad_adapter_names_before_loading(spec, message, capsy
     extra = ["--adapter", "sql=./y"] if message == "given twice" else []
     assert main(["serve", "--model", "./no-model-needed", "--adapter", spec, *extra]) == 1
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [("--port", "99999"), ("--max-batch", "0"), ("--max-tokens", "-1"),
+                                           ("--max-wait-ms", "-5")])
+def test_serve_cli_refuses_out_of_range_options(option, value, capsys):
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "./no-model-needed", option, value])
+    assert f"argument {option}: expected" in capsys.readouterr().err

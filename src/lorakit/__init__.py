@@ -25,6 +25,7 @@ from .functional import delta_weight, lora_scale
 from .injection import inject
 from .layers import LoraLayer
 from .merging import merge, merge_and_unload, unload, unmerge
+from .models import load_model
 from .multi import combine_adapters, mixed_batch
 from .precision import cast_base, describe_precision, pick_base_dtype
 from .training import TrainConfig, TrainingError, TrainResult, finetune
@@ -44,6 +45,7 @@ __all__ = [
     "TrainingError",
     "finetune",
     "load_data",
+    "load_model",
     "LoraConfig",
     "LoraLayer",
     "active_adapters",

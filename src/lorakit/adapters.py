@@ -40,6 +40,9 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
         raise ValueError(f"set_adapter takes an adapter name or a list of names, got {adapter!r}; "
                          f"this model has {list(state.adapters)} (disable_adapters(model) computes the base)")
     names = [adapter] if isinstance(adapter, str) else list(dict.fromkeys(adapter))  # a name applies once
+    if not names:
+        raise ValueError(f"set_adapter got an empty list; name at least one of {list(state.adapters)} "
+                         "(disable_adapters(model) computes the base model)")
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}")

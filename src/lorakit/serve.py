@@ -31,6 +31,7 @@ from .multi import mixed_batch
 log = logging.getLogger(__name__)
 
 BASE = "base"
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 
 
@@ -98,7 +99,8 @@ class Engine:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_new_tokens = max_new_tokens
         self.max_context = max_context or getattr(getattr(model, "config", None), "max_position_embeddings", 2048)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the model: one batch, load or unload at a time
+        self.text_lock = threading.Lock()  # the tokenizer (a fast tokenizer is not safe across threads)
 
     def adapters(self) -> list[str]:
         """Names a request's ``model`` field may take: ``base`` and every loaded adapter."""
@@ -113,7 +115,17 @@ class Engine:
         """Token ids of each prompt; 400 if prompt + completion would not fit."""
         if max_tokens > self.max_new_tokens:
             raise RequestError(400, f"max_tokens={max_tokens} exceeds this server's limit of {self.max_new_tokens}")
-        ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        ids = []
+        for i, prompt in enumerate(prompts):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # e.g. a lone UTF-16 surrogate ("\\ud800") in the JSON
+                raise RequestError(400, f"prompt {i} is not valid text: {e.reason} at character {e.start}") from e
+            try:
+                with self.text_lock:
+                    ids.append(self.tokenizer(prompt)["input_ids"])
+            except (TypeError, ValueError) as e:
+                raise RequestError(400, f"prompt {i} cannot be tokenized: {e}") from e
         for i, row in enumerate(ids):
             if not row:
                 raise RequestError(400, f"prompt {i} is empty after tokenization; send some text")
@@ -173,7 +185,9 @@ class Engine:
                 tokens, finish = new[k][: job.max_tokens], "length"
                 if self.tokenizer.eos_token_id in tokens:
                     tokens, finish = tokens[: tokens.index(self.tokenizer.eos_token_id)], "stop"
-                texts.append((self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), finish))
+                with self.text_lock:
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                texts.append((text, len(tokens), finish))
                 k += 1
             results.append(texts)
         return results
@@ -294,7 +308,7 @@ class CompletionRequest(BaseModel):
 
     model: str = BASE
     prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1, description="null means the default, as in OpenAI's API")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
@@ -346,6 +360,8 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
                 continue
             where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
             parts.append(f"{where}: {err.get('msg')}")
+            if where == "body" and "json" not in request.headers.get("content-type", ""):
+                parts.append("send the body as JSON with the header 'content-type: application/json'")
         return error(400, "invalid request: " + "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
@@ -374,7 +390,9 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
         if not prompts or len(prompts) > max_batch:
             raise RequestError(400, f"prompt must be a string or a list of 1..{max_batch} strings, got {len(prompts)}")
         engine.check_adapter(req.model)
-        job = Job(req.model, engine.encode(prompts, req.max_tokens), req.max_tokens, req.temperature, req.top_p)
+        max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        ids = await asyncio.to_thread(engine.encode, prompts, max_tokens)  # a huge prompt must not stall the server
+        job = Job(req.model, ids, max_tokens, req.temperature, req.top_p)
         batcher.metrics.requests[req.model] += 1
         result = await batcher.submit(job)
         m = batcher.metrics
