@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import statistics
 
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # the scripts load models between tables: no "Loading weights" bars in the output
+
 
 def paired_ratio(times: list[float], ref: list[float]) -> float:
     """Median over rounds of ``times[i] / ref[i]``: each round runs every configuration back to back, so
