@@ -129,20 +129,28 @@ def test_schedule_warms_up_then_decays_to_zero():
         TrainConfig(schedule="step")
 
 
-def test_grad_accumulation_matches_a_big_batch():
-    data = examples()[:8]
-    results, norms = [], []
-    for bs, acc in ((8, 1), (4, 2)):
-        model = tiny_llama()
-        cfg = TrainConfig(steps=2, batch_size=bs, grad_accum=acc, lr=1e-2, precision="fp32", dropout=0.0, seed=3,
-                          max_grad_norm=1e-4)
-        result = finetune(model, TOK, [dict(d, completion="abcd") for d in data], None, cfg)  # equal lengths: equal weights
+@pytest.mark.parametrize("task", ["causal-lm", "classification"])
+def test_grad_accumulation_matches_a_big_batch(task):
+    if task == "causal-lm":  # completions of 1 to 29 tokens: micro-batches weigh by their tokens, not equally
+        data = [dict(d, completion="ab" * (1 + 7 * (i % 3) ** 2)) for i, d in enumerate(examples()[:8])]
+    else:
+        data = [{"text": d["prompt"], "label": i % 2} for i, d in enumerate(examples()[:8])]
+    results, norms, losses = [], [], []
+    for bs, acc in ((8, 1), (4, 2), (2, 4)):
+        model = tiny_llama() if task == "causal-lm" else tiny_bert()
+        cfg = TrainConfig(task=task, steps=2, batch_size=bs, grad_accum=acc, lr=1e-2, precision="fp32", dropout=0.0,
+                          seed=3, max_grad_norm=1e-4)
+        result = finetune(model, TOK, data, None, cfg)
         results.append(lorakit.adapter_state_dict(model))
         norms.append([r["grad_norm"] for r in result.history])
-    for k in results[0]:
-        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=1e-4)
-    # the logged norm is the whole step's (accumulated) gradient norm before clipping, as in HF's Trainer
-    assert norms[0] == pytest.approx(norms[1], rel=1e-4) and min(norms[0]) > 1e-3
+        losses.append([r["loss"] for r in result.history])
+    for other in results[1:]:
+        for k in results[0]:
+            torch.testing.assert_close(results[0][k], other[k], atol=1e-6, rtol=1e-4)
+    # the logged loss and norm are the whole step's (accumulated) before clipping, as in HF's Trainer
+    for n, loss in zip(norms[1:], losses[1:]):
+        assert n == pytest.approx(norms[0], rel=1e-4) and loss == pytest.approx(losses[0], rel=1e-5)
+    assert min(norms[0]) > 1e-3
 
 
 def test_resume_equals_uninterrupted(tmp_path):

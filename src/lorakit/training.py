@@ -315,6 +315,17 @@ def _micro_batch(data: list, cfg: TrainConfig, index: int) -> list:
     return [data[i] for i in order[j * cfg.batch_size:(j + 1) * cfg.batch_size].tolist()]
 
 
+def _loss_weight(batch: dict[str, Tensor], task: str) -> int:
+    """What a micro-batch's mean loss averages over: its predicted (completion) tokens, or its examples.
+
+    Gradient accumulation weights each micro-batch by it, so the step's loss is the mean over all its
+    tokens, as one big batch would compute it (HF Trainer does the same since 4.46).
+    """
+    if task == "causal-lm":
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return len(batch["labels"])
+
+
 def total_steps(n_examples: int, cfg: TrainConfig) -> int:
     """Optimizer steps of the run: `steps`, or `epochs` passes over `n_examples`."""
     if cfg.steps is not None:
@@ -486,21 +497,23 @@ def finetune(
     while step < total:
         t0 = time.perf_counter()
         loss_total, tokens = 0.0, 0
-        for k in range(cfg.grad_accum):
-            items = _micro_batch(train_enc, cfg, step * cfg.grad_accum + k)
-            batch = {key: v.to(device) for key, v in collate(items, pad_id).items()}
+        batches = [collate(_micro_batch(train_enc, cfg, step * cfg.grad_accum + k), pad_id) for k in range(cfg.grad_accum)]
+        weights = [_loss_weight(batch, cfg.task) for batch in batches]
+        for batch, weight in zip(batches, weights):
+            batch = {key: v.to(device) for key, v in batch.items()}
             tokens += int(batch["attention_mask"].sum())
             with _autocast(compute, device):
                 loss = causal_lm_loss(model, batch)[0] if cfg.task == "causal-lm" else classification_loss(model, batch)[0]
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss is {float(loss.detach())} at step {step + 1}: training stopped; {_where(last_good)}. "
-                                    "Lower --lr or check the data")
-            (loss / cfg.grad_accum).backward()
-            loss_total += float(loss.detach()) / cfg.grad_accum
+                                    f"{_LOWER_LR}")
+            share = weight / (sum(weights) or 1)  # each labelled token (example) of the step weighs the same
+            (loss * share).backward()
+            loss_total += float(loss.detach()) * share
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):
             raise TrainingError(f"gradients are not finite at step {step + 1} (norm {float(grad_norm)}): training stopped "
-                                f"before the update; {_where(last_good)}. Lower --lr or check the data")
+                                f"before the update; {_where(last_good)}. {_LOWER_LR}")
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -542,6 +555,9 @@ def finetune(
                        start_step)
 
 
+_LOWER_LR = "Start a new run (another --out) with a lower --lr, or check the data: --resume keeps a run's settings"
+
+
 def _where(last_good: Path | None) -> str:
     """Where a stopped run can be picked up again, for its error message."""
     return f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
@@ -580,7 +596,7 @@ def _check_finite(named: dict[str, nn.Parameter], step: int, last_good: Path | N
     bad = [n for n, p in named.items() if not torch.isfinite(p.detach()).all()]
     if bad:
         raise TrainingError(f"trainable weights are not finite after step {step} (e.g. {bad[0]}): training stopped "
-                            f"without saving them; {_where(last_good)}. Lower --lr")
+                            f"without saving them; {_where(last_good)}. {_LOWER_LR}")
 
 
 def _save_checkpoint(
