@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +196,42 @@ def test_an_out_folder_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
     rc = main(["finetune", "--model", model, "--data", str(data), "--steps", "1", "--out", str(tmp_path / "afile")])
     err = capsys.readouterr().err
     assert rc == 1 and "lorakit finetune: error:" in err and "afile" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option, value", [("--limit", "-35"), ("--save-every", "-1"), ("--eval-every", "-1"),
+                                           ("--warmup", "nan"), ("--eval-limit", "0"), ("-r", "0")])
+def test_finetune_refuses_out_of_range_options(option, value, capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--model", "m", "--data", "d.jsonl", "--out", "o", option, value])
+    assert f"argument {option}: expected" in capsys.readouterr().err
+
+
+def test_finetune_checks_out_and_eval_split_before_loading_anything(tmp_path, capsys, monkeypatch):
+    from lorakit import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded a model")))
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    for out, message in (("", "--out is empty"), (str(data), "is a file, not a folder")):
+        assert main(["finetune", "--model", "m", "--data", str(data), "--out", out]) == 1
+        assert message in capsys.readouterr().err
+    assert main(["finetune", "--model", "m", "--data", str(data), "--eval-split", "dev", "--out", str(tmp_path / "o")]) == 1
+    assert "a split (split='dev', --eval-split) applies to a GLUE task folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_finetune_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
+    from lorakit import models, training
+
+    def interrupted(model, tokenizer, train, eval_data, cfg, out_dir, resume, callback):
+        (Path(out_dir) / "checkpoint-4").mkdir(parents=True)
+        (Path(out_dir) / "checkpoint-4" / training.STATE_JSON).write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(training, "finetune", interrupted)
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    assert main(["finetune", "--model", "m", "--data", str(data), "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 0; the last good checkpoint is" in err and "checkpoint-4" in err and "--resume" in err

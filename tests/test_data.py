@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,12 @@ def test_glue_sst2_reads_bare_quotes_as_text():
     assert len(ex) == 3
     assert ex[2] == {"text": 'the " best " film of the year ', "label": 1}
     assert load_data(DATA / "glue" / "SST-2", "classification", "dev") == load_glue(DATA / "glue" / "SST-2", "dev")
+    assert load_data(DATA / "glue" / "SST-2" / "train.tsv", "classification") == ex  # one split's file
+
+
+def test_glue_folder_names_are_recognised_in_any_spelling(tmp_path):
+    shutil.copytree(DATA / "glue" / "SST-2", tmp_path / "sst2")
+    assert load_data(tmp_path / "sst2", "classification") == load_glue(DATA / "glue" / "SST-2")
 
 
 def test_glue_rte_pairs_and_label_names():
@@ -114,11 +121,14 @@ def test_chat_template_wraps_the_prompt_only():
     assert enc["labels"][:n] == [IGNORE_INDEX] * n and enc["labels"][n:] == tok.encode("xy") + [2]
 
 
-def test_truncation_keeps_the_completion():
+def test_truncation_keeps_the_completion_and_is_counted(caplog):
     tok = ByteTokenizer()
-    (enc,) = encode_causal(tok, [{"prompt": "p" * 50, "completion": "xyz"}], max_length=10, use_chat_template=False)
+    data = [{"prompt": "p" * 50, "completion": "xyz"}, {"prompt": "p", "completion": "x"}]
+    enc, short = encode_causal(tok, data, max_length=10, use_chat_template=False)
     assert len(enc["input_ids"]) == 10
     assert enc["labels"][-4:] == tok.encode("xyz") + [2]
+    assert len(short["input_ids"]) == 3
+    assert "1 of 2 examples are longer than max_length=10" in caplog.text
 
 
 def test_collate_pads_right_with_mask_and_ignored_labels():

@@ -129,6 +129,16 @@ def test_schedule_warms_up_then_decays_to_zero():
         TrainConfig(schedule="step")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("warmup", float("nan"), "warmup must be a finite number >= 0"), ("max_grad_norm", -1.0, "max_grad_norm must be"),
+    ("save_every", -1, r"save_every must be an integer >= 0 \(0: never\)"), ("eval_every", 2.5, "eval_every must be"),
+    ("batch_size", 0, "batch_size must be a positive integer"), ("steps", 0, "steps must be a positive integer"),
+])
+def test_config_refuses_out_of_range_fields(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
 @pytest.mark.parametrize("task", ["causal-lm", "classification"])
 def test_grad_accumulation_matches_a_big_batch(task):
     if task == "causal-lm":  # completions of 1 to 29 tokens: micro-batches weigh by their tokens, not equally

@@ -151,12 +151,18 @@ def load_e2e_lora_format(path: str | os.PathLike) -> list[dict[str, str]]:
     return out
 
 
+def glue_task(name: str) -> str | None:
+    """The GLUE task a folder name stands for (``SST-2``, ``sst2``, ``cola``…), or None."""
+    key = name.upper().replace("-", "").replace("_", "")
+    return next((task for task in GLUE_LABELS if task.upper().replace("-", "") == key), None)
+
+
 def load_glue(task_dir: str | os.PathLike, split: str = "train") -> list[dict[str, Any]]:
     """A GLUE task (SST-2, RTE, CoLA) from its ``glue_data/<TASK>/<split>.tsv`` folder, read with QUOTE_NONE."""
     task_dir = Path(task_dir)
-    task = task_dir.name
-    if task not in GLUE_LABELS:
-        raise ValueError(f"unknown GLUE task folder {task!r}: lorakit reads {sorted(GLUE_LABELS)}")
+    task = glue_task(task_dir.name)
+    if task is None:
+        raise ValueError(f"unknown GLUE task folder {task_dir.name!r}: lorakit reads {sorted(GLUE_LABELS)}")
     file = task_dir / f"{split}.tsv"
     if split == "test":
         raise ValueError(f"{file}: GLUE test splits carry no labels (the benchmark keeps them hidden), so they cannot "
@@ -201,20 +207,25 @@ def load_data(
     """Examples for `task` from a file, a GLUE task folder, an E2E CSV (``mr,ref``) or the LoRA paper's E2E ``.txt``
     (``mr||ref``), or ``hf:<dataset>[:<config>]``.
 
-    For a folder or ``hf:`` source, `split` picks the split (``train``, ``dev``…).
+    For a folder or ``hf:`` source, `split` picks the split (``train``, ``dev``…); a file is one split
+    (``train``, the default: any other split of a file is an error, not silently the same file).
     """
     spec = str(spec)
     if spec.startswith("hf:"):
         rows, source = load_hf(spec[3:], split), spec
     else:
         path = Path(spec)
+        glue_file = path.is_file() and path.suffix == ".tsv" and glue_task(path.parent.name) is not None
+        if (path.is_dir() and glue_task(path.name)) or glue_file:
+            if task != "classification":
+                raise ValueError(f"{path} is a GLUE task, labelled sentences: use --task classification "
+                                 "(task='classification') with an encoder such as minilm-l6")
+            return load_glue(path.parent, path.stem) if glue_file else load_glue(path, split)
         if path.is_dir():
-            if path.name in GLUE_LABELS:
-                if task != "classification":
-                    raise ValueError(f"{path} is a GLUE task, labelled sentences: use --task classification "
-                                     "(task='classification') with an encoder such as minilm-l6")
-                return load_glue(path, split)
             raise ValueError(f"{path} is a folder but not a GLUE task folder ({sorted(GLUE_LABELS)}); pass a data file")
+        if split != "train" and path.is_file():
+            raise ValueError(f"{path} is a file: a split (split={split!r}, --eval-split) applies to a GLUE task folder "
+                             "or an hf: source; give the evaluation file itself (--eval-data FILE)")
         if task == "causal-lm" and path.suffix.lower() == ".txt":
             return load_e2e_lora_format(path)
         rows, source = read_records(path), spec
@@ -251,16 +262,20 @@ def encode_causal(
         raise ValueError("the dataset is empty: nothing to train or evaluate on")
     _require(examples, {"prompt": "prompt", "completion": "completion"}, source)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out = []
+    out, cut = [], 0
     for ex in examples:
         prompt_ids = tokenizer(format_prompt(tokenizer, ex["prompt"], use_chat_template), add_special_tokens=False)["input_ids"]
         completion_ids = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + eos
+        cut += len(prompt_ids) + len(completion_ids) > max_length
         completion_ids = completion_ids[:max_length - 1]
         prompt_ids = prompt_ids[-(max_length - len(completion_ids)):]
         out.append({
             "input_ids": prompt_ids + completion_ids,
             "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
         })
+    if cut:
+        log.warning("%s: %d of %d examples are longer than max_length=%d tokens (--max-length) and lose the start of "
+                    "their prompt (or the end of their completion)", source, cut, len(out), max_length)
     empty = [i for i, item in enumerate(out) if all(t == IGNORE_INDEX for t in item["labels"][1:])]
     if len(empty) == len(out):
         if max_length < 2:

@@ -112,8 +112,12 @@ class TrainConfig:
             raise ValueError(f"epochs must be positive, got {self.epochs!r}")
         if not (self.lr > 0 and self.lr_ratio_b > 0):
             raise ValueError(f"lr and lr_ratio_b must be positive, got {self.lr!r}, {self.lr_ratio_b!r}")
-        if self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("warmup, weight_decay and max_grad_norm must be >= 0")
+        for name in ("warmup", "weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name in ("eval_every", "save_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0: never), got {getattr(self, name)!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -484,8 +488,9 @@ def finetune(
     if out is not None:
         _truncate_metrics(out / "metrics.jsonl", step)
     n_train, n_all = sum(p.numel() for p in trainable), sum({id(p): p.numel() for p in model.parameters()}.values())
+    n_frozen = sum({id(p): p.numel() for p in model.parameters() if not p.requires_grad}.values())
     notify({"event": "start", "step": step, "total": total, "precision": precision, "precision_reason": why, "trainable": n_train,
-            "total_params": n_all, "examples": len(train_enc)})
+            "total_params": n_all, "frozen": n_frozen, "compute": compute, "examples": len(train_enc)})
 
     memory_kind = reset_peak_memory(device)
     model.train()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+from lorakit.cli._args import bounded
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,36 +19,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
     p.add_argument("--method", default="lora", help="lora (default), full, bitfit, adapter-h, adapter-l, prefix or "
                    "lora+prefix; -r is the adapter bottleneck / prefix length for the baselines")
-    p.add_argument("--num-labels", type=int, default=2, help="classes of the classification head")
+    p.add_argument("--num-labels", type=bounded(int, 1), default=2, help="classes of the classification head")
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--completion-field", default="completion")
     p.add_argument("--text-field", default="text")
     p.add_argument("--text-pair-field", default=None)
     p.add_argument("--label-field", default="label")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--eval-limit", type=int, default=None, help="use only the first N eval examples")
+    p.add_argument("--limit", type=bounded(int, 1), default=None, help="use only the first N training examples")
+    p.add_argument("--eval-limit", type=bounded(int, 1), default=None, help="use only the first N eval examples")
     p.add_argument("--target", default=None, help="comma-separated module names (default: the architecture's q,v), or all-linear")
-    p.add_argument("-r", type=int, default=8)
+    p.add_argument("-r", type=bounded(int, 1), default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lr-ratio-b", type=float, default=1.0, help="LoRA+: learning rate of B = lr × this")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--warmup", type=float, default=0.06, help="warm-up steps (or a fraction of the steps if < 1)")
+    p.add_argument("--steps", type=bounded(int, 1), default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=8)
+    p.add_argument("--grad-accum", type=bounded(int, 1), default=1)
+    p.add_argument("--max-length", type=bounded(int, 1), default=256)
+    p.add_argument("--warmup", type=bounded(float, 0), default=0.06, help="warm-up steps (or a fraction of the steps if < 1)")
     p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear",
                    help="learning rate after the warm-up: linear or cosine decay to 0, or constant")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=bounded(float, 0), default=0.0)
+    p.add_argument("--max-grad-norm", type=bounded(float, 0), default=1.0)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="of the frozen base (adapters stay fp32)")
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw even if the tokenizer has a chat template (raw prompt and completion are joined "
                    "as given: put a separator, e.g. a leading space, in the completions)")
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--eval-every", type=bounded(int, 0), default=0)
+    p.add_argument("--save-every", type=bounded(int, 0), default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder: adapter, checkpoints, metrics.jsonl, loss.png")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -56,16 +60,18 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.data import load_data
     from lorakit.models import load_model
-    from lorakit.training import TrainConfig, TrainingError, finetune
+    from lorakit.training import TrainConfig, TrainingError, finetune, latest_checkpoint
 
+    _check_out(args.out)
     fields = dict(prompt_field=args.prompt_field, completion_field=args.completion_field, text_field=args.text_field,
                   text_pair_field=args.text_pair_field, label_field=args.label_field)
     train = load_data(args.data, args.task, "train", **fields)[: args.limit]
     eval_data = None
     if args.eval_data or args.eval_split:
-        split = args.eval_split or ("validation" if str(args.eval_data or args.data).startswith("hf:") else "dev")
-        eval_data = load_data(args.eval_data or args.data, args.task, split, **fields)[: args.eval_limit]
-    target = args.target if args.target in (None, "all-linear") else args.target.split(",")
+        source = str(args.eval_data or args.data)
+        split = args.eval_split or ("validation" if source.startswith("hf:") else "dev" if Path(source).is_dir() else "train")
+        eval_data = load_data(source, args.task, split, **fields)[: args.eval_limit]
+    target = args.target if args.target in (None, "all-linear") else [t.strip() for t in args.target.split(",") if t.strip()]
     cfg = TrainConfig(
         task=args.task, method=args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=target,
         lr=args.lr, lr_ratio_b=args.lr_ratio_b, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
@@ -80,8 +86,10 @@ def run(args: argparse.Namespace) -> int:
     def progress(event: dict) -> None:
         nonlocal bar
         if event["event"] == "start":
-            print(f"{event['examples']:,} examples, {event['total']} steps, frozen base in {event['precision']} "
-                  f"({event['precision_reason']}; trainable weights fp32), trainable {event['trainable']:,} / {event['total_params']:,} "
+            weights = (f"all weights trainable in fp32, {event['compute'].replace('_', ' ')} compute" if event["frozen"] == 0
+                       else f"frozen base in {event['precision']}, trainable weights fp32")
+            print(f"{event['examples']:,} examples, {event['total']} steps, {weights} "
+                  f"({event['precision_reason']}), trainable {event['trainable']:,} / {event['total_params']:,} "
                   f"({100 * event['trainable'] / event['total_params']:.3f}%)")
             bar = tqdm(total=event["total"], initial=event["step"], unit="step", dynamic_ncols=True)
         elif event["event"] == "step":
@@ -101,6 +109,14 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
         print(f"lorakit finetune: stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        last = latest_checkpoint(Path(args.out))
+        where = f"the last good checkpoint is {last}: the same command with --resume continues from it" if last else (
+            "no checkpoint was written (--save-every N writes them)")
+        print(f"lorakit finetune: interrupted at step {bar.n if bar is not None else 0}; {where}", file=sys.stderr)
+        return 130
     ran = (f"steps {result.start_step} → {result.steps} ({result.steps - result.start_step} this run)" if result.start_step
            else f"{result.steps} steps")
     print(f"done ({args.method}): {ran} in {result.seconds:.0f}s, {1e3 * result.median_step_s:.0f} ms/step (median), "
@@ -110,3 +126,15 @@ def run(args: argparse.Namespace) -> int:
     artefact = "adapter (adapter_config.json + adapter_model.safetensors)" if args.method == "lora" else "trained weights"
     print(f"wrote {args.out}: {artefact}, metrics.jsonl, loss.png")
     return 0
+
+
+def _check_out(text: str) -> None:
+    """Refuse an --out that cannot become a folder before any data or model is loaded (nothing is created)."""
+    if not text.strip():
+        raise ValueError("--out is empty: name the output folder (it is created if missing)")
+    out = Path(text).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder: choose another path")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r} cannot be written ({str(parent)!r} is not writable): choose another path")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.cli._args import bounded
+
 
 def _named_path(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
@@ -12,31 +14,16 @@ def _named_path(text: str) -> tuple[str, str]:
     return name, path
 
 
-def _bounded(kind: type, low: float, high: float | None = None):
-    """An argparse type: a `kind` number in [low, high], else a one-line usage error naming the range."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            what = "an integer" if kind is int else "a number"
-            limit = f"in {low}..{high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"expected {what} {limit}, got {text!r}")
-        return value
-    return parse
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a base model with named adapters over HTTP (/v1/completions)")
     p.add_argument("--model", default="smollm2-135m", help="bundled short name, local folder or hub id")
     p.add_argument("--adapter", action="append", type=_named_path, default=[], metavar="NAME=PATH",
                    help="an adapter folder to serve as model NAME (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_bounded(int, 0, 65535), default=8000)
-    p.add_argument("--max-batch", type=_bounded(int, 1), default=8, help="rows per mixed batch")
-    p.add_argument("--max-wait-ms", type=_bounded(float, 0), default=10.0, help="how long a batch waits for more requests")
-    p.add_argument("--max-tokens", type=_bounded(int, 1), default=256, help="largest max_tokens a request may ask for")
+    p.add_argument("--port", type=bounded(int, 0, 65535), default=8000)
+    p.add_argument("--max-batch", type=bounded(int, 1), default=8, help="rows per mixed batch")
+    p.add_argument("--max-wait-ms", type=bounded(float, 0), default=10.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-tokens", type=bounded(int, 1), default=256, help="largest max_tokens a request may ask for")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.set_defaults(func=run)
 

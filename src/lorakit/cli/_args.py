@@ -1,0 +1,22 @@
+"""Argument types shared by the subcommands (not a subcommand: the leading ``_`` keeps it out of discovery)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def bounded(kind: type, low: float, high: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite `kind` number in [low, high], else a one-line usage error naming the range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (high is not None and value > high):
+            what = "an integer" if kind is int else "a number"
+            limit = f"in {low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected {what} {limit}, got {text!r}")
+        return value
+    return parse
