@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -38,6 +39,27 @@ def offline(model, tokenizer, prompt: str, adapter: str | None, max_tokens: int)
     return tokenizer.decode(new[: new.index(2)] if 2 in new else new, skip_special_tokens=True)
 
 
+@contextlib.contextmanager
+def running(app):
+    """The app served by uvicorn in a thread on a free loopback port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert srv.started, "server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base URL, model, tokenizer, folder of a third adapter) with the server running in a thread."""
@@ -49,21 +71,8 @@ def server(tmp_path_factory):
     randomize_adapters(model, std=0.3, seed=4)
     lorakit.save_adapter(model, tmp / "extra", adapter="extra")
     lorakit.delete_adapter(model, "extra")
-    app = create_app(Engine(model, tok, max_new_tokens=32), max_batch=8, max_wait=MAX_WAIT)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert srv.started, "server did not start"
-    yield f"http://127.0.0.1:{port}", model, tok, tmp / "extra"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with running(create_app(Engine(model, tok, max_new_tokens=32), max_batch=8, max_wait=MAX_WAIT)) as url:
+        yield url, model, tok, tmp / "extra"
 
 
 def post(url: str, path: str, **kwargs) -> httpx.Response:
@@ -273,3 +282,30 @@ def test_serve_cli_refuses_out_of_range_options(option, value, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--model", "./no-model-needed", option, value])
     assert f"argument {option}: expected" in capsys.readouterr().err
+
+
+def test_a_request_whose_client_left_while_queued_is_not_generated():
+    """A client that times out while its job waits behind a running batch: the job is dropped, not run."""
+    model, tok = tiny_llama(seed=5), char_tokenizer()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="a")
+    engine, release, ran = Engine(model, tok, max_new_tokens=8), threading.Event(), []
+    real = engine.generate
+
+    def slow(jobs):
+        ran.append([job.prompts for job in jobs])
+        release.wait(10)
+        return real(jobs)
+
+    engine.generate = slow
+    with running(create_app(engine, max_batch=1, max_wait=0.0)) as url, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(complete, url, "a", "abc")
+        while not ran:
+            time.sleep(0.01)
+        with pytest.raises(httpx.TimeoutException):  # queued behind the first batch; the client gives up
+            httpx.post(url + "/v1/completions", json={"model": "a", "prompt": "xy", "max_tokens": 4}, timeout=0.5)
+        time.sleep(0.5)  # the server notices the disconnect within its poll interval
+        release.set()
+        assert first.result().status_code == 200
+        assert complete(url, "a", "zz").status_code == 200
+        assert metric(url, "lorakit_abandoned_requests_total") == 1
+    assert ran == [[[tok("abc")["input_ids"]]], [[tok("zz")["input_ids"]]]]  # "xy" never reached the model

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 BASE = "base"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DISCONNECT_POLL = 0.1  # seconds between checks that a waiting request's client is still there
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 
 
@@ -73,6 +74,7 @@ class Metrics:
     completion_tokens: int = 0
     latency_sum: float = 0.0
     latency_count: int = 0
+    abandoned: int = 0  # queued jobs dropped because their client disconnected
 
 
 def name_problem(name: str) -> str | None:
@@ -252,6 +254,9 @@ class Batcher:
             batch = await self._collect()
             ready = []
             for job in batch:
+                if job.future.done():  # cancelled: its client went away while it was queued
+                    self.metrics.abandoned += 1
+                    continue
                 try:
                     self.engine.check_adapter(job.adapter)  # it may have been unloaded while queued
                     ready.append(job)
@@ -297,6 +302,7 @@ def prometheus_text(metrics: Metrics, engine: Engine, queue_depth: int) -> str:
         "# TYPE lorakit_request_latency_seconds summary",
         f"lorakit_request_latency_seconds_sum {metrics.latency_sum:.6f}",
         f"lorakit_request_latency_seconds_count {metrics.latency_count}",
+        "# TYPE lorakit_abandoned_requests_total counter", f"lorakit_abandoned_requests_total {metrics.abandoned}",
         "# TYPE lorakit_queue_depth gauge", f"lorakit_queue_depth {queue_depth}",
         "# TYPE lorakit_adapters_loaded gauge", f"lorakit_adapters_loaded {len(engine.adapters()) - 1}",
     ]
@@ -381,8 +387,7 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
     async def models() -> dict:
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "lorakit"} for n in engine.adapters()]}
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> dict:
+    async def completions(req: CompletionRequest, request: Request) -> dict:
         t0 = time.perf_counter()
         if req.stream:
             raise RequestError(400, "stream=true is not supported; send stream=false")
@@ -394,7 +399,12 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
         ids = await asyncio.to_thread(engine.encode, prompts, max_tokens)  # a huge prompt must not stall the server
         job = Job(req.model, ids, max_tokens, req.temperature, req.top_p)
         batcher.metrics.requests[req.model] += 1
-        result = await batcher.submit(job)
+        waiter = asyncio.ensure_future(batcher.submit(job))
+        while not (await asyncio.wait({waiter}, timeout=DISCONNECT_POLL))[0]:
+            if await request.is_disconnected():  # a queued job is then skipped; a running batch finishes
+                waiter.cancel()
+                return error(499, "the client closed the request")
+        result = waiter.result()
         m = batcher.metrics
         n_prompt, n_done = sum(len(p) for p in job.prompts), sum(n for _, n, _ in result)
         m.prompt_tokens, m.completion_tokens = m.prompt_tokens + n_prompt, m.completion_tokens + n_done
@@ -410,6 +420,11 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
             ],
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_done, "total_tokens": n_prompt + n_done},
         }
+
+    # FastAPI reads the annotations as strings (`from __future__ import annotations`): the locally imported
+    # Request must be given as the class, or it would be taken for a query parameter
+    completions.__annotations__["request"] = Request
+    app.post("/v1/completions")(completions)
 
     @app.get("/v1/adapters")
     async def adapters() -> dict:
