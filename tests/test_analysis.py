@@ -94,6 +94,16 @@ def test_amplification_constructed():
     assert amplification(W, delta, r=2).proj_weight == pytest.approx(math.sqrt(125))
 
 
+def test_amplification_default_rank_is_the_rank_of_an_fp32_product():
+    """ΔW = s·B·A computed in fp32: its round-off must not count as rank (it did: r=48, a factor of 4 instead of 45)."""
+    g = torch.Generator().manual_seed(0)
+    W, B, A = torch.randn(48, 64, generator=g), torch.randn(48, 4, generator=g), torch.randn(4, 64, generator=g)
+    amp = amplification(W, 2 * B @ A)
+    assert amp.r == 4 and amp.factor == pytest.approx(amplification(W, 2 * B @ A, r=4).factor)
+    with pytest.raises(ValueError, match="ΔW is zero"):
+        amplification(W, torch.zeros(48, 64))
+
+
 def test_effective_rank_and_spectrum():
     assert effective_rank(torch.diag(torch.tensor([2.0, 2.0, 2.0, 0.0]))) == pytest.approx(3.0)
     assert effective_rank(torch.zeros(3, 3)) == 0.0
@@ -140,6 +150,15 @@ def test_cli_analyze_writes_report_and_figures(tmp_path):
                     "similarity_v_proj.png", "spectrum_q_proj_0.png",
                     "spectrum_q_proj_1.png", "spectrum_v_proj_0.png", "spectrum_v_proj_1.png"]
     assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_cli_analyze_with_a_model_folder_saved_without_tokenizer(tmp_path):
+    """The amplification table needs the base weights only: a bare save_pretrained folder is enough."""
+    a8 = _trained_adapter(tmp_path, "r8", 8, 0)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    assert not list((tmp_path / "base").glob("tokenizer*"))
+    assert main(["analyze", a8, "--model", str(tmp_path / "base"), "--out", str(tmp_path / "report")]) == 0
+    assert "mplification" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_analyze_refuses_adapters_without_shared_layers(tmp_path, capsys):

@@ -312,11 +312,17 @@ def test_bin_that_is_not_a_tensor_dict_is_refused(saved):
 
 # ---- atomic writes ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fail_at", ["serialize", "replace_config", "replace_weights"])
+@pytest.mark.parametrize("fail_at", ["serialize", "write_second_file", "replace_config", "replace_weights"])
 def test_a_failed_save_leaves_the_previous_files_intact(saved, monkeypatch, fail_at):
     before = _files(saved)
     other = _trained("llama", seed=5)
-    real_replace = os.replace
+    real_replace, real_fsync, synced = os.replace, os.fsync, []
+
+    def fsync(fd):  # the disk fills while the second file is written: the first is not renamed in yet
+        synced.append(fd)
+        if len(synced) == 2:
+            raise OSError("disk full")
+        return real_fsync(fd)
 
     def replace(src, dst):
         if Path(dst).name == {"replace_config": "adapter_config.json", "replace_weights": "adapter_model.safetensors"}[fail_at]:
@@ -325,6 +331,8 @@ def test_a_failed_save_leaves_the_previous_files_intact(saved, monkeypatch, fail
 
     if fail_at == "serialize":
         monkeypatch.setattr(ckpt, "st_save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    elif fail_at == "write_second_file":
+        monkeypatch.setattr(ckpt.os, "fsync", fsync)
     else:
         monkeypatch.setattr(ckpt.os, "replace", replace)
     with pytest.raises((OSError, RuntimeError)):

@@ -180,6 +180,17 @@ def test_r_above_a_fused_slice_size_warns():
         lorakit.inject(model, lorakit.LoraConfig(r=5, target_modules=["0"], enable_lora={"0": [True, False, True]}))
 
 
+def test_conv_rank_is_bounded_by_the_flattened_kernel_not_the_channels():
+    """ΔW of Conv2d(3, 8, 3) is 8 × 27: r=4 is reachable (it warned 'exceeds 3'); r=9 is not."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.inject(nn.Sequential(nn.Conv2d(3, 8, 3)), lorakit.LoraConfig(r=4, target_modules=["0"]))
+    with pytest.warns(UserWarning, match=r"r=9 exceeds min\(d_out, d_in\)=8 of layer '0'"):
+        lorakit.inject(nn.Sequential(nn.Conv2d(3, 8, 3)), lorakit.LoraConfig(r=9, target_modules=["0"]))
+
+
 # ---- the model after injection --------------------------------------------------------------------
 
 @archs
@@ -302,9 +313,21 @@ def test_targets_restricted_by_layers_to_nothing_name_the_layers():
 def test_unsupported_target_type_is_refused_before_any_change():
     model = tiny_llama()
     before = _snapshot(model)
-    with pytest.raises(ValueError, match="LlamaRMSNorm.*Name the linear layers"):
+    with pytest.raises(ValueError, match=r"LlamaRMSNorm.*It holds no such layer; the adaptable layers of this model are "
+                                         r"named \['embed_tokens', 'q_proj'"):
         lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "input_layernorm"]))
+    with pytest.raises(ValueError, match=r"LlamaAttention.*Name the linear layers inside it instead, e.g. \['q_proj'"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["self_attn"]))
     _assert_same(before, _snapshot(model))
+
+
+def test_no_match_messages_name_the_likely_cause():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"target_modules 'q_proj' matched no module.*A string is a regular expression "
+                                         r"over full module paths.*pass a list: \['q_proj'\]"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules="q_proj"))
+    with pytest.raises(ValueError, match=r"All 14 modules it matches are excluded by exclude_modules='\.\*'"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules="all-linear", exclude_modules=".*"))
 
 
 def test_grouped_conv_is_refused_before_any_change():

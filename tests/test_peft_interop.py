@@ -299,6 +299,23 @@ def test_peft_saved_embedding_base_weight_is_loaded_when_it_differs(tmp_path: Pa
     assert _max_diff(logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "again"), input_ids), want) <= TOL
 
 
+def test_peft_seq_cls_with_bias_all_loads(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    """PEFT's bias="all" also writes the head wrapper's inner biases (modules_to_save.bias, original_module.bias)."""
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, target_modules=["query", "value"], bias="all",
+                                                          task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    pm.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.classifier.original_module.bias" in keys  # what made lorakit refuse the folder
+    assert _max_diff(logits(lorakit.load_adapter(tiny_bert(), tmp_path), input_ids), logits(pm, input_ids)) <= TOL
+
+
 def test_auto_peft_model_finds_the_base_lorakit_recorded(tmp_path: Path, input_ids: torch.Tensor) -> None:
     """A serving stack given only the adapter folder: `base_model_name_or_path` leads it to the base."""
     tiny_llama().save_pretrained(tmp_path / "base")

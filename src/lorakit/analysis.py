@@ -118,13 +118,19 @@ def _project(W: Tensor, U: Tensor, Vh: Tensor) -> float:
 def amplification(W: Tensor, delta: Tensor, r: int | None = None, seed: int = 0) -> Amplification:
     """Project W onto ΔW's top-r singular subspaces, W's own and a random one (Sec. 7.3, Table 7).
 
-    W, ΔW: (d, k) in the same orientation (conv weights are flattened). `r` defaults to rank(ΔW).
+    W, ΔW: (d, k) in the same orientation (conv weights are flattened). `r` defaults to rank(ΔW), with
+    the tolerance of ΔW's own dtype (as `torch.linalg.matrix_rank` would use on it).
     """
     W64, D64 = W.detach().flatten(1).double(), delta.detach().flatten(1).double()
     if W64.shape != D64.shape:
         raise ValueError(f"W has shape {tuple(W64.shape)} but ΔW has {tuple(D64.shape)}: pass the matching base weight")
-    r = int(torch.linalg.matrix_rank(D64)) if r is None else r
-    return _amplification(W64, torch.linalg.svd(D64, full_matrices=False), r, seed)
+    svd = torch.linalg.svd(D64, full_matrices=False)
+    if r is None:  # rank at the precision ΔW was given in: fp32 round-off must not count as rank
+        eps = torch.finfo(delta.dtype if delta.is_floating_point() else torch.float32).eps
+        r = int((svd.S[0] * max(D64.shape) * eps < svd.S).sum())
+        if r == 0:
+            raise ValueError("ΔW is zero (B = 0: an untrained adapter), so it amplifies nothing")
+    return _amplification(W64, svd, r, seed)
 
 
 def _amplification(W64: Tensor, delta_svd: tuple[Tensor, Tensor, Tensor], r: int, seed: int = 0) -> Amplification:

@@ -158,18 +158,28 @@ def from_peft_config(fields: dict[str, Any]) -> LoraConfig:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` via a temp file in the same folder and a rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    atomic_write_files({Path(path): data})
+
+
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Write several files, each via a temp file: all are written (and synced) before any is renamed into
+    place, so a failed write (a full disk) leaves every file as it was, never a new one beside an old one."""
+    temps: list[tuple[str, Path]] = []
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would (0644 under umask 022)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps.append((tmp, path))
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would (0644 under umask 022)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
 
 
@@ -197,9 +207,9 @@ def save_adapter(
     metadata = {"format": "pt", METADATA_KEY: json.dumps(cfg.to_dict())}
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / WEIGHTS_NAME, _sorted_metadata(st_save(tensors, metadata=metadata)))
     config_text = json.dumps(to_peft_config(model, name), indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(folder / CONFIG_NAME, config_text.encode())
+    atomic_write_files({folder / WEIGHTS_NAME: _sorted_metadata(st_save(tensors, metadata=metadata)),
+                        folder / CONFIG_NAME: config_text.encode()})
     return folder
 
 
@@ -395,6 +405,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     state = get_state(model, required=False)
     if state is not None and adapter in state.adapters:
         raise ValueError(f"adapter {adapter!r} is already on the model; load with adapter='<another name>'")
+    tensors = _fold_wrapper_keys(model, cfg, tensors)
     expected, optional = _expected(model, cfg, adapter)
     _check_fit(expected, optional, tensors, str(path))
     modules = dict(model.named_modules())
@@ -449,6 +460,28 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     # saved again with the adapter, so that a resized vocabulary survives lorakit -> PEFT
     get_state(model).adapters[adapter].base_params = [f"{mpath}.{slot}" for key, (mpath, slot, _) in expected.items() if key in optional]
     return model
+
+
+def _fold_wrapper_keys(model: nn.Module, cfg: LoraConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the wrapper-internal copies PEFT writes for a saved module when ``bias="all"`` also collects them.
+
+    ``<m>.modules_to_save.bias`` is the adapter's copy, saved again as ``<m>.bias`` (taken if that is
+    missing); ``<m>.original_module.bias`` is the base module's own, unused while the copy is active.
+    """
+    if not cfg.modules_to_save:
+        return tensors
+    from .injection import _find_saved_modules
+
+    out = dict(tensors)
+    for path in _find_saved_modules(model, cfg.modules_to_save):
+        for key in list(out):
+            for inner in ("modules_to_save.", "original_module."):
+                head = f"{PREFIX}{path}.{inner}"
+                if key.startswith(head):
+                    value = out.pop(key)
+                    if inner == "modules_to_save.":
+                        out.setdefault(f"{PREFIX}{path}.{key.removeprefix(head)}", value)
+    return out
 
 
 def _as_peft_resolves(model: nn.Module, cfg: LoraConfig) -> LoraConfig:

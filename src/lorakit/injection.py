@@ -167,10 +167,12 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
                 "cannot also carry LoRA; target other modules, or delete those adapters first"
             )
         if not supports(module):
+            inside = _adaptable_names(module)[:6]
+            hint = (f"Name the linear layers inside it instead, e.g. {inside}" if inside else
+                    f"It holds no such layer; the adaptable layers of this model are named {_adaptable_names(model)[:12]}")
             raise ValueError(
                 f"target {path!r} is a {type(module).__name__}; lorakit adapts nn.Linear, GPT-2 Conv1D, "
-                f"nn.Embedding and nn.Conv1d/2d/3d. Name the linear layers inside it instead, e.g. "
-                f"{_adaptable_names(module)[:6]}"
+                f"nn.Embedding and nn.Conv1d/2d/3d. {hint}"
             )
         if isinstance(module, LoraLayer) and adapter in module.lora_specs:
             raise ValueError(
@@ -231,7 +233,16 @@ def _no_match_message(model: nn.Module, cfg: LoraConfig, missing, layers) -> str
         close += difflib.get_close_matches(w, paths, n=2, cutoff=0.6)
     close = list(dict.fromkeys(close))
     where = f" in layers {layers}" if layers is not None else ""
-    msg = f"target_modules {wanted!r} matched no module{where} of {type(model).__name__}."
+    msg = f"target_modules {missing!r} matched no module{where} of {type(model).__name__}."
+    if isinstance(missing, str) and missing != "all-linear":
+        msg += (r" A string is a regular expression over full module paths (as in PEFT), e.g. r'.*\.q_proj'; "
+                f"to match module names, pass a list: [{missing!r}].")
+    if cfg.exclude_modules:
+        heads = output_head_paths(model)
+        matched = [p for p, m in model.named_modules() if p and (_is_linear(m) and p not in heads if missing == "all-linear"
+                                                               else _name_match(cfg.target_modules, p))]
+        if matched and all(_name_match(cfg.exclude_modules, p) for p in matched):
+            msg += f" All {len(matched)} modules it matches are excluded by exclude_modules={cfg.exclude_modules!r}."
     if close:
         msg += f" Closest names that exist: {close}."
     msg += f" Adaptable layers here are named: {names[:30]}"

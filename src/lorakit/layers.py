@@ -11,6 +11,7 @@ Per adapter `name` a layer holds ``lora_A[name]``, ``lora_B[name]`` (PEFT orient
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -362,11 +363,12 @@ def is_conv1d_gpt2(module: nn.Module) -> bool:
 
 
 def base_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a base layer as the paper counts them (embedding: (dim, num_embeddings))."""
+    """(d_out, d_in) of a base layer's ΔW as the paper counts them (embedding: (dim, num_embeddings); conv:
+    (out_channels, in_channels · kernel size), the flattened weight)."""
     if isinstance(module, nn.Embedding):
         return module.embedding_dim, module.num_embeddings
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels, module.in_channels
+    if isinstance(module, nn.modules.conv._ConvNd):  # ΔW is out × (in · kernel), the flattened weight
+        return module.out_channels, module.in_channels // module.groups * math.prod(module.kernel_size)
     d0, d1 = module.weight.shape[:2]
     return (d1, d0) if is_conv1d_gpt2(module) else (d0, d1)
 
@@ -383,7 +385,7 @@ def adapter_shapes(module: nn.Module, spec: LoraSpec) -> dict[str, tuple[int, ..
         if module.groups != 1:
             raise ValueError(f"LoRA on grouped convolutions (groups={module.groups}) is not supported")
         ones = (1,) * len(module.kernel_size)
-        shapes = {"lora_A": (spec.r, d_in, *module.kernel_size), "lora_B": (d_out, spec.r, *ones)}
+        shapes = {"lora_A": (spec.r, module.in_channels, *module.kernel_size), "lora_B": (d_out, spec.r, *ones)}
     elif spec.enabled is not None:
         n_on = sum(spec.enabled)
         shapes = {"lora_A": (n_on * spec.r, d_in), "lora_B": (n_on, d_out // len(spec.enabled), spec.r)}

@@ -146,9 +146,11 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
     seed: int | None = None,
+    tokenizer: bool = True,
 ) -> tuple[nn.Module, object]:
     """(model, tokenizer) for a bundled short name, a local folder or a hub id.
 
+    ``tokenizer=False`` loads the weights only (tokenizer None): for folders saved without one.
     `task` is ``"causal-lm"`` or ``"classification"`` (a sequence-classification head with
     `num_labels` outputs, newly initialised when the checkpoint has none). `seed` seeds torch just
     before the model is built, so a newly initialised head is the same in every run with that seed.
@@ -168,7 +170,7 @@ def load_model(
                 f"{name_or_path!r} is an encoder ({config.model_type}: it reads the text in both directions), not a "
                 "causal language model: fine-tune it for classification (--task classification, task='classification')"
             )
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
         if seed is not None:
             torch.manual_seed(seed)
         if task == "causal-lm":
@@ -177,7 +179,8 @@ def load_model(
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
     except (OSError, HFValidationError) as e:
         raise _load_error(name_or_path, path, e) from e
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    if tok is not None:
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok

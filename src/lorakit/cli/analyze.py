@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         from lorakit.models import load_model
 
-        model, _ = load_model(args.model, args.task)
+        model, _ = load_model(args.model, args.task, tokenizer=False)  # the weights are all the analysis reads
     report = write_report(analyze(args.adapters, model), args.out)
     print(f"wrote {report} and its figures")
     return 0
