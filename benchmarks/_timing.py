@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import statistics
+import warnings
 
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()  # the scripts load models between tables: no "Loading weights" bars in the output
+# PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing`: its FutureWarning is not ours to fix
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def paired_ratio(times: list[float], ref: list[float]) -> float:

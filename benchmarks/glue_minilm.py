@@ -98,7 +98,8 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=None, help="subsample the training set (default: all of it)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--results", default="benchmarks/results/glue_minilm.jsonl")
+    p.add_argument("--results", default="benchmarks/results/glue_minilm.jsonl",
+                   help="JSONL every run is appended to (the project's record; pass another path for trial runs)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -110,6 +111,8 @@ def main() -> None:
             parse_run(run)
         except ValueError as e:
             p.error(str(e))
+    if not (Path(args.data) / args.task / "train.tsv").is_file():
+        p.error(f"no GLUE {args.task} data under {args.data}: pass --data <the glue folder of ../shared/data>")
     results = []
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
@@ -128,7 +131,8 @@ def main() -> None:
             with open(args.results, "a") as f:
                 f.write(out + "\n")
             print(f"{run} seed {seed}: accuracy {record['accuracy']:.4f} in {record['seconds']:.0f}s", file=sys.stderr)
-    print(f"\n{args.task}, {args.steps} steps × batch {args.batch_size}, max length {args.max_length}, full dev set\n")
+    subset = f", {args.train_size:,} training examples" if args.train_size else ""
+    print(f"\n{args.task}, {args.steps} steps × batch {args.batch_size}, max length {args.max_length}{subset}, full dev set\n")
     print("| run | seeds | dev accuracy | dev MCC | trainable params | step (ms, median) | peak RSS (MB) | precision |")
     print("|---|---|---|---|---|---|---|---|")
     for run in args.runs:

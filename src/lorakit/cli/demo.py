@@ -10,7 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", default="lorakit-demo", help="folder for report.md, loss.png and the two adapters")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps per adapter (batch 8); default 40 with a bf16 base, 12 in fp32")
+                   help="training steps per adapter (batch 8); default 16 with a bf16 base, 12 in fp32")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
