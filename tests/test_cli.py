@@ -142,21 +142,28 @@ def test_a_hub_id_that_cannot_be_loaded_is_one_clear_error(tmp_path, monkeypatch
     import transformers
 
     from conftest import char_tokenizer, tiny_llama
+    from lorakit import models
     from lorakit.models import load_model
 
     asked = []
 
     def offline(name, *args, **kwargs):
-        asked.append(name)
+        asked.append((name, kwargs.get("local_files_only", False)))
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet connection.")
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
-    with pytest.raises(FileNotFoundError, match=r"model 'someone/no-such-model' is not an existing folder, not a bundled "
-                                                r"short name \(smollm2-135m, minilm-l6\), and not a Hugging Face hub model "
-                                                r"that could be loaded \(We couldn't connect to 'https://huggingface.co' "
-                                                r"to load the files.\)$"):
+    message = (r"model 'someone/no-such-model' is not an existing folder, not a bundled short name \(smollm2-135m, "
+               r"minilm-l6\), and not a Hugging Face hub model that could be loaded \(We couldn't connect to "
+               r"'https://huggingface.co' to load the files.\)")
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    with pytest.raises(FileNotFoundError, match=message + "$"):
         load_model("someone/no-such-model")
-    assert asked == ["someone/no-such-model"]
+    # no network: straight to the hub's local cache (no ~26 s of retries), and the error says why
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    with pytest.raises(FileNotFoundError, match=message + r" \(the hub cannot be reached from here, so only its local "
+                                                          r"cache was read\)$"):
+        load_model("someone/no-such-model")
+    assert asked == [("someone/no-such-model", False), ("someone/no-such-model", True)]
     monkeypatch.undo()
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"folder '.*empty' has no config.json: it is not a transformers model"):
@@ -235,3 +242,18 @@ def test_finetune_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys, m
     assert main(["finetune", "--model", "m", "--data", str(data), "--out", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err
     assert "interrupted at step 0; the last good checkpoint is" in err and "checkpoint-4" in err and "--resume" in err
+
+
+def test_hub_reachable_reads_offline_mode_and_dns(monkeypatch):
+    import socket
+
+    from lorakit.models import hub_reachable
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: [("resolved", host)])
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert hub_reachable()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not hub_reachable()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: (_ for _ in ()).throw(socket.gaierror(-2, "unknown")))
+    assert not hub_reachable()

@@ -11,9 +11,11 @@ import difflib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -116,6 +118,22 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
+def hub_reachable() -> bool:
+    """Whether the hub's host name resolves (``HF_ENDPOINT`` or huggingface.co); False with ``HF_HUB_OFFLINE=1``.
+
+    Without it, a hub id on a machine with no network waits through huggingface_hub's retries (~26 s)
+    before failing or falling back to the local cache; knowing first, lorakit loads from the cache at once.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
 def _load_error(name_or_path: str, path: str, error: Exception) -> FileNotFoundError:
     """A one-line error for a failed ``from_pretrained`` of `path` (what `name_or_path` resolved to)."""
     reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
@@ -163,22 +181,26 @@ def load_model(
     if task not in ("causal-lm", "classification"):
         raise ValueError(f"task must be 'causal-lm' or 'classification', got {task!r}")
     path = resolve_model_path(name_or_path, cache_dir)
+    offline = {} if Path(path).is_dir() or hub_reachable() else {"local_files_only": True}  # the hub's cache only
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **offline)
         if task == "causal-lm" and is_bidirectional_encoder(config):
             raise ValueError(
                 f"{name_or_path!r} is an encoder ({config.model_type}: it reads the text in both directions), not a "
                 "causal language model: fine-tune it for classification (--task classification, task='classification')"
             )
-        tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
+        tok = AutoTokenizer.from_pretrained(path, **offline) if tokenizer else None
         if seed is not None:
             torch.manual_seed(seed)
         if task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **offline)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype, **offline)
     except (OSError, HFValidationError) as e:
-        raise _load_error(name_or_path, path, e) from e
+        error = _load_error(name_or_path, path, e)
+        if offline:
+            error = FileNotFoundError(f"{error} (the hub cannot be reached from here, so only its local cache was read)")
+        raise error from e
     if tok is not None:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
