@@ -140,6 +140,12 @@ def test_prompt_list_is_one_request_with_several_choices(server):
         ({"model": "sql", "prompt": "hi", "stream": True}, 400, "stream"),
         ({"model": "sql", "prompt": []}, 400, "list of 1..8"),
         ({"model": "sql", "prompt": "hi", "n": 2}, 400, "n"),
+        ({"model": "sql", "prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+        ({"model": "sql", "prompt": "hi", "stream": "yes"}, 400, "stream"),
+        ({"model": "sql", "prompt": "hi", "logprobs": 5, "echo": True}, 400, "echo, logprobs not supported"),
+        ({"model": "sql", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty not supported"),
+        ({"model": "sql", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "up to 4 non-empty strings"),
+        ({"model": "sql", "prompt": "x" * 6401}, 400, "6,401 characters, more than fit in the context of 64 tokens"),
     ],
 )
 def test_bad_requests_get_4xx_and_the_server_stays_up(server, body, status, message):
@@ -309,3 +315,27 @@ def test_a_request_whose_client_left_while_queued_is_not_generated():
         assert complete(url, "a", "zz").status_code == 200
         assert metric(url, "lorakit_abandoned_requests_total") == 1
     assert ran == [[[tok("abc")["input_ids"]]], [[tok("zz")["input_ids"]]]]  # "xy" never reached the model
+
+
+def test_stop_sequences_cut_the_text_and_a_tiny_temperature_is_greedy(server):
+    url, model, tok, _ = server
+    full = offline(model, tok, "ab", "sql", 12)
+    stop = full[3:5]
+    r = post(url, "/v1/completions", json={"model": "sql", "prompt": "ab", "max_tokens": 12, "stop": stop})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop", r.text
+    assert r.json()["usage"]["completion_tokens"] == len(tok(full[: full.index(stop) + len(stop)])["input_ids"])
+    r = post(url, "/v1/completions", json={"model": "sql", "prompt": "ab", "max_tokens": 12, "temperature": 1e-300})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == full, r.text  # it overflowed fp32: a 500
+
+
+def test_an_unexpected_failure_is_a_500_in_openai_shape_and_counted(server, monkeypatch):
+    url, *_ = server
+    from lorakit import serve
+
+    before = metric(url, 'lorakit_request_errors_total{status="500"}')
+    monkeypatch.setattr(serve.Engine, "_complete", lambda self, jobs: 1 / 0)
+    r = complete(url, "sql", "hi")
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    assert "ZeroDivisionError" in r.json()["error"]["message"]
+    assert metric(url, 'lorakit_request_errors_total{status="500"}') == before + 1

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 BASE = "base"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DISCONNECT_POLL = 0.1  # seconds between checks that a waiting request's client is still there
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: logits / 1e-39 overflow fp32 and sampling fails
+MAX_CHARS_PER_TOKEN = 100  # a prompt longer than context × this cannot fit: refused before tokenizing it
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 
 
@@ -53,12 +55,13 @@ class Job:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # the text ends before the first of these
     future: asyncio.Future | None = None
 
     @property
     def sampling(self) -> tuple[float, float]:
         """Requests batch together only when they sample alike (``generate`` takes one setting)."""
-        return (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
+        return (self.temperature, self.top_p) if self.temperature >= MIN_TEMPERATURE else (0.0, 1.0)
 
 
 @dataclass
@@ -119,6 +122,9 @@ class Engine:
             raise RequestError(400, f"max_tokens={max_tokens} exceeds this server's limit of {self.max_new_tokens}")
         ids = []
         for i, prompt in enumerate(prompts):
+            if len(prompt) > self.max_context * MAX_CHARS_PER_TOKEN:
+                raise RequestError(400, f"prompt {i} has {len(prompt):,} characters, more than fit in the context of "
+                                        f"{self.max_context} tokens: shorten it")
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as e:  # e.g. a lone UTF-16 surrogate ("\\ud800") in the JSON
@@ -170,7 +176,7 @@ class Engine:
             attention_mask=mask, max_new_tokens=max(j.max_tokens for j in jobs), pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_token_id, do_sample=temperature > 0,
         )
-        if temperature > 0:
+        if temperature > 0:  # `sampling` made it >= MIN_TEMPERATURE
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         names = [None if name == BASE else name for _, name in rows]
         if any(names):
@@ -189,6 +195,11 @@ class Engine:
                     tokens, finish = tokens[: tokens.index(self.tokenizer.eos_token_id)], "stop"
                 with self.text_lock:
                     text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
+                    if cut >= 0:  # OpenAI's stop: the text ends before it; count the tokens that produced it
+                        n = next(n for n in range(1, len(tokens) + 1)
+                                 if any(s in self.tokenizer.decode(tokens[:n], skip_special_tokens=True) for s in job.stop))
+                        text, tokens, finish = text[:cut], tokens[:n], "stop"
                 texts.append((text, len(tokens), finish))
                 k += 1
             results.append(texts)
@@ -314,11 +325,36 @@ class CompletionRequest(BaseModel):
 
     model: str = BASE
     prompt: str | list[str]
-    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1, description="null means the default, as in OpenAI's API")
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="choices per prompt: only 1 (send a list of prompts for more)")
+    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1, strict=True,
+                                   description="null means the default, as in OpenAI's API")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False,
+                               description=f"below {MIN_TEMPERATURE:g}: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: str | list[str] | None = Field(None, description="up to 4 sequences; the text ends before the first one")
+    stream: bool = Field(False, strict=True)
+    n: int = Field(1, ge=1, le=1, strict=True, description="choices per prompt: only 1 (send a list of prompts for more)")
+    # OpenAI fields lorakit does not implement: accepted at their defaults only, so a client never gets silently other
+    # behaviour than it asked for
+    echo: bool = Field(False, strict=True)
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def unsupported(self) -> list[str]:
+        """The unimplemented fields this request sets to something other than their default."""
+        defaults = {"echo": False, "logprobs": None, "best_of": (None, 1), "suffix": None, "presence_penalty": 0.0,
+                    "frequency_penalty": 0.0, "logit_bias": (None, {})}
+        return [k for k, d in defaults.items() if getattr(self, k) not in (d if isinstance(d, tuple) else (d,))]
+
+    def stops(self) -> tuple[str, ...]:
+        """`stop` as a tuple of non-empty strings (OpenAI allows up to 4)."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise RequestError(400, f"stop takes up to 4 non-empty strings, got {stops!r}")
+        return tuple(stops)
 
 
 class AdapterRequest(BaseModel):
@@ -370,6 +406,11 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
                 parts.append("send the body as JSON with the header 'content-type: application/json'")
         return error(400, "invalid request: " + "; ".join(parts))
 
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, e: Exception) -> JSONResponse:
+        # a bug or a failed batch: still OpenAI's error shape, and counted at /metrics (uvicorn logs the traceback)
+        return error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         # FastAPI's own errors (an unparsable body, an unknown route or method) in the same shape as ours
@@ -391,13 +432,17 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
         t0 = time.perf_counter()
         if req.stream:
             raise RequestError(400, "stream=true is not supported; send stream=false")
+        if req.unsupported():
+            raise RequestError(400, f"{', '.join(req.unsupported())} not supported by lorakit serve; leave them at "
+                                    "their defaults (or out)")
+        stops = req.stops()
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not prompts or len(prompts) > max_batch:
             raise RequestError(400, f"prompt must be a string or a list of 1..{max_batch} strings, got {len(prompts)}")
         engine.check_adapter(req.model)
         max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         ids = await asyncio.to_thread(engine.encode, prompts, max_tokens)  # a huge prompt must not stall the server
-        job = Job(req.model, ids, max_tokens, req.temperature, req.top_p)
+        job = Job(req.model, ids, max_tokens, req.temperature, req.top_p, stops)
         batcher.metrics.requests[req.model] += 1
         waiter = asyncio.ensure_future(batcher.submit(job))
         while not (await asyncio.wait({waiter}, timeout=DISCONNECT_POLL))[0]:
