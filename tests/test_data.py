@@ -65,6 +65,8 @@ def test_glue_sst2_reads_bare_quotes_as_text():
     assert ex[2] == {"text": 'the " best " film of the year ', "label": 1}
     assert load_data(DATA / "glue" / "SST-2", "classification", "dev") == load_glue(DATA / "glue" / "SST-2", "dev")
     assert load_data(DATA / "glue" / "SST-2" / "train.tsv", "classification") == ex  # one split's file
+    with pytest.raises(ValueError, match=r"one split's file.*--eval-data .*SST-2/dev.tsv"):  # not train.tsv again
+        load_data(DATA / "glue" / "SST-2" / "train.tsv", "classification", "dev")
 
 
 def test_glue_folder_names_are_recognised_in_any_spelling(tmp_path):

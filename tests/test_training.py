@@ -133,6 +133,8 @@ def test_schedule_warms_up_then_decays_to_zero():
     ("warmup", float("nan"), "warmup must be a finite number >= 0"), ("max_grad_norm", -1.0, "max_grad_norm must be"),
     ("save_every", -1, r"save_every must be an integer >= 0 \(0: never\)"), ("eval_every", 2.5, "eval_every must be"),
     ("batch_size", 0, "batch_size must be a positive integer"), ("steps", 0, "steps must be a positive integer"),
+    ("lr", float("inf"), "lr must be a finite number > 0"), ("epochs", float("inf"), "epochs must be a finite"),
+    ("lr_ratio_b", 0.0, "lr_ratio_b must be a finite number > 0"),
 ])
 def test_config_refuses_out_of_range_fields(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -220,6 +220,9 @@ def load_data(
             if task != "classification":
                 raise ValueError(f"{path} is a GLUE task, labelled sentences: use --task classification "
                                  "(task='classification') with an encoder such as minilm-l6")
+            if glue_file and split != "train":
+                raise ValueError(f"{path} is one split's file: a split (split={split!r}, --eval-split) applies to a GLUE "
+                                 f"task folder; give the evaluation file itself (--eval-data {path.parent / split}.tsv)")
             return load_glue(path.parent, path.stem) if glue_file else load_glue(path, split)
         if path.is_dir():
             raise ValueError(f"{path} is a folder but not a GLUE task folder ({sorted(GLUE_LABELS)}); pass a data file")

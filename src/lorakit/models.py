@@ -199,7 +199,7 @@ def load_model(
     except (OSError, HFValidationError) as e:
         error = _load_error(name_or_path, path, e)
         if offline:
-            error = FileNotFoundError(f"{error} (the hub cannot be reached from here, so only its local cache was read)")
+            error = FileNotFoundError(f"{error}; the hub cannot be reached from here, so only its local cache was read")
         raise error from e
     if tok is not None:
         if tok.pad_token is None:

@@ -108,10 +108,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        if not self.epochs > 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs!r}")
-        if not (self.lr > 0 and self.lr_ratio_b > 0):
-            raise ValueError(f"lr and lr_ratio_b must be positive, got {self.lr!r}, {self.lr_ratio_b!r}")
+        for name in ("epochs", "lr", "lr_ratio_b"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         for name in ("warmup", "weight_decay", "max_grad_norm"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")

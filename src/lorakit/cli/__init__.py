@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ModuleNotFoundError) as e:  # OSError: a file or folder that cannot be written or read
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while loading (a running `finetune` names its checkpoint itself)
+        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def bounded(kind: type, low: float, high: float | None = None) -> Callable[[str]
         except ValueError:
             value = None
         if value is None or not math.isfinite(value) or value < low or (high is not None and value > high):
-            what = "an integer" if kind is int else "a number"
+            what = "an integer" if kind is int else "a finite number"
             limit = f"in {low}..{high}" if high is not None else f">= {low}"
             raise argparse.ArgumentTypeError(f"expected {what} {limit}, got {text!r}")
         return value

@@ -29,11 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-limit", type=bounded(int, 1), default=None, help="use only the first N eval examples")
     p.add_argument("--target", default=None, help="comma-separated module names (default: the architecture's q,v), or all-linear")
     p.add_argument("-r", type=bounded(int, 1), default=8)
-    p.add_argument("--alpha", type=float, default=16)
-    p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--lr-ratio-b", type=float, default=1.0, help="LoRA+: learning rate of B = lr × this")
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--alpha", type=bounded(float, 0), default=16)
+    p.add_argument("--dropout", type=bounded(float, 0, 1), default=0.05)
+    p.add_argument("--lr", type=bounded(float, 0), default=2e-4)
+    p.add_argument("--lr-ratio-b", type=bounded(float, 0), default=1.0, help="LoRA+: learning rate of B = lr × this")
+    p.add_argument("--epochs", type=bounded(float, 0), default=1.0)
     p.add_argument("--steps", type=bounded(int, 1), default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=bounded(int, 1), default=8)
     p.add_argument("--grad-accum", type=bounded(int, 1), default=1)
@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
         last = latest_checkpoint(Path(args.out))
         where = f"the last good checkpoint is {last}: the same command with --resume continues from it" if last else (
+            f"no checkpoint was written yet (the first comes at step {args.save_every})" if args.save_every else
             "no checkpoint was written (--save-every N writes them)")
         print(f"lorakit finetune: interrupted at step {bar.n if bar is not None else 0}; {where}", file=sys.stderr)
         return 130
