@@ -223,6 +223,8 @@ def test_finetune_checks_out_and_eval_split_before_loading_anything(tmp_path, ca
     for out, message in (("", "--out is empty"), (str(data), "is a file, not a folder")):
         assert main(["finetune", "--model", "m", "--data", str(data), "--out", out]) == 1
         assert message in capsys.readouterr().err
+    assert main(["finetune", "--model", "m", "--data", str(data), "--target", " , ", "--out", str(tmp_path / "o")]) == 1
+    assert "--target ' , ' names no module" in capsys.readouterr().err
     assert main(["finetune", "--model", "m", "--data", str(data), "--eval-split", "dev", "--out", str(tmp_path / "o")]) == 1
     assert "a split (split='dev', --eval-split) applies to a GLUE task folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -141,6 +141,11 @@ def test_config_refuses_out_of_range_fields(field, value, message):
         TrainConfig(**{field: value})
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_about(caplog):
+    finetune(tiny_llama(), TOK, examples()[:4], None, TrainConfig(steps=2, warmup=20, batch_size=2, precision="fp32"))
+    assert "warmup=20 steps is not shorter than the run's 2 steps" in caplog.text
+
+
 @pytest.mark.parametrize("task", ["causal-lm", "classification"])
 def test_grad_accumulation_matches_a_big_batch(task):
     if task == "causal-lm":  # completions of 1 to 29 tokens: micro-batches weigh by their tokens, not equally

@@ -476,6 +476,9 @@ def finetune(
             log.warning("%s has no activation checkpointing: grad_checkpointing ignored", type(model).__name__)
     optimizer = build_optimizer(model, cfg)
     total = total_steps(len(train_enc), cfg)
+    if cfg.warmup >= 1 and cfg.warmup >= total:
+        log.warning("warmup=%g steps is not shorter than the run's %d steps: the learning rate never reaches lr=%g "
+                    "(give fewer warm-up steps, or a fraction < 1)", cfg.warmup, total, cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(total, cfg.warmup, cfg.schedule))
     trainable = [p for p in model.parameters() if p.requires_grad]
     named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.training import TrainConfig, TrainingError, finetune, latest_checkpoint
 
     _check_out(args.out)
+    target = args.target if args.target in (None, "all-linear") else [t.strip() for t in args.target.split(",") if t.strip()]
+    if target == []:
+        raise ValueError(f"--target {args.target!r} names no module: give names such as q_proj,v_proj, or all-linear")
     fields = dict(prompt_field=args.prompt_field, completion_field=args.completion_field, text_field=args.text_field,
                   text_pair_field=args.text_pair_field, label_field=args.label_field)
     train = load_data(args.data, args.task, "train", **fields)[: args.limit]
@@ -71,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
         source = str(args.eval_data or args.data)
         split = args.eval_split or ("validation" if source.startswith("hf:") else "dev" if Path(source).is_dir() else "train")
         eval_data = load_data(source, args.task, split, **fields)[: args.eval_limit]
-    target = args.target if args.target in (None, "all-linear") else [t.strip() for t in args.target.split(",") if t.strip()]
     cfg = TrainConfig(
         task=args.task, method=args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=target,
         lr=args.lr, lr_ratio_b=args.lr_ratio_b, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
