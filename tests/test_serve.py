@@ -169,6 +169,11 @@ def test_max_tokens_null_means_the_default_and_a_body_without_json_header_is_tol
     url, *_ = server
     r = post(url, "/v1/completions", json={"model": "sql", "prompt": "hi", "max_tokens": None})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16, r.text
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "echo", "presence_penalty", "frequency_penalty",
+                           "logprobs", "best_of", "suffix", "logit_bias", "stop"])
+    r = post(url, "/v1/completions", json={"model": "sql", "prompt": "hi", "max_tokens": 4, **nulls, "user": "x"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == complete(url, "sql", "hi", 4).json()["choices"][0]["text"]
+    assert post(url, "/v1/completions", json={"model": "sql", "prompt": "hi", "best_of": True}).status_code == 400
     r = post(url, "/v1/completions", content=b'{"model": "sql", "prompt": "hi"}', headers={"content-type": "text/plain"})
     assert r.status_code == 400 and "content-type: application/json" in r.json()["error"]["message"], r.text
 
@@ -325,6 +330,13 @@ def test_stop_sequences_cut_the_text_and_a_tiny_temperature_is_greedy(server):
     choice = r.json()["choices"][0]
     assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop", r.text
     assert r.json()["usage"]["completion_tokens"] == len(tok(full[: full.index(stop) + len(stop)])["input_ids"])
+    # overlapping stops: the one that completes first ends generation (as if streamed), even if another starts earlier
+    late = full[1:8]
+    i, j = next((i, j) for i in range(2, 7) for j in range(i + 1, 8) if full.find(full[i:j]) == i and full.find(late) == 1)
+    early = full[i:j]  # starts after `late` starts, completes before `late` completes
+    r = post(url, "/v1/completions", json={"model": "sql", "prompt": "ab", "max_tokens": 12, "stop": [late, early]})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == full[:i] and r.json()["usage"]["completion_tokens"] == len(tok(full[:j])["input_ids"]), r.text
     r = post(url, "/v1/completions", json={"model": "sql", "prompt": "ab", "max_tokens": 12, "temperature": 1e-300})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == full, r.text  # it overflowed fp32: a 500
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .adapters import delete_adapter, disable_adapters, list_adapters
@@ -195,11 +195,14 @@ class Engine:
                     tokens, finish = tokens[: tokens.index(self.tokenizer.eos_token_id)], "stop"
                 with self.text_lock:
                     text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                    cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
-                    if cut >= 0:  # OpenAI's stop: the text ends before it; count the tokens that produced it
-                        n = next(n for n in range(1, len(tokens) + 1)
-                                 if any(s in self.tokenizer.decode(tokens[:n], skip_special_tokens=True) for s in job.stop))
-                        text, tokens, finish = text[:cut], tokens[:n], "stop"
+                    if any(s in text for s in job.stop):  # OpenAI's stop, as if streamed: the first stop to complete
+                        # ends generation at its token, and the text ends where that stop starts
+                        for n in range(1, len(tokens) + 1):
+                            head = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+                            if any(s in head for s in job.stop):
+                                break
+                        cut = min(i for i in (head.find(s) for s in job.stop) if i >= 0)
+                        text, tokens, finish = head[:cut], tokens[:n], "stop"
                 texts.append((text, len(tokens), finish))
                 k += 1
             results.append(texts)
@@ -323,6 +326,8 @@ def prometheus_text(metrics: Metrics, engine: Engine, queue_depth: int) -> str:
 class CompletionRequest(BaseModel):
     """Body of ``POST /v1/completions`` (OpenAI's fields; `model` names the adapter, ``base`` for none)."""
 
+    model_config = ConfigDict(extra="ignore")  # other OpenAI fields (user, seed…) change nothing here
+
     model: str = BASE
     prompt: str | list[str]
     max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1, strict=True,
@@ -336,12 +341,20 @@ class CompletionRequest(BaseModel):
     # OpenAI fields lorakit does not implement: accepted at their defaults only, so a client never gets silently other
     # behaviour than it asked for
     echo: bool = Field(False, strict=True)
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: int | None = Field(None, strict=True)
+    best_of: int | None = Field(None, strict=True)
     suffix: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        """OpenAI's API takes null for every optional field, meaning its default."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in ("model", "prompt")}
+        return data
 
     def unsupported(self) -> list[str]:
         """The unimplemented fields this request sets to something other than their default."""
