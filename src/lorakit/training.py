@@ -490,9 +490,8 @@ def finetune(
     if out is not None:
         _truncate_metrics(out / "metrics.jsonl", step)
     n_train, n_all = sum(p.numel() for p in trainable), sum({id(p): p.numel() for p in model.parameters()}.values())
-    n_frozen = sum({id(p): p.numel() for p in model.parameters() if not p.requires_grad}.values())
     notify({"event": "start", "step": step, "total": total, "precision": precision, "precision_reason": why, "trainable": n_train,
-            "total_params": n_all, "frozen": n_frozen, "compute": compute, "examples": len(train_enc)})
+            "total_params": n_all, "frozen": n_all - n_train, "compute": compute, "examples": len(train_enc)})
 
     memory_kind = reset_peak_memory(device)
     model.train()
@@ -506,6 +505,7 @@ def finetune(
         loss_total, tokens = 0.0, 0
         batches = [collate(_micro_batch(train_enc, cfg, step * cfg.grad_accum + k), pad_id) for k in range(cfg.grad_accum)]
         weights = [_loss_weight(batch, cfg.task) for batch in batches]
+        step_weight = sum(weights) or 1  # each labelled token (example) of the step weighs the same
         for batch, weight in zip(batches, weights):
             batch = {key: v.to(device) for key, v in batch.items()}
             tokens += int(batch["attention_mask"].sum())
@@ -514,7 +514,7 @@ def finetune(
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss is {float(loss.detach())} at step {step + 1}: training stopped; {_where(last_good)}. "
                                     f"{_LOWER_LR}")
-            share = weight / (sum(weights) or 1)  # each labelled token (example) of the step weighs the same
+            share = weight / step_weight
             (loss * share).backward()
             loss_total += float(loss.detach()) * share
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
