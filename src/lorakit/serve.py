@@ -195,18 +195,22 @@ class Engine:
                     tokens, finish = tokens[: tokens.index(self.tokenizer.eos_token_id)], "stop"
                 with self.text_lock:
                     text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                    if any(s in text for s in job.stop):  # OpenAI's stop, as if streamed: the first stop to complete
-                        # ends generation at its token, and the text ends where that stop starts
-                        for n in range(1, len(tokens) + 1):
-                            head = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
-                            if any(s in head for s in job.stop):
-                                break
-                        cut = min(i for i in (head.find(s) for s in job.stop) if i >= 0)
-                        text, tokens, finish = head[:cut], tokens[:n], "stop"
+                    if any(s in text for s in job.stop):
+                        (text, tokens), finish = self._cut_at_stop(tokens, job.stop), "stop"
                 texts.append((text, len(tokens), finish))
                 k += 1
             results.append(texts)
         return results
+
+    def _cut_at_stop(self, tokens: list[int], stops: tuple[str, ...]) -> tuple[str, list[int]]:
+        """OpenAI's stop, as if streamed: generation ends at the token where the first stop completes, and the
+        text ends where that stop starts. (text, tokens) up to there; call with the text lock held."""
+        for n in range(1, len(tokens) + 1):
+            head = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+            starts = [i for i in (head.find(s) for s in stops) if i >= 0]
+            if starts:
+                return head[:min(starts)], tokens[:n]
+        raise AssertionError("called without a stop in the decoded text")
 
     def load(self, name: str, path: str) -> None:
         """Load the adapter folder at `path` as `name` (between batches)."""
@@ -445,8 +449,9 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
         t0 = time.perf_counter()
         if req.stream:
             raise RequestError(400, "stream=true is not supported; send stream=false")
-        if req.unsupported():
-            raise RequestError(400, f"{', '.join(req.unsupported())} not supported by lorakit serve; leave them at "
+        unsupported = req.unsupported()
+        if unsupported:
+            raise RequestError(400, f"{', '.join(unsupported)} not supported by lorakit serve; leave them at "
                                     "their defaults (or out)")
         stops = req.stops()
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
