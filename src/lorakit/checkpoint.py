@@ -474,13 +474,11 @@ def _fold_wrapper_keys(model: nn.Module, cfg: LoraConfig, tensors: dict[str, Ten
 
     out = dict(tensors)
     for path in _find_saved_modules(model, cfg.modules_to_save):
-        for key in list(out):
-            for inner in ("modules_to_save.", "original_module."):
-                head = f"{PREFIX}{path}.{inner}"
-                if key.startswith(head):
-                    value = out.pop(key)
-                    if inner == "modules_to_save.":
-                        out.setdefault(f"{PREFIX}{path}.{key.removeprefix(head)}", value)
+        base, copy = f"{PREFIX}{path}.original_module.", f"{PREFIX}{path}.modules_to_save."
+        for key in [k for k in out if k.startswith((base, copy))]:
+            value = out.pop(key)
+            if key.startswith(copy):
+                out.setdefault(f"{PREFIX}{path}.{key.removeprefix(copy)}", value)
     return out
 
 

@@ -216,19 +216,17 @@ def load_data(
     else:
         path = Path(spec)
         glue_file = path.is_file() and path.suffix == ".tsv" and glue_task(path.parent.name) is not None
+        if split != "train" and path.is_file():  # a file is one split: never silently the training file again
+            what, fix = ("one split's file", f"{path.parent / split}.tsv") if glue_file else ("a file", "FILE")
+            raise ValueError(f"{path} is {what}: a split (split={split!r}, --eval-split) applies to a GLUE task folder "
+                             f"or an hf: source; give the evaluation file itself (--eval-data {fix})")
         if (path.is_dir() and glue_task(path.name)) or glue_file:
             if task != "classification":
                 raise ValueError(f"{path} is a GLUE task, labelled sentences: use --task classification "
                                  "(task='classification') with an encoder such as minilm-l6")
-            if glue_file and split != "train":
-                raise ValueError(f"{path} is one split's file: a split (split={split!r}, --eval-split) applies to a GLUE "
-                                 f"task folder; give the evaluation file itself (--eval-data {path.parent / split}.tsv)")
             return load_glue(path.parent, path.stem) if glue_file else load_glue(path, split)
         if path.is_dir():
             raise ValueError(f"{path} is a folder but not a GLUE task folder ({sorted(GLUE_LABELS)}); pass a data file")
-        if split != "train" and path.is_file():
-            raise ValueError(f"{path} is a file: a split (split={split!r}, --eval-split) applies to a GLUE task folder "
-                             "or an hf: source; give the evaluation file itself (--eval-data FILE)")
         if task == "causal-lm" and path.suffix.lower() == ".txt":
             return load_e2e_lora_format(path)
         rows, source = read_records(path), spec
