@@ -159,6 +159,10 @@ def test_cli_analyze_with_a_model_folder_saved_without_tokenizer(tmp_path):
     assert not list((tmp_path / "base").glob("tokenizer*"))
     assert main(["analyze", a8, "--model", str(tmp_path / "base"), "--out", str(tmp_path / "report")]) == 0
     assert "mplification" in (tmp_path / "report" / "report.md").read_text()
+    weights = tmp_path / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: a one-line error, no report
+    assert main(["analyze", a8, "--model", str(tmp_path / "base"), "--out", str(tmp_path / "r2")]) == 1
+    assert not (tmp_path / "r2").exists()
 
 
 def test_analyze_refuses_adapters_without_shared_layers(tmp_path, capsys):

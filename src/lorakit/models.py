@@ -176,6 +176,7 @@ def load_model(
     an encoder (BERT…) asked for as a causal LM is a `ValueError`.
     """
     from huggingface_hub.errors import HFValidationError
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if task not in ("causal-lm", "classification"):
@@ -196,7 +197,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **offline)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype, **offline)
-    except (OSError, HFValidationError) as e:
+    except (OSError, HFValidationError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt weights file
         error = _load_error(name_or_path, path, e)
         if offline:
             error = FileNotFoundError(f"{error}; the hub cannot be reached from here, so only its local cache was read")
