@@ -230,6 +230,19 @@ def test_json_that_is_not_an_object_is_a_clear_error(saved):
         lorakit.load_adapter(tiny_llama(), saved)
 
 
+@pytest.mark.parametrize("key", ["use_rslora", "lora_bias"])
+def test_true_false_field_that_is_not_a_bool_is_a_clear_error(saved, key):
+    """bool("false") is True: a string there would silently change the scale (rsLoRA) or add a bias."""
+    fields = json.loads((saved / "adapter_config.json").read_text())
+    fields[key] = "false"
+    (saved / "adapter_config.json").write_text(json.dumps(fields))
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{key} must be true or false, got 'false'"):
+        lorakit.load_adapter(model, saved)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and len(before) == len(model.state_dict())
+
+
 def test_edited_adapter_config_json_wins_as_in_peft(saved, caplog):
     """The JSON is what PEFT reads; lorakit's copy in the safetensors header must not override an edit."""
     fields = json.loads((saved / "adapter_config.json").read_text())

@@ -207,7 +207,8 @@ def test_an_out_folder_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("option, value", [("--limit", "-35"), ("--save-every", "-1"), ("--eval-every", "-1"),
                                            ("--warmup", "nan"), ("--eval-limit", "0"), ("-r", "0"), ("--lr", "inf"),
-                                           ("--epochs", "inf"), ("--lr-ratio-b", "nan"), ("--dropout", "1.5")])
+                                           ("--epochs", "inf"), ("--lr-ratio-b", "nan"), ("--dropout", "1.5"),
+                                           ("--dropout", "1.0")])
 def test_finetune_refuses_out_of_range_options(option, value, capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--model", "m", "--data", "d.jsonl", "--out", "o", option, value])

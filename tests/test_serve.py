@@ -92,6 +92,8 @@ def test_health_and_models(server):
     url, *_ = server
     r = httpx.get(url + "/health", timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["models"] == ["base", "sql", "nli"]
+    head = httpx.head(url + "/health", timeout=10)  # liveness probes send HEAD
+    assert head.status_code == 200 and head.content == b""
     ids = [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]]
     assert ids == ["base", "sql", "nli"]
 

@@ -116,6 +116,16 @@ def _exact(path: str) -> str:
     return path.replace(".", r"\.")
 
 
+def _flag(fields: dict[str, Any], key: str) -> bool:
+    """A true/false field of adapter_config.json; anything else is an error (``bool("false")`` is True)."""
+    value = fields.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"adapter_config.json: {key} must be true or false, got {value!r}; fix the file")
+    return value
+
+
 def from_peft_config(fields: dict[str, Any]) -> LoraConfig:
     """A `LoraConfig` from PEFT's ``adapter_config.json`` fields; refuses what lorakit lacks."""
     peft_type = fields.get("peft_type", "LORA")
@@ -147,9 +157,9 @@ def from_peft_config(fields: dict[str, Any]) -> LoraConfig:
         alpha_pattern=dict(fields.get("alpha_pattern") or {}),
         bias=fields.get("bias", "none"),
         init="gaussian" if init == "gaussian" else "kaiming",
-        use_rslora=bool(fields.get("use_rslora", False)),
+        use_rslora=_flag(fields, "use_rslora"),
         modules_to_save=fields.get("modules_to_save"),
-        lora_bias=bool(fields.get("lora_bias", False)),
+        lora_bias=_flag(fields, "lora_bias"),
         base_model_name_or_path=fields.get("base_model_name_or_path"),
     )
 

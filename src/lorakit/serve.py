@@ -433,7 +433,7 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
         # FastAPI's own errors (an unparsable body, an unknown route or method) in the same shape as ours
         return error(e.status_code, f"{e.detail} ({request.method} {request.url.path})")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' liveness probes
     async def health() -> dict:
         return {"status": "ok", "models": engine.adapters(), "queue_depth": batcher.queue.qsize()}
 

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default=None, help="comma-separated module names (default: the architecture's q,v), or all-linear")
     p.add_argument("-r", type=bounded(int, 1), default=8)
     p.add_argument("--alpha", type=bounded(float, 0), default=16)
-    p.add_argument("--dropout", type=bounded(float, 0, 1), default=0.05)
+    p.add_argument("--dropout", type=bounded(float, 0, 1, open_high=True), default=0.05)
     p.add_argument("--lr", type=bounded(float, 0), default=2e-4)
     p.add_argument("--lr-ratio-b", type=bounded(float, 0), default=1.0, help="LoRA+: learning rate of B = lr × this")
     p.add_argument("--epochs", type=bounded(float, 0), default=1.0)
