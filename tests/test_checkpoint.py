@@ -280,6 +280,8 @@ def test_saved_files_get_the_permissions_open_would_give(saved):
 def test_missing_folder_or_files_are_clear_errors(tmp_path, saved):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         lorakit.load_adapter(tiny_llama(), tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors' is a file; pass the adapter folder that holds it"):
+        lorakit.load_adapter(tiny_llama(), saved / "adapter_model.safetensors")
     (saved / "adapter_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="has neither adapter_model.safetensors nor adapter_model.bin"):
         lorakit.load_adapter(tiny_llama(), saved)

@@ -461,11 +461,57 @@ def test_the_model_cannot_change_inside_a_mixed_batch(input_ids):
                               (lambda: lorakit.delete_adapter(model, "a"), "delete adapter 'a'"),
                               (lambda: lorakit.set_adapter(model, "a"), "change the active adapters"),
                               (lambda: lorakit.merge(model), "merge"),
-                              (lambda: lorakit.inject(model, CFG_A, adapter="c"), "add adapter 'c'")]:
+                              (lambda: lorakit.inject(model, CFG_A, adapter="c"), "add adapter 'c'"),
+                              (lambda: lorakit.disable_adapters(model).__enter__(), "disable adapters")]:
             with pytest.raises(ValueError, match=f"cannot {match} inside a mixed_batch block"):
                 action()
     assert lorakit.list_adapters(model) == ["a", "b"]
     torch.testing.assert_close(logits(model, input_ids), out)
+
+
+def test_nested_disable_adapters_restores_the_outer_block(input_ids):
+    model = two_adapters()
+    lorakit.set_adapter(model, "b")
+    with lorakit.disable_adapters(model):
+        base = logits(model, input_ids)
+        with lorakit.disable_adapters(model):
+            pass
+        torch.testing.assert_close(logits(model, input_ids), base, rtol=0, atol=0)  # still the base model
+    assert not torch.allclose(logits(model, input_ids), base)
+
+
+def test_generate_with_another_batch_size_than_the_names_is_refused():
+    model = two_adapters()
+    ids = torch.randint(3, 128, (4, 5), generator=torch.Generator().manual_seed(1))
+    with lorakit.mixed_batch(model, ["a", "b"]), pytest.raises(ValueError, match="2 adapter names but generate got 4 input rows"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert "generate" not in model.__dict__
+
+
+@pytest.mark.parametrize("active", [[], ["b"]])
+def test_combine_keeps_the_active_set_even_when_empty(active, input_ids):
+    model = two_adapters()
+    lorakit.inject(model, CFG_A, adapter="c")  # active; deleting it leaves no adapter active
+    lorakit.set_adapter(model, active or "c")
+    if not active:
+        lorakit.delete_adapter(model, "c")
+    before = logits(model, input_ids)
+    lorakit.combine_adapters(model, {"a": 0.5, "b": 0.5}, name="ab")
+    assert lorakit.active_adapters(model) == active and "ab" in lorakit.list_adapters(model)
+    torch.testing.assert_close(logits(model, input_ids), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["half", "keys", "update", "train"])
+def test_a_name_that_is_a_module_dict_attribute_is_refused_before_any_change(name, input_ids, tmp_path):
+    model = two_adapters()
+    out = logits(model, input_ids)
+    folder = lorakit.save_adapter(model, tmp_path / "a", adapter="a")
+    for action in (lambda: lorakit.inject(model, CFG_A, adapter=name), lambda: lorakit.load_adapter(model, folder, adapter=name),
+                   lambda: lorakit.combine_adapters(model, {"a": 1.0}, name=name)):
+        with pytest.raises(ValueError, match=f"adapter name '{name}' is reserved"):
+            action()
+    assert lorakit.list_adapters(model) == ["a", "b"]
+    torch.testing.assert_close(logits(model, input_ids), out, rtol=0, atol=0)
 
 
 def test_mixed_batch_and_combine_reject_malformed_arguments():

@@ -147,6 +147,8 @@ def test_prompt_list_is_one_request_with_several_choices(server):
         ({"model": "sql", "prompt": "hi", "logprobs": 5, "echo": True}, 400, "echo, logprobs not supported"),
         ({"model": "sql", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty not supported"),
         ({"model": "sql", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "up to 4 non-empty strings"),
+        ({"model": "sql", "prompt": "hi", "seed": 42, "temperature": 1.0}, 400, "seed not supported"),
+        ({"model": "sql", "prompt": "hi", "temprature": 1.5}, 400, "temprature: Extra inputs are not permitted"),
         ({"model": "sql", "prompt": "x" * 6401}, 400, "6,401 characters, more than fit in the context of 64 tokens"),
     ],
 )
@@ -172,7 +174,7 @@ def test_max_tokens_null_means_the_default_and_a_body_without_json_header_is_tol
     r = post(url, "/v1/completions", json={"model": "sql", "prompt": "hi", "max_tokens": None})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16, r.text
     nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "echo", "presence_penalty", "frequency_penalty",
-                           "logprobs", "best_of", "suffix", "logit_bias", "stop"])
+                           "logprobs", "best_of", "suffix", "logit_bias", "stop", "seed", "stream_options"])
     r = post(url, "/v1/completions", json={"model": "sql", "prompt": "hi", "max_tokens": 4, **nulls, "user": "x"})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == complete(url, "sql", "hi", 4).json()["choices"][0]["text"]
     assert post(url, "/v1/completions", json={"model": "sql", "prompt": "hi", "best_of": True}).status_code == 400

@@ -189,8 +189,10 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes as its base (merged adapters are unmerged, trained biases
     hold their base values, saved modules are the base modules; all restored after)."""
+    check_not_mixed(model, "disable adapters")  # the block's hooks rely on the layers' switches
     layers = [layer for _, layer in lora_layers(model)]
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
+    disabled = {id(layer): layer.lora_disabled for layer in layers}  # a nested block restores the outer one's
     heads = [(module, module.active) for module in wrappers(model)]
     state = get_state(model, required=False)
     params = dict(model.named_parameters())
@@ -212,7 +214,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         for module, active in heads:
             module.active = active
         for layer in layers:
-            layer.lora_disabled = False
+            layer.lora_disabled = disabled[id(layer)]
             for name in merged[id(layer)]:
                 layer.merge_adapter(name)
 

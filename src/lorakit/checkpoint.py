@@ -284,6 +284,8 @@ def read_adapter_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[st
     Unlike `read_adapter` it does not judge the config, so a tool can inspect adapters lorakit cannot load.
     """
     folder = Path(path)
+    if folder.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is a file; pass the adapter folder that holds it ({str(folder.parent)!r})")
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
     config_file = folder / CONFIG_NAME

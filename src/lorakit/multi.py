@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .adapters import set_adapter
+from .adapters import activate
 from .config import LoraConfig
 from .functional import expand_sliced_B
 from .layers import LoraLayer, LoraSpec, lora_math_dtype, tensor_fingerprint
@@ -185,8 +185,9 @@ def _io_dims(layer: LoraLayer) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _flag_during_generate(model: nn.Module, flag: list[bool]) -> Iterator[None]:
-    """Set ``flag[0]`` while ``model.generate`` runs (the only caller allowed to repeat rows)."""
+def _flag_during_generate(model: nn.Module, flag: list[bool], rows: int) -> Iterator[None]:
+    """Set ``flag[0]`` while ``model.generate`` runs (the only caller allowed to repeat rows: for beams and
+    ``num_return_sequences``, not for an input of another batch size than the `rows` names)."""
     generate = getattr(model, "generate", None)
     if not callable(generate):
         yield
@@ -194,6 +195,11 @@ def _flag_during_generate(model: nn.Module, flag: list[bool]) -> Iterator[None]:
     own = model.__dict__.get("generate")  # an instance attribute the user set: restore it after
 
     def flagged(*args, **kwargs):
+        inputs = args[0] if args else next((kwargs[k] for k in ("inputs", "input_ids", "inputs_embeds")
+                                            if kwargs.get(k) is not None), None)
+        if isinstance(inputs, Tensor) and inputs.dim() > 1 and inputs.shape[0] != rows:
+            raise ValueError(f"mixed_batch was given {rows} adapter names but generate got {inputs.shape[0]} input rows: "
+                             "pass one name per row (beams and num_return_sequences repeat each row's adapter by themselves)")
         flag[0] = True
         try:
             return generate(*args, **kwargs)
@@ -252,7 +258,7 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
             layer.lora_disabled = True  # the hook adds the per-row update instead
             if stack.used:
                 handles.append(layer.register_forward_hook(stack))
-        with _flag_during_generate(model, in_generate):
+        with _flag_during_generate(model, in_generate, len(rows)):
             yield model
     finally:
         state.in_mixed_batch = False
@@ -381,5 +387,6 @@ def combine_adapters(
             layer.remove_adapter(name)
         raise
     state.adapters[name] = AdapterRecord(config=config, layers=[path for path, *_ in computed])
-    set_adapter(model, list(state.active))  # keep the active set as it was (add_adapter activated `name`)
+    # keep the active set as it was (add_adapter activated `name`), even when it is empty
+    activate(model, list(state.active), merged=any(layer.merged_adapters for _, layer in lora_layers(model)))
     return model

@@ -330,7 +330,7 @@ def prometheus_text(metrics: Metrics, engine: Engine, queue_depth: int) -> str:
 class CompletionRequest(BaseModel):
     """Body of ``POST /v1/completions`` (OpenAI's fields; `model` names the adapter, ``base`` for none)."""
 
-    model_config = ConfigDict(extra="ignore")  # other OpenAI fields (user, seed…) change nothing here
+    model_config = ConfigDict(extra="forbid")  # a misspelt field ("temprature") is a 400, never silently the default
 
     model: str = BASE
     prompt: str | list[str]
@@ -351,6 +351,9 @@ class CompletionRequest(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    seed: int | None = Field(None, strict=True)  # rows sample together in a mixed batch: no per-request seed
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None  # OpenAI's end-user id: metadata, changes nothing
 
     @model_validator(mode="before")
     @classmethod
@@ -363,7 +366,7 @@ class CompletionRequest(BaseModel):
     def unsupported(self) -> list[str]:
         """The unimplemented fields this request sets to something other than their default."""
         defaults = {"echo": False, "logprobs": None, "best_of": (None, 1), "suffix": None, "presence_penalty": 0.0,
-                    "frequency_penalty": 0.0, "logit_bias": (None, {})}
+                    "frequency_penalty": 0.0, "logit_bias": (None, {}), "seed": None, "stream_options": None}
         return [k for k, d in defaults.items() if getattr(self, k) not in (d if isinstance(d, tuple) else (d,))]
 
     def stops(self) -> tuple[str, ...]:

@@ -40,10 +40,17 @@ class LoraState:
     in_mixed_batch: bool = False
 
 
+#: Attribute names of PyTorch's module and parameter dicts, which adapter names key: a clash breaks them.
+RESERVED_NAMES = frozenset(dir(nn.ModuleDict()) + dir(nn.ParameterDict()))
+
+
 def check_adapter_name(name: object) -> None:
-    """Adapter names key PyTorch module dicts: a non-empty string without '.'."""
+    """Adapter names key PyTorch module dicts: a non-empty string without '.', not one of their attributes."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r} (e.g. 'sql', 'v1_2')")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"adapter name {name!r} is reserved (an attribute of PyTorch's module dicts); "
+                         f"pick another, e.g. {name + '_adapter'!r}")
 
 
 def check_not_mixed(model: nn.Module, action: str) -> None:
