@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .functional import delta_weight, expand_sliced_B, init_lora_A, lora_scale
 
@@ -186,12 +187,26 @@ class LoraLayer:
         raise NotImplementedError
 
 
-def tensor_fingerprint(t: Tensor) -> tuple[int, int, int]:
-    """(identity, version counter, storage) of `t`: changes on replacement, in-place update or ``.data =``.
+_optimizer_steps = [0]  # see tensor_fingerprint
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    _optimizer_steps[0] += 1
+
+
+# fused optimizers (AdamW(fused=True)) update parameters in place without bumping their version counters
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def tensor_fingerprint(t: Tensor) -> tuple[int, int, int, int]:
+    """(identity, version counter, storage, optimizer steps so far) of `t`: changes on replacement, an in-place
+    update, ``.data =``, and any ``torch.optim`` step (fused optimizers leave the version counter alone).
 
     The key of every cache that holds a copy of an adapter's tensors (inference factors, mixed-batch stacks).
+    Not seen: in-place writes through ``.data`` (``p.data.zero_()``), which autograd cannot see either; write
+    under ``torch.no_grad()`` instead (``p.zero_()``).
     """
-    return id(t), t._version, t.data_ptr()
+    return id(t), t._version, t.data_ptr(), _optimizer_steps[0]
 
 
 #: Up to this many token rows, a bf16/fp16 layer's rank-r products run in fp32 (see `lora_math_dtype`).
