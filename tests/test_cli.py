@@ -114,6 +114,26 @@ def test_finetune_seed_covers_the_new_classification_head(tmp_path):
     assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
 
 
+def test_a_saved_classification_head_keeps_its_size_unless_asked_otherwise(tmp_path, caplog):
+    pytest.importorskip("tokenizers")
+    from conftest import tiny_bert
+    from lorakit.models import load_model
+
+    model_dir = _model_folder(tmp_path / "three", tiny_bert(num_labels=3))
+    model = load_model(model_dir, "classification")[0]
+    torch.testing.assert_close(model.classifier.weight, tiny_bert(num_labels=3).classifier.weight, rtol=0, atol=0)
+    assert "new head" not in caplog.text
+    model = load_model(model_dir, "classification", label_names=["neg", "pos"])[0]
+    assert model.classifier.out_features == 2 and model.config.id2label == {0: "neg", 1: "pos"}
+    assert "has a classification head with 3 classes: a new head with 2 is initialised" in caplog.text
+    with pytest.raises(ValueError, match=r"2 label names \['neg', 'pos'\] but num_labels=3"):
+        load_model(model_dir, "classification", num_labels=3, label_names=["neg", "pos"])
+    (tmp_path / "three" / "tokenizer.json").unlink()
+    (tmp_path / "three" / "tokenizer_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer files .*: save the tokenizer into it"):
+        load_model(model_dir, "classification")
+
+
 def test_finetune_mistyped_model_path_is_one_line_without_a_hub_request(tmp_path, capsys, monkeypatch):
     import transformers
 

@@ -185,3 +185,38 @@ def test_no_completion_token_left_after_truncation_is_an_error(caplog):
     with caplog.at_level("WARNING", logger="lorakit.data"):
         encode_causal(tok, [*data, {"prompt": "", "completion": ""}], max_length=8, use_chat_template=False)
     assert "1 of 3 examples have no completion token to predict (e.g. example 2)" in caplog.text
+
+
+def test_utf8_byte_order_mark_is_read_as_excel_writes_it(tmp_path):
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfprompt,completion\r\nhello,\" world\"\r\n")
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "hello", "completion": " world"}\n')
+    for name in ("bom.csv", "bom.jsonl"):
+        assert load_data(tmp_path / name) == [{"prompt": "hello", "completion": " world"}]
+
+
+def test_a_csv_row_with_more_fields_than_the_header_is_named(tmp_path):
+    (tmp_path / "ragged.csv").write_text("prompt,completion\nok,fine\nSay hi:, hello, world\n")
+    with pytest.raises(ValueError, match=r"ragged.csv:3 has 3 fields but the header has 2 \(\['prompt', 'completion'\]\); quote"):
+        load_data(tmp_path / "ragged.csv")
+
+
+@pytest.mark.parametrize("line, kind", [("null", "null"), ('"prompt and completion"', "str"), ("[1, 2]", "list")])
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path, line, kind):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "b"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=rf"d.jsonl:2 is a JSON {kind}, not an object"):
+        read_records(tmp_path / "d.jsonl")
+
+
+def test_a_field_holding_a_json_list_or_object_is_refused(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"prompt": ["a"], "completion": {"x": 1}}\n')
+    with pytest.raises(ValueError, match=r"field 'prompt' of example 0 \(the prompt\) is a JSON list, not text"):
+        load_data(tmp_path / "d.jsonl")
+
+
+def test_string_labels_need_class_names_and_map_through_them(tmp_path):
+    (tmp_path / "s.csv").write_text("text,label\nbad,neg\ngreat,pos\nfine,pos\n")
+    with pytest.raises(ValueError, match=r"label 'neg': labels are class ids .* --label-names neg,pos .* labels=\[...\]"):
+        load_data(tmp_path / "s.csv", "classification")
+    assert [e["label"] for e in load_data(tmp_path / "s.csv", "classification", labels=["pos", "neg"])] == [1, 0, 0]
+    with pytest.raises(ValueError, match=r"example 1 has label 'pos', which is not one of the class names \['neg', 'bad'\]"):
+        load_data(tmp_path / "s.csv", "classification", labels=["neg", "bad"])

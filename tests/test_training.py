@@ -134,7 +134,8 @@ def test_schedule_warms_up_then_decays_to_zero():
     ("save_every", -1, r"save_every must be an integer >= 0 \(0: never\)"), ("eval_every", 2.5, "eval_every must be"),
     ("batch_size", 0, "batch_size must be a positive integer"), ("steps", 0, "steps must be a positive integer"),
     ("lr", float("inf"), "lr must be a finite number > 0"), ("epochs", float("inf"), "epochs must be a finite"),
-    ("lr_ratio_b", 0.0, "lr_ratio_b must be a finite number > 0"),
+    ("lr_ratio_b", 0.0, "lr_ratio_b must be a finite number > 0"), ("seed", 2**32, r"seed must be an integer in 0..4294967295"),
+    ("seed", -1, "seed must be an integer"),
 ])
 def test_config_refuses_out_of_range_fields(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -201,6 +202,41 @@ def test_resume_refuses_changed_settings(tmp_path):
                  callback=lambda e: (_ for _ in ()).throw(KeyError) if e.get("step") == 5 else None)
     with pytest.raises(ValueError, match=r"lr: checkpoint 0.005 vs now 0.001"):
         finetune(tiny_llama(), TOK, examples(), None, TrainConfig(**{**cfg.to_dict(), "lr": 1e-3}), tmp_path, resume=True)
+    for field, value in (("dropout", 0.3), ("max_grad_norm", 0.0), ("use_chat_template", False)):
+        with pytest.raises(ValueError, match=rf"{field}: checkpoint .* vs now {value}"):
+            finetune(tiny_llama(), TOK, examples(), None, TrainConfig(**{**cfg.to_dict(), field: value}), tmp_path, resume=True)
+
+
+def test_resume_on_a_model_of_another_size_names_the_shapes(tmp_path):
+    cfg = config()
+    with pytest.raises(KeyError):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path,
+                 callback=lambda e: (_ for _ in ()).throw(KeyError) if e.get("step") == 5 else None)
+    files = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match=r"was trained on another model or head \(.*: \(\d+, 32\) there, \(\d+, 16\) here"):
+        finetune(other, TOK, examples(), None, cfg, tmp_path, resume=True)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+
+
+def test_a_fresh_run_never_overwrites_a_trained_result_in_its_folder(tmp_path):
+    lorakit.save_adapter(lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2)), tmp_path)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"already holds a trained result \(adapter_config.json, adapter_model.safetensors\)"):
+        finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
+def test_lora_plus_ratio_is_refused_for_methods_without_B():
+    with pytest.raises(ValueError, match="method 'full' has none"):
+        TrainConfig(method="full", lr_ratio_b=16)
+
+
+def test_an_lr_that_overflows_the_optimizer_step_is_a_clean_stop(tmp_path):
+    cfg = dataclasses.replace(config(), lr=1e38, warmup=0.0, max_grad_norm=0.0)
+    with pytest.raises(TrainingError, match=r"optimizer step overflowed at step 1 \(lr 1e\+38\).*lower --lr"):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path)
 
 
 def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(tmp_path):

@@ -34,35 +34,57 @@ GLUE_LABELS: dict[str, list[str]] = {
 # ---- reading records -------------------------------------------------------------------------------
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a ``.jsonl``/``.json`` (list of objects), ``.csv`` or ``.tsv`` file (header row) as dicts."""
+    """Rows of a ``.jsonl``/``.json`` (list of objects), ``.csv`` or ``.tsv`` file (header row) as dicts.
+
+    Read as UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8" writes one). A JSON row that is
+    not an object, or a CSV row with more fields than the header, is an error naming its line.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        rows.append(_json_object(json.loads(line), f"{path}:{n}"))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one JSON object") from e
         return rows
     if suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(path.read_text(encoding="utf-8-sig"))
         if not isinstance(rows, list):
             raise ValueError(f"{path} must hold a JSON list of objects (or use .jsonl, one object per line)")
-        return rows
+        return [_json_object(row, f"{path}: item {i}") for i, row in enumerate(rows)]
     if suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            if suffix == ".tsv":
-                return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-            return list(csv.DictReader(f))
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, restkey=_EXTRA, **({"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}))
+            rows = []
+            for row in reader:
+                if _EXTRA in row:
+                    raise ValueError(f"{path}:{reader.line_num} has {len(reader.fieldnames) + len(row[_EXTRA])} fields but the "
+                                     f"header has {len(reader.fieldnames)} ({reader.fieldnames}); quote values that hold "
+                                     f"the delimiter {reader.reader.dialect.delimiter!r}")
+                rows.append(row)
+            return rows
     raise ValueError(
         f"cannot read {path}: use a .jsonl, .json, .csv or .tsv file, an E2E '<mr>||<ref>' .txt file (causal LM), "
         "a GLUE task folder, or hf:<dataset>"
     )
+
+
+_EXTRA = "\0extra"  # DictReader's key for the fields of a row beyond the header's
+
+
+def _json_object(value: Any, where: str) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an error naming `where`."""
+    if not isinstance(value, dict):
+        kind = "null" if value is None else type(value).__name__
+        raise ValueError(f"{where} is a JSON {kind}, not an object; each example must be one object such as "
+                         '{"prompt": "...", "completion": "..."}')
+    return value
 
 
 def _require(rows: Sequence[Mapping], fields: dict[str, str], source: str) -> None:
@@ -84,6 +106,9 @@ def _require(rows: Sequence[Mapping], fields: dict[str, str], source: str) -> No
             if row[name] is None:
                 raise ValueError(f"{source}: field {name!r} is null/empty in example {i} (the {role}); fill it in or "
                                  "remove that example")
+            if isinstance(row[name], (dict, list)):
+                raise ValueError(f"{source}: field {name!r} of example {i} (the {role}) is a JSON "
+                                 f"{'object' if isinstance(row[name], dict) else 'list'}, not text or a number")
 
 
 def class_id(raw: Any, i: int, source: str) -> int:
@@ -114,13 +139,23 @@ def classification_examples(
     labels: Sequence[str] | None = None,
     source: str = "data",
 ) -> list[dict[str, Any]]:
-    """Text (+ optional pair) and integer class id; string labels map through `labels` (their order = class id)."""
+    """Text (+ optional pair) and integer class id; with `labels` (class names, their order = class id) each
+    label must be one of them, else labels must be class ids (integers >= 0)."""
     _require(rows, {"text": text_field, "label": label_field, **({"text_pair": text_pair_field} if text_pair_field else {})},
              source)
+    names = [str(n) for n in labels] if labels is not None else None
     out = []
     for i, r in enumerate(rows):
         raw = r[label_field]
-        label = list(labels).index(str(raw)) if labels is not None and str(raw) in labels else class_id(raw, i, source)
+        if names is not None and str(raw) not in names:
+            raise ValueError(f"{source}: example {i} has label {raw!r}, which is not one of the class names {names}")
+        if names is None and isinstance(raw, str) and raw.strip() and not raw.strip().lstrip("+-").isdigit():
+            found = sorted({str(x[label_field]) for x in rows})
+            shown = ",".join(found[:10]) + (",..." if len(found) > 10 else "")
+            raise ValueError(f"{source}: example {i} has label {raw!r}: labels are class ids (integers >= 0) unless you name "
+                             f"the classes in class-id order: --label-names {shown} in the CLI, labels=[...] in "
+                             f"lorakit.load_data() ({len(found)} distinct labels here)")
+        label = names.index(str(raw)) if names is not None else class_id(raw, i, source)
         ex = {"text": str(r[text_field]), "label": label}
         if text_pair_field:
             ex["text_pair"] = str(r[text_pair_field])
@@ -138,7 +173,7 @@ def load_e2e_lora_format(path: str | os.PathLike) -> list[dict[str, str]]:
     """The LoRA paper's E2E files (microsoft/LoRA ``examples/NLG/data/e2e/*.txt``): ``<linearised MR>||<reference>`` per line."""
     path = Path(path)
     out = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -203,12 +238,14 @@ def load_data(
     text_field: str = "text",
     text_pair_field: str | None = None,
     label_field: str = "label",
+    labels: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Examples for `task` from a file, a GLUE task folder, an E2E CSV (``mr,ref``) or the LoRA paper's E2E ``.txt``
     (``mr||ref``), or ``hf:<dataset>[:<config>]``.
 
     For a folder or ``hf:`` source, `split` picks the split (``train``, ``dev``…); a file is one split
     (``train``, the default: any other split of a file is an error, not silently the same file).
+    `labels` names the classes of string labels in class-id order (``["neg", "pos"]``: neg = 0).
     """
     spec = str(spec)
     if spec.startswith("hf:"):
@@ -235,7 +272,7 @@ def load_data(
     if task == "causal-lm":
         return causal_examples(rows, prompt_field, completion_field, source=source)
     if task == "classification":
-        return classification_examples(rows, text_field, label_field, text_pair_field, source=source)
+        return classification_examples(rows, text_field, label_field, text_pair_field, labels, source=source)
     raise ValueError(f"task must be 'causal-lm' or 'classification', got {task!r}")
 
 

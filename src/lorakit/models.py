@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 import os
 import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Bundled:
@@ -156,11 +159,32 @@ def is_bidirectional_encoder(config: object) -> bool:
         getattr(config, flag, False) for flag in ("is_decoder", "is_encoder_decoder", "causal"))
 
 
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "*.model", "merges.txt")  # tokenizer.json/_config.json, vocab.txt, spiece.model…
+
+
+def _head_kwargs(config: Any, num_labels: int | None, label_names: list[str] | None, name: str) -> dict[str, Any]:
+    """from_pretrained arguments of a classification head: keep the checkpoint's own unless asked for another size."""
+    has_head = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+    if label_names is not None and num_labels is not None and len(label_names) != num_labels:
+        raise ValueError(f"{len(label_names)} label names {label_names} but num_labels={num_labels}: give one name per class")
+    wanted = num_labels or (len(label_names) if label_names else None) or (config.num_labels if has_head else 2)
+    kwargs: dict[str, Any] = {"num_labels": wanted}
+    if has_head and wanted != config.num_labels:
+        log.warning("%s has a classification head with %d classes: a new head with %d is initialised", name,
+                    config.num_labels, wanted)
+        kwargs["ignore_mismatched_sizes"] = True
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    return kwargs
+
+
 def load_model(
     name_or_path: str,
     task: str = "causal-lm",
     *,
-    num_labels: int = 2,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
     seed: int | None = None,
@@ -169,9 +193,10 @@ def load_model(
     """(model, tokenizer) for a bundled short name, a local folder or a hub id.
 
     ``tokenizer=False`` loads the weights only (tokenizer None): for folders saved without one.
-    `task` is ``"causal-lm"`` or ``"classification"`` (a sequence-classification head with
-    `num_labels` outputs, newly initialised when the checkpoint has none). `seed` seeds torch just
-    before the model is built, so a newly initialised head is the same in every run with that seed.
+    `task` is ``"causal-lm"`` or ``"classification"``: a sequence-classification head with `num_labels`
+    outputs (default: the checkpoint's own head, else as many as `label_names`, else 2), newly
+    initialised when the checkpoint has none or one of another size (a warning says so). `seed` seeds
+    torch just before the model is built, so a newly initialised head is the same in every run with that seed.
     A name that is no folder, bundled model or loadable hub id is a one-line `FileNotFoundError`;
     an encoder (BERT…) asked for as a causal LM is a `ValueError`.
     """
@@ -190,13 +215,17 @@ def load_model(
                 f"{name_or_path!r} is an encoder ({config.model_type}: it reads the text in both directions), not a "
                 "causal language model: fine-tune it for classification (--task classification, task='classification')"
             )
+        if tokenizer and Path(path).is_dir() and not any(any(Path(path).glob(g)) for g in TOKENIZER_FILES):
+            raise FileNotFoundError(f"{name_or_path!r} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                                    "vocab.txt…): save the tokenizer into it (tokenizer.save_pretrained(folder))")
         tok = AutoTokenizer.from_pretrained(path, **offline) if tokenizer else None
         if seed is not None:
             torch.manual_seed(seed)
         if task == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **offline)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype, **offline)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, **_head_kwargs(config, num_labels, label_names, name_or_path), **offline)
     except (OSError, HFValidationError, SafetensorError) as e:  # SafetensorError: a truncated or corrupt weights file
         error = _load_error(name_or_path, path, e)
         if offline:

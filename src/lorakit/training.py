@@ -49,8 +49,11 @@ STATE_JSON = "trainer_state.json"
 #: Written to the output folder when a run has saved its final result: a resume of it has nothing to do.
 FINISHED_JSON = "run_finished.json"
 #: TrainConfig fields that must match when a run resumes (the others may change, e.g. eval_every).
-RESUME_FIELDS = ("task", "method", "r", "alpha", "target_modules", "lr", "lr_ratio_b", "steps", "epochs",
-                 "batch_size", "grad_accum", "max_length", "warmup", "schedule", "weight_decay", "seed", "precision")
+RESUME_FIELDS = ("task", "method", "r", "alpha", "dropout", "target_modules", "init", "lr", "lr_ratio_b", "steps",
+                 "epochs", "batch_size", "grad_accum", "max_length", "warmup", "schedule", "weight_decay", "max_grad_norm",
+                 "seed", "precision", "use_chat_template", "modules_to_save")
+#: Files a finished run leaves in its output folder (LoRA, full fine-tuning, the other methods): a new run never overwrites them.
+ARTEFACTS = ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "trainable.safetensors")
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -119,6 +122,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 0 (0: never), got {getattr(self, name)!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in 0..{2**32 - 1}, got {self.seed!r}")
+        if self.lr_ratio_b != 1.0 and self.method != "lora":
+            raise ValueError(f"lr_ratio_b (LoRA+, --lr-ratio-b) sets the learning rate of LoRA's B matrices; method "
+                             f"{self.method!r} has none: leave it at 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
 
@@ -440,6 +448,10 @@ def finetune(
     if checkpoint is not None and not resume:
         raise ValueError(f"{out} holds checkpoints of an earlier run ({checkpoint.name}): resume it (--resume, "
                          "resume=True), or use another output folder, or delete them")
+    found = [name for name in ARTEFACTS if out is not None and (out / name).exists()]
+    if found and checkpoint is None:
+        raise ValueError(f"{out} already holds a trained result ({', '.join(found)}): use another output folder, or "
+                         "delete those files")
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s to resume from: starting from step 0", out)
     if cfg.task == "causal-lm":
@@ -522,7 +534,13 @@ def finetune(
             raise TrainingError(f"gradients are not finite at step {step + 1} (norm {float(grad_norm)}): training stopped "
                                 f"before the update; {_where(last_good)}. {_LOWER_LR}")
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        try:
+            optimizer.step()
+        except RuntimeError as e:  # an lr near float32's range: AdamW's step size overflows
+            if "overflow" not in str(e):
+                raise
+            raise TrainingError(f"the optimizer step overflowed at step {step + 1} (lr {lr:g}): training stopped; "
+                                f"{_where(last_good)}. {_LOWER_LR}") from e
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -664,6 +682,11 @@ def _load_checkpoint(
     missing = [n for n in named if f"param.{n}" not in tensors]
     if missing:
         raise ValueError(f"checkpoint {path} lacks trainable tensors {missing[:5]}: it belongs to another model or method")
+    wrong = [f"{n}: {tuple(tensors[f'param.{n}'].shape)} there, {tuple(p.shape)} here" for n, p in named.items()
+             if tensors[f"param.{n}"].shape != p.shape]
+    if wrong:
+        raise ValueError(f"checkpoint {path} was trained on another model or head ({'; '.join(wrong[:3])}): resume with "
+                         "the same --model and --num-labels, or use a new --out folder")
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(tensors[f"param.{n}"])

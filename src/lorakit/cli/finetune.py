@@ -19,7 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
     p.add_argument("--method", default="lora", help="lora (default), full, bitfit, adapter-h, adapter-l, prefix or "
                    "lora+prefix; -r is the adapter bottleneck / prefix length for the baselines")
-    p.add_argument("--num-labels", type=bounded(int, 1), default=2, help="classes of the classification head")
+    p.add_argument("--num-labels", type=bounded(int, 1), default=None,
+                   help="classes of the classification head (default: the checkpoint's head, else --label-names' count, else 2)")
+    p.add_argument("--label-names", default=None,
+                   help="comma-separated class names in class-id order, for string labels (e.g. neg,pos: neg = 0)")
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--completion-field", default="completion")
     p.add_argument("--text-field", default="text")
@@ -49,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "as given: put a separator, e.g. a leading space, in the completions)")
     p.add_argument("--eval-every", type=bounded(int, 0), default=0)
     p.add_argument("--save-every", type=bounded(int, 0), default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0)
     p.add_argument("--out", required=True, help="output folder: adapter, checkpoints, metrics.jsonl, loss.png")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.set_defaults(func=run)
@@ -66,8 +69,11 @@ def run(args: argparse.Namespace) -> int:
     target = args.target if args.target in (None, "all-linear") else [t.strip() for t in args.target.split(",") if t.strip()]
     if target == []:
         raise ValueError(f"--target {args.target!r} names no module: give names such as q_proj,v_proj, or all-linear")
+    label_names = [n.strip() for n in args.label_names.split(",")] if args.label_names is not None else None
+    if label_names is not None and (not all(label_names) or len(set(label_names)) != len(label_names)):
+        raise ValueError(f"--label-names {args.label_names!r}: give distinct, non-empty names separated by commas")
     fields = dict(prompt_field=args.prompt_field, completion_field=args.completion_field, text_field=args.text_field,
-                  text_pair_field=args.text_pair_field, label_field=args.label_field)
+                  text_pair_field=args.text_pair_field, label_field=args.label_field, labels=label_names)
     train = load_data(args.data, args.task, "train", **fields)[: args.limit]
     eval_data = None
     if args.eval_data or args.eval_split:
@@ -82,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every, seed=args.seed, precision=args.precision,
         use_chat_template=False if args.no_chat_template else None,
     )
-    model, tokenizer = load_model(args.model, args.task, num_labels=args.num_labels, seed=args.seed)  # seeds a new head
+    model, tokenizer = load_model(args.model, args.task, num_labels=args.num_labels, label_names=label_names,
+                                  seed=args.seed)  # seeds a new head
     bar = None
 
     def progress(event: dict) -> None:
