@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .adapters import activate
 from .config import LoraConfig
 from .functional import expand_sliced_B
-from .layers import LoraLayer, LoraSpec, lora_math_dtype, tensor_fingerprint
+from .layers import LoraLayer, LoraSpec, lora_math_dtype, skinny, tensor_fingerprint
 from .saved import wrappers
 from .state import AdapterRecord, check_adapter_name, check_not_mixed, get_state, lora_layers
 
@@ -33,9 +33,9 @@ COMBINE_METHODS = ("cat", "linear", "svd")
 # ---- mixed batches -------------------------------------------------------------------------------
 
 def _layer_stacks(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor, Tensor | None]:
-    """(slot of each adapter, Aᵀ, (scale·B)ᵀ, bias) of all the layer's adapters, stacked once.
+    """(slot of each adapter, A, (scale·B)ᵀ, bias) of all the layer's adapters, stacked once.
 
-    Slot 0 is all zeros (the base model). Aᵀ: (S, d_in, r_max) (an embedding's A: (S,
+    Slot 0 is all zeros (the base model). A: (S, r_max, d_in) (an embedding's Aᵀ: (S,
     num_embeddings, r_max)), (scale·B)ᵀ: (S, r_max, d_out), ranks zero-padded, in the layer's dtype,
     laid out so a gather by slot feeds `bmm` directly. Kept on the layer (``_lora_mixed_cache``) and
     rebuilt only when an adapter is added, removed or changed (`tensor_fingerprint`), so
@@ -63,7 +63,8 @@ def _layer_stacks(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor, Ten
             for i, n in enumerate(names, start=1):
                 if n in layer.lora_B_bias:
                     bias[i] = layer.lora_B_bias[n].detach() * layer.lora_specs[n].scale
-        A_all = A_all.transpose(1, 2).contiguous()  # (S, d_in, r): x·Aᵀ per row; an embedding indexes its rows
+        if layer.is_embedding:  # (S, num_embeddings, r): row i's A at its token ids
+            A_all = A_all.transpose(1, 2).contiguous()
         B_all = B_all.transpose(1, 2).contiguous()  # (S, r, d_out)
     stacks = ({n: i for i, n in enumerate(names, start=1)}, A_all, B_all, bias)
     layer.__dict__["_lora_mixed_cache"] = (key, stacks)
@@ -126,7 +127,7 @@ class _RowAdapters:
         return self.slots.repeat_interleave(n // b)
 
     def _rows(self, slots: Tensor, dtype: torch.dtype, math_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Per-row Aᵀ (n, d_in, r) (an embedding: its whole stack), (scale·B)ᵀ (n, r, d_out), bias (n, 1, d_out).
+        """Per-row A (n, r, d_in) (an embedding: its whole stack), (scale·B)ᵀ (n, r, d_out), bias (n, 1, d_out).
 
         Rounded to the activations' `dtype` (as the one-adapter path rounds them), held in `math_dtype`.
         Kept for the block's next calls with as many rows (generate's decode steps, where the gather
@@ -162,7 +163,7 @@ class _RowAdapters:
         else:
             dtype = lora_math_dtype(x)  # fp32 at decode steps of a bf16 model, as the one-adapter path
             A, B, bias = self._rows(slots, x.dtype, dtype)
-            h = torch.bmm(x.reshape(b, -1, x.shape[-1]).to(dtype), A)  # (b, T, r_max)
+            h = skinny(x.reshape(b, -1, x.shape[-1]).to(dtype), A)  # (b, T, r_max): row i's x·Aᵢᵀ, batched
         out3 = out.reshape(b, -1, out.shape[-1])
         recording = torch.is_grad_enabled() and out.requires_grad
         if dtype != out.dtype:  # the fp32 update added and rounded once
