@@ -46,13 +46,16 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}")
-    activate(model, names, merged=any(layer.merged_adapters for _, layer in lora_layers(model)))
+    activate(model, names)
 
 
-def activate(model: nn.Module, names: list[str], merged: bool) -> None:
-    """Make `names` the active adapters, merged into the base weights or not (all checks before any change)."""
+def activate(model: nn.Module, names: list[str], merged: bool | None = None) -> None:
+    """Make `names` the active adapters, merged into the base weights or not (None: merged if the model is
+    merged now); all checks before any change."""
     state = get_state(model)
     check_not_mixed(model, "change the active adapters")
+    if merged is None:
+        merged = any(layer.merged_adapters for _, layer in lora_layers(model))
     if merged:
         check_mergeable(model, names)
     heads: list[tuple[SavedModule, str | None]] = []

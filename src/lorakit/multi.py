@@ -389,5 +389,5 @@ def combine_adapters(
         raise
     state.adapters[name] = AdapterRecord(config=config, layers=[path for path, *_ in computed])
     # keep the active set as it was (add_adapter activated `name`), even when it is empty
-    activate(model, list(state.active), merged=any(layer.merged_adapters for _, layer in lora_layers(model)))
+    activate(model, list(state.active))
     return model

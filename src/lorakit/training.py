@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import baselines
 from .adapters import adapter_parameters
-from .checkpoint import atomic_write_bytes, save_adapter
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, save_adapter
 from .config import LoraConfig
 from .data import IGNORE_INDEX, collate, encode_causal, encode_classification
 from .injection import HEAD_NAMES, inject
@@ -53,7 +53,8 @@ RESUME_FIELDS = ("task", "method", "r", "alpha", "dropout", "target_modules", "i
                  "epochs", "batch_size", "grad_accum", "max_length", "warmup", "schedule", "weight_decay", "max_grad_norm",
                  "seed", "precision", "use_chat_template", "modules_to_save")
 #: Files a finished run leaves in its output folder (LoRA, full fine-tuning, the other methods): a new run never overwrites them.
-ARTEFACTS = ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "trainable.safetensors")
+FULL_MODEL_FILE = "model.safetensors"
+ARTEFACTS = (CONFIG_NAME, WEIGHTS_NAME, FULL_MODEL_FILE, baselines.TRAINABLE_FILE)
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -202,7 +203,7 @@ def _prepare_full(model: nn.Module, cfg: TrainConfig) -> None:
 def _save_full(model: nn.Module, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(out / "model.safetensors", st_save(_dedupe(tensors), metadata={"format": "pt"}))
+    atomic_write_bytes(out / FULL_MODEL_FILE, st_save(_dedupe(tensors), metadata={"format": "pt"}))
 
 
 def _dedupe(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
