@@ -126,6 +126,10 @@ def test_a_saved_classification_head_keeps_its_size_unless_asked_otherwise(tmp_p
     model = load_model(model_dir, "classification", label_names=["neg", "pos"])[0]
     assert model.classifier.out_features == 2 and model.config.id2label == {0: "neg", 1: "pos"}
     assert "has a classification head with 3 classes: a new head with 2 is initialised" in caplog.text
+    for kwargs, message in ((dict(num_labels=0), "num_labels must be a positive integer"),
+                            (dict(label_names=[]), "label_names is empty")):
+        with pytest.raises(ValueError, match=message):
+            load_model(model_dir, "classification", **kwargs)
     with pytest.raises(ValueError, match=r"2 label names \['neg', 'pos'\] but num_labels=3"):
         load_model(model_dir, "classification", num_labels=3, label_names=["neg", "pos"])
     (tmp_path / "three" / "tokenizer.json").unlink()

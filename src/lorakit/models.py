@@ -166,6 +166,10 @@ TOKENIZER_FILES = ("tokenizer*", "vocab*", "*.model", "merges.txt")  # tokenizer
 def _head_kwargs(config: Any, num_labels: int | None, label_names: list[str] | None, name: str) -> dict[str, Any]:
     """from_pretrained arguments of a classification head: keep the checkpoint's own unless asked for another size."""
     has_head = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+        raise ValueError(f"num_labels must be a positive integer (the number of classes), got {num_labels!r}")
+    if label_names is not None and not label_names:
+        raise ValueError("label_names is empty: give one name per class in class-id order, e.g. ['neg', 'pos']")
     if label_names is not None and num_labels is not None and len(label_names) != num_labels:
         raise ValueError(f"{len(label_names)} label names {label_names} but num_labels={num_labels}: give one name per class")
     wanted = num_labels or (len(label_names) if label_names else None) or (config.num_labels if has_head else 2)
