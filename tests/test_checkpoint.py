@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -407,3 +408,47 @@ def test_adapter_of_another_architecture_is_refused_and_model_unchanged(tmp_path
         lorakit.load_adapter(model, tmp_path)
     _assert_same(before, _snapshot(model))
     assert "_lorakit" not in model.__dict__
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("r", "four", "r must be a positive integer, got 'four'"),
+    ("r", 4.7, "r must be a positive integer, got 4.7"),
+    ("r", None, "r must be a positive integer, got None"),
+    ("lora_alpha", None, "lora_alpha must be a positive number, got None"),
+    ("lora_dropout", "abc", "lora_dropout must be a number in"),
+    ("rank_pattern", ["x"], "rank_pattern must be an object"),
+    ("layers_to_transform", "0", "layers must be a block index"),
+])
+def test_config_field_of_the_wrong_kind_names_the_folder_and_field(saved, key, value, message):
+    fields = json.loads((saved / "adapter_config.json").read_text())
+    fields[key] = value
+    (saved / "adapter_config.json").write_text(json.dumps(fields))
+    model = tiny_llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=re.escape(str(saved))) as info:
+        lorakit.load_adapter(model, saved)
+    assert message in str(info.value)
+    _assert_same(before, _snapshot(model))
+
+
+@pytest.mark.parametrize("header", ['{"r": 8, "new_field": 1}', "{not json", "[1]"])
+def test_unreadable_or_newer_lorakit_header_copy_falls_back_to_adapter_config_json(saved, header, caplog):
+    """adapter_config.json is authoritative: a damaged or newer header copy costs only a warning."""
+    file = saved / "adapter_model.safetensors"
+    want = logits(lorakit.load_adapter(tiny_llama(), saved), torch.tensor([[1, 5, 9, 3]]))
+    save_file(load_file(file), file, metadata={"format": "pt", "lorakit_config": header})
+    model = lorakit.load_adapter(tiny_llama(), saved)
+    assert torch.equal(logits(model, torch.tensor([[1, 5, 9, 3]])), want)
+    assert "lorakit config" in caplog.text
+
+
+def test_save_adapter_bad_dtype_or_file_path_is_a_clear_error_and_home_is_expanded(saved, tmp_path, monkeypatch):
+    model = _trained("llama")
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        lorakit.save_adapter(model, tmp_path / "x", dtype="fp16")
+    with pytest.raises(FileExistsError, match="is a file; save_adapter writes a folder"):
+        lorakit.save_adapter(model, saved / "adapter_config.json")
+    assert not (tmp_path / "x").exists()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert lorakit.save_adapter(model, "~/home_adapter") == tmp_path / "home_adapter"
+    assert (tmp_path / "home_adapter" / "adapter_config.json").is_file()

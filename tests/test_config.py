@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -74,3 +75,28 @@ def test_replace_validates_and_to_dict_round_trips():
 def test_module_name_fields_of_the_wrong_type_are_refused(field, value):
     with pytest.raises(ValueError, match=f"{field} must be a list of module names"):
         LoraConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("use_rslora", "false", "use_rslora must be True or False"),
+    ("lora_bias", "no", "lora_bias must be True or False"),
+    ("layers", "0", "layers must be a block index"),
+    ("layers", 1.5, "layers must be a block index"),
+    ("layers", [0, "1"], "layers must be a block index"),
+    ("layers_pattern", 3, "layers_pattern must be a module name"),
+    ("rank_pattern", ["q"], "rank_pattern must be a dict"),
+    ("alpha_pattern", "q", "alpha_pattern must be a dict"),
+    ("base_model_name_or_path", 7, "base_model_name_or_path must be a string"),
+])
+def test_fields_of_the_wrong_type_are_refused_at_construction(field, value, message):
+    """bool("false") is True: a string flag would silently switch rsLoRA on and then write an unloadable file."""
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**{field: value})
+
+
+def test_numpy_integers_are_plain_ints_after_construction():
+    np = pytest.importorskip("numpy")
+    cfg = LoraConfig(r=np.int64(8), layers=[np.int64(1), 2], rank_pattern={"q": 4})
+    assert type(cfg.r) is int and cfg.layers == [1, 2] and all(type(i) is int for i in cfg.layers)
+    json.dumps(cfg.to_dict())  # what save_adapter writes
+    assert LoraConfig(layers=np.int32(3)).layers == 3

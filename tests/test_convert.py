@@ -155,3 +155,26 @@ def test_inspect_adapter_api_matches_the_folder(tmp_path: Path) -> None:
     info = inspect_adapter(tmp_path)
     assert len(info.layers) == 14 and {layer.r for layer in info.layers} == {8}
     assert all(layer.scale == pytest.approx(32 / 8**0.5) for layer in info.layers)
+
+
+@pytest.mark.parametrize("key, value", [("lora_alpha", None), ("r", None), ("r", "abc"), ("alpha_pattern", {"q_proj": "x"})])
+def test_inspect_reports_a_damaged_config_instead_of_crashing(tmp_path, capsys, key, value):
+    lorakit.save_adapter(lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, alpha=8)), tmp_path)
+    fields = json.loads((tmp_path / "adapter_config.json").read_text())
+    fields[key] = value
+    (tmp_path / "adapter_config.json").write_text(json.dumps(fields))
+    assert main(["convert", "inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "lorakit      refuses it: " in out and key in out.split("refuses it: ")[1]
+
+
+def test_inspect_does_not_promise_a_load_for_files_without_lora_tensors_or_prefix(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lorakit.save_adapter(lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, alpha=8)), tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    save_file({k.removeprefix("base_model.model."): v for k, v in tensors.items()}, file)
+    assert "lack PEFT's 'base_model.model.' prefix" in inspect_adapter(tmp_path).loadable
+    save_file({"other": torch.zeros(2)}, file)
+    assert "no LoRA tensors" in inspect_adapter(tmp_path).loadable

@@ -309,3 +309,121 @@ def test_gaussian_init_as_the_paper():
     kaiming = nn.Sequential(nn.Linear(512, 512))
     lorakit.inject(kaiming, lorakit.LoraConfig(r=16, target_modules=["0"]))
     assert kaiming[0].lora_A["default"].abs().max() <= 1 / math.sqrt(512)
+
+
+# ---- layers and owners LoRA cannot change (verifier round 2026-12-02) ---------------------------------
+
+@pytest.mark.parametrize("make, target", [
+    (lambda: nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), "linear1"),
+    (lambda: nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), "self_attn.out_proj"),
+    (lambda: nn.Sequential(nn.Embedding(20, 8, sparse=True)), "0"),
+    (lambda: nn.Sequential(nn.Embedding(20, 8, max_norm=1.0)), "0"),
+])
+def test_layers_whose_forward_is_bypassed_or_unfit_are_refused(make, target):
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"target '{target}' cannot carry LoRA"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=[target]))
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_all_linear_skips_the_fused_encoder_layer_and_adapts_the_rest():
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), nn.Linear(16, 16), nn.Linear(16, 3))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules="all-linear"))
+    assert [p for p, m in model.named_modules() if isinstance(m, LoraLayer)] == ["1", "2"]
+
+
+def test_fused_slices_with_lora_bias_leave_the_unadapted_slice_alone():
+    """enable_lora [q, -, v] + lora_bias: k's output never changes and its bias entries get no gradient."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 12)
+    model = nn.Sequential(layer)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"], enable_lora={"0": [True, False, True]}, lora_bias=True))
+    randomize_adapters(model, std=0.5)
+    x = torch.randn(5, 8)
+    base_k = nn.functional.linear(x, layer.weight, layer.bias)[:, 4:8]
+    out = model(x)
+    assert torch.equal(out[:, 4:8], base_k)
+    out.square().sum().backward()
+    grad = layer.lora_B_bias["default"].grad
+    assert torch.equal(grad[4:8], torch.zeros(4)) and grad[:4].abs().sum() > 0 and grad[8:].abs().sum() > 0
+    unmerged = model(x).detach()
+    lorakit.merge(model)
+    torch.testing.assert_close(model(x), unmerged, atol=1e-6, rtol=0)
+
+
+def test_second_order_gradients_through_the_fused_layer_match_plain_autograd():
+    """create_graph=True (Hessian-vector products) replays the layer in plain ops: same as torch.func's HVP."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0", "2"]))
+    randomize_adapters(model, std=0.3)
+    x = torch.randn(4, 6, requires_grad=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    vec = [torch.randn_like(p) for p in params]
+    grads = torch.autograd.grad(model(x).square().sum(), params, create_graph=True)
+    hvp = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vec)), params)
+
+    def loss(ps):
+        return torch.func.functional_call(model, ps, (x.detach(),)).square().sum()
+
+    primal = {n: p.detach() for n, p in zip(names, params)}
+    _, ref = torch.func.jvp(torch.func.grad(loss), (primal,), ({n: v for n, v in zip(names, vec)},))
+    for n, h in zip(names, hvp):
+        torch.testing.assert_close(h, ref[n], atol=1e-5, rtol=1e-5)
+
+
+def test_torch_func_and_forward_mode_ad_work_on_lora_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
+    randomize_adapters(model, std=0.3)
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    x = torch.randn(3, 6)
+    per_sample = torch.func.vmap(
+        torch.func.grad(lambda ps, xi: torch.func.functional_call(model, ps, (xi[None],)).sum()), in_dims=(None, 0)
+    )(params, x)
+    for i in range(3):
+        model.zero_grad()
+        model(x[i : i + 1]).sum().backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(per_sample[n][i], p.grad)
+    tangent = torch.randn(3, 6)
+    _, jvp = torch.func.jvp(model, (x,), (tangent,))
+    eps = 1e-3
+    torch.testing.assert_close(jvp, (model(x + eps * tangent) - model(x - eps * tangent)) / (2 * eps), atol=1e-3, rtol=1e-3)
+
+
+def test_bf16_output_at_init_equals_the_base_layer_for_non_contiguous_input():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5).bfloat16()
+    x = torch.randn(2, 6, 7).bfloat16().transpose(1, 2)
+    expected = layer(x)
+    model = nn.Sequential(layer)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert torch.equal(model(x), expected)
+
+
+def test_meta_device_model_gets_real_adapters_from_init_adapters():
+    from conftest import tiny_llama
+
+    base = tiny_llama()
+    with torch.device("meta"):
+        model = type(base)(base.config)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8))
+    model.to_empty(device="cpu")
+    model.load_state_dict(base.state_dict(), strict=False)
+    for name, buf in model.named_buffers():  # non-persistent (rotary tables): not in the state dict
+        buf.copy_(dict(base.named_buffers())[name])
+    lorakit.init_adapters(model)
+    model.eval()
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)  # B = 0 again, so the base model's output
+    A = model.model.layers[0].self_attn.q_proj.lora_A["default"]
+    assert A.abs().sum() > 0 and torch.isfinite(A).all()

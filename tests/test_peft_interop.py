@@ -420,3 +420,66 @@ def test_combine_linear_matches_peft_add_weighted_adapter():
     for path, module in peft_model.base_model.model.named_modules():
         if path in layers:
             torch.testing.assert_close(module.get_delta_weight("lin"), layers[path].delta_weight("lin"), atol=1e-6, rtol=1e-5)
+
+
+# ---- configs PEFT must read as lorakit meant them (verifier round 2026-12-02) -----------------------
+
+class _TopLevelBlocks(nn.Module):
+    """Blocks at the top level of the path (``layers.1.q``): PEFT's layer-index regex wants a dot before ``layers``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(8, 8), "v": nn.Linear(8, 8)}) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layers:
+            x = block["v"](torch.tanh(block["q"](x)))
+        return x
+
+
+@pytest.mark.parametrize("build, cfg", [
+    (tiny_llama, dict(target_modules=["down_proj"], alpha_pattern={r"model\.layers\.1\.mlp\.down_proj": 64, "down_proj": 4})),
+    (tiny_llama, dict(target_modules=["down_proj"], rank_pattern={r"model\.layers\.1\.mlp\.down_proj": 8, "down_proj": 2})),
+    (tiny_gpt2, dict(target_modules=["c_attn"], enable_lora={"c_attn": [True, False, True]}, alpha_pattern={"c_attn": 16})),
+    (tiny_gpt2, dict(target_modules=["c_attn"], enable_lora={"c_attn": [True, False, True]}, rank_pattern={"c_attn": 2})),
+    (tiny_llama, dict(target_modules="all-linear", layers=[1])),
+    (tiny_llama, dict(target_modules=r".*\.q_proj", layers=[1])),
+    (tiny_llama, dict(target_modules=["q_proj"], layers_pattern="layers")),
+    (_TopLevelBlocks, dict(target_modules=["q"], layers=[1])),
+], ids=["overlapping-alpha", "overlapping-rank", "fused+alpha", "fused+rank", "all-linear+layers", "regex+layers",
+        "pattern-only", "top-level-blocks"])
+def test_lorakit_configs_peft_reads_differently_or_refuses_now_load_with_equal_outputs(build, cfg, tmp_path):
+    torch.manual_seed(0)
+    model = lorakit.inject(build(), lorakit.LoraConfig(r=4, alpha=8, **cfg))
+    _randomize(list(lorakit.adapter_parameters(model).values()))
+    x = torch.randn(2, 8) if build is _TopLevelBlocks else torch.randint(0, 128, (2, 7))
+    run = (lambda m: m(x).detach()) if build is _TopLevelBlocks else (lambda m: logits(m, x))
+    want = run(model)
+    lorakit.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
+    assert _max_diff(run(theirs), want) <= TOL
+    again = lorakit.load_adapter(build(), tmp_path)
+    assert _max_diff(run(again), want) <= TOL
+
+
+def test_peft_modules_to_save_plain_suffix_rule_is_followed(tmp_path, input_ids):
+    """PEFT saves every module whose path ends with the name ("norm" also takes input_layernorm)."""
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"]))
+    _randomize([p for p in pm.parameters() if p.requires_grad])
+    want = logits(pm.eval(), input_ids)
+    pm.save_pretrained(tmp_path)
+    model = lorakit.load_adapter(tiny_llama(), tmp_path)
+    assert _max_diff(logits(model, input_ids), want) <= TOL
+
+
+def test_adapter_keys_with_the_adapter_name_in_them_load(tmp_path, input_ids):
+    from safetensors.torch import load_file, save_file
+
+    pm = _peft_model(CASES["llama_qv"], "default")
+    want = logits(pm, input_ids)
+    pm.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in load_file(file).items()}, file)
+    model = lorakit.load_adapter(tiny_llama(), tmp_path)
+    assert _max_diff(logits(model, input_ids), want) <= TOL

@@ -258,6 +258,24 @@ def summary(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
+def init_adapters(model: nn.Module, adapter: str | None = None) -> None:
+    """Initialise adapter `adapter` (default: every adapter) as `inject` does: A random, B zero.
+
+    For models built on the meta device: ``inject`` there, ``model.to_empty(device=...)``, load the
+    base weights, then call this (``to_empty`` leaves the adapters uninitialised memory).
+    """
+    state = get_state(model)
+    names = [resolve_adapter(model, adapter)] if adapter is not None else list(state.adapters)
+    for _, layer in lora_layers(model):
+        for name in names:
+            if name in layer.lora_specs:
+                if name in layer.merged_adapters:
+                    raise ValueError(f"adapter {name!r} is merged into the base weights: lorakit.unmerge(model) first")
+                if layer.lora_A[name].is_meta:
+                    raise ValueError(f"adapter {name!r} is still on the meta device: call model.to_empty(device=...) first")
+                layer.reset_adapter(name, state.adapters[name].config.init)
+
+
 @torch.no_grad()
 def randomize_adapters(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
     """Fill every A and B with small random values (B is zero after init): for tests and demos of merging."""

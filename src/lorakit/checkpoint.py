@@ -9,10 +9,12 @@ loading checks every key and shape before it touches the model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from .adapters import PREFIX, activate, adapter_state_dict, peft_param_name
 from .config import LoraConfig
 from .functional import compress_sliced_B
-from .injection import inject, plan, resolve_config
+from .injection import inject, plan, resolve_config, saved_name_matches
 from .layers import adapter_shapes, is_conv1d_gpt2
 from .saved import base_of, saved_copy
 from .state import DEFAULT_ADAPTER, check_adapter_name, get_state, lora_layers, resolve_adapter
@@ -85,7 +87,12 @@ def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
     rank_pattern.update(cfg.rank_pattern)
     alpha_pattern.update(cfg.alpha_pattern)
     base = cfg.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return {
+    targets, layers, layers_pattern = cfg.target_modules, cfg.layers, cfg.layers_pattern
+    if layers is not None or layers_pattern:
+        # PEFT refuses layers_to_transform beside a regex or "all-linear", layers_pattern without layers, and
+        # finds no block index at the top level of a path ("layers.1.q"): name the adapted modules instead
+        targets, layers, layers_pattern = list(record.layers), None, None
+    fields = {
         "peft_type": "LORA",
         "task_type": None,
         # what PEFT writes without a task type: AutoPeftModel builds the base from this class and `base_model_name_or_path`
@@ -94,10 +101,10 @@ def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": cfg.target_modules,
+        "target_modules": targets,
         "exclude_modules": cfg.exclude_modules,
-        "layers_to_transform": cfg.layers,
-        "layers_pattern": cfg.layers_pattern,
+        "layers_to_transform": layers,
+        "layers_pattern": layers_pattern,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": cfg.bias,
@@ -109,6 +116,7 @@ def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
         "use_dora": False,
         "inference_mode": True,
     }
+    return dict(sorted(fields.items()))  # fields in key order; pattern dicts keep theirs (PEFT takes the first match)
 
 
 def _exact(path: str) -> str:
@@ -146,15 +154,15 @@ def from_peft_config(fields: dict[str, Any]) -> LoraConfig:
     for key in sorted(set(fields) - KNOWN_FIELDS - set(UNSUPPORTED_FIELDS)):
         log.debug("ignoring adapter_config.json field %s=%r (does not change the math)", key, fields[key])
     return LoraConfig(
-        r=int(fields.get("r", 8)),
-        alpha=fields.get("lora_alpha", 8),
-        dropout=float(fields.get("lora_dropout") or 0.0),
+        r=_field(fields, "r", 8, _integer, "a positive integer"),
+        alpha=_field(fields, "lora_alpha", 8, float, "a positive number"),
+        dropout=_field(fields, "lora_dropout", 0.0, float, "a number in [0, 1)"),
         target_modules=fields.get("target_modules"),
         exclude_modules=fields.get("exclude_modules"),
         layers=fields.get("layers_to_transform"),
         layers_pattern=fields.get("layers_pattern"),
-        rank_pattern=dict(fields.get("rank_pattern") or {}),
-        alpha_pattern=dict(fields.get("alpha_pattern") or {}),
+        rank_pattern=_field(fields, "rank_pattern", {}, _mapping, "an object of module regex -> rank"),
+        alpha_pattern=_field(fields, "alpha_pattern", {}, _mapping, "an object of module regex -> alpha"),
         bias=fields.get("bias", "none"),
         init="gaussian" if init == "gaussian" else "kaiming",
         use_rslora=_flag(fields, "use_rslora"),
@@ -162,6 +170,32 @@ def from_peft_config(fields: dict[str, Any]) -> LoraConfig:
         lora_bias=_flag(fields, "lora_bias"),
         base_model_name_or_path=fields.get("base_model_name_or_path"),
     )
+
+
+NON_NULL_FIELDS = ("r", "lora_alpha")  # PEFT always writes them; a null is a damaged file, not "the default"
+
+
+def _field(fields: dict[str, Any], key: str, default: Any, convert: Any, what: str) -> Any:
+    """Field `key` of adapter_config.json through `convert` (`default` when absent or null); an error naming it otherwise."""
+    value = fields.get(key)
+    if value is None and (key not in fields or key not in NON_NULL_FIELDS):
+        return default
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"adapter_config.json: {key} must be {what}, got {value!r}; fix the file") from None
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(value)  # 4.7 is no rank (int() would truncate it)
+    return int(value)
+
+
+def _mapping(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(value)
+    return dict(value)
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -207,6 +241,11 @@ def save_adapter(
     `dtype` (e.g. ``torch.float16``) stores the tensors in another precision; default: as trained.
     """
     name = resolve_adapter(model, adapter)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.float16 or torch.bfloat16, got {dtype!r}")
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{str(folder)!r} is a file; save_adapter writes a folder: pass a folder path")
     tensors = {}
     for key, t in adapter_state_dict(model, name).items():
         if t.is_meta:
@@ -215,9 +254,8 @@ def save_adapter(
         tensors[key] = t.contiguous().clone()
     cfg = get_state(model).adapters[name].config
     metadata = {"format": "pt", METADATA_KEY: json.dumps(cfg.to_dict())}
-    folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    config_text = json.dumps(to_peft_config(model, name), indent=2, sort_keys=True) + "\n"
+    config_text = json.dumps(to_peft_config(model, name), indent=2) + "\n"
     atomic_write_files({folder / WEIGHTS_NAME: _sorted_metadata(st_save(tensors, metadata=metadata)),
                         folder / CONFIG_NAME: config_text.encode()})
     return folder
@@ -246,17 +284,39 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Ten
     cannot express (``enable_lora`` slices); an edited JSON wins, with a warning.
     """
     fields, tensors, metadata = read_adapter_files(path)
+    return fields, tensors, config_of(path, fields, metadata)
+
+
+def config_of(path: str | os.PathLike, fields: dict[str, Any], metadata: dict[str, str]) -> LoraConfig:
+    """The `LoraConfig` of an adapter folder from its config fields and safetensors metadata (see `read_adapter`)."""
     try:
         cfg = from_peft_config(fields)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     except (TypeError, AttributeError) as e:
         raise ValueError(f"{path}: adapter_config.json has a field of the wrong type ({e}); compare it with PEFT's LoraConfig") from e
     if METADATA_KEY in metadata:
-        saved = LoraConfig(**json.loads(metadata[METADATA_KEY]))
-        if _same_for_peft(saved, cfg):
-            return fields, tensors, saved.replace(base_model_name_or_path=cfg.base_model_name_or_path)
+        saved = _saved_config(path, metadata[METADATA_KEY])
+        if saved is not None and _same_for_peft(saved, cfg):
+            return saved.replace(base_model_name_or_path=cfg.base_model_name_or_path)
         log.warning("%s: adapter_config.json differs from the config lorakit saved with the weights; "
                     "using adapter_config.json, as PEFT does", path)
-    return fields, tensors, cfg
+    return cfg
+
+
+def _saved_config(path: str | os.PathLike, text: str) -> LoraConfig | None:
+    """lorakit's own config from the safetensors header, or None (with a warning) when it cannot be read:
+    adapter_config.json is authoritative, so a damaged or newer copy only loses what PEFT's fields cannot say."""
+    try:
+        fields = json.loads(text)
+        known = {f.name for f in dataclasses.fields(LoraConfig)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            log.warning("%s: ignoring %s in the weights' lorakit config (written by a newer lorakit?)", path, unknown)
+        return LoraConfig(**{k: v for k, v in fields.items() if k in known})
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        log.warning("%s: the lorakit config in the weights' header cannot be read (%s); using adapter_config.json", path, e)
+        return None
 
 
 def _same_for_peft(saved: LoraConfig, from_json: LoraConfig) -> bool:
@@ -265,8 +325,12 @@ def _same_for_peft(saved: LoraConfig, from_json: LoraConfig) -> bool:
     Fused slices (`enable_lora`) are written as dense rank_pattern / alpha_pattern entries, so the
     JSON patterns may hold more keys than `saved`'s when `saved` has slices.
     """
-    plain = ("r", "dropout", "target_modules", "exclude_modules", "layers", "layers_pattern", "bias", "lora_bias",
-             "init", "use_rslora", "modules_to_save")
+    plain = ("r", "dropout", "exclude_modules", "bias", "lora_bias", "init", "use_rslora", "modules_to_save")
+    if saved.layers is not None or saved.layers_pattern:  # written as the list of adapted modules (`to_peft_config`)
+        if from_json.layers is not None or from_json.layers_pattern:
+            return False
+    else:
+        plain += ("target_modules", "layers", "layers_pattern")
     if any(getattr(saved, k) != getattr(from_json, k) for k in plain) or float(saved.alpha) != float(from_json.alpha):
         return False
     for name in ("rank_pattern", "alpha_pattern"):
@@ -283,7 +347,7 @@ def read_adapter_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[st
 
     Unlike `read_adapter` it does not judge the config, so a tool can inspect adapters lorakit cannot load.
     """
-    folder = Path(path)
+    folder = Path(path).expanduser()
     if folder.is_file():
         raise FileNotFoundError(f"{str(folder)!r} is a file; pass the adapter folder that holds it ({str(folder.parent)!r})")
     if not folder.is_dir():
@@ -419,6 +483,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
         raise ValueError(f"adapter {adapter!r} is already on the model; load with adapter='<another name>'")
     tensors = _fold_wrapper_keys(model, cfg, tensors)
     expected, optional = _expected(model, cfg, adapter)
+    tensors = _without_adapter_names(tensors, expected)
     _check_fit(expected, optional, tensors, str(path))
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -474,6 +539,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     return model
 
 
+_NAMED_KEY = re.compile(r"^(?P<stem>.+\.(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B))\.(?P<name>[^.]+)(?P<leaf>\.weight|\.bias)?$")
+
+
+def _without_adapter_names(tensors: dict[str, Tensor], expected: Expected) -> dict[str, Tensor]:
+    """Keys written with the adapter's name in them (``…lora_A.default.weight``, as in a model's own
+    state dict) under the names the file format uses (``…lora_A.weight``); PEFT loads both."""
+    out = {}
+    for key, t in tensors.items():
+        match = _NAMED_KEY.match(key)
+        plain = f"{match['stem']}{match['leaf'] or ''}" if match and match["name"] not in ("weight", "bias") else key
+        out[plain if plain in expected and plain not in tensors else key] = t
+    return out
+
+
 def _fold_wrapper_keys(model: nn.Module, cfg: LoraConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Drop the wrapper-internal copies PEFT writes for a saved module when ``bias="all"`` also collects them.
 
@@ -509,7 +588,7 @@ def _as_peft_resolves(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
     if isinstance(cfg.target_modules, list) and present(cfg.target_modules):
         changes["target_modules"] = present(cfg.target_modules)
     if cfg.modules_to_save:
-        changes["modules_to_save"] = present(cfg.modules_to_save) or None
+        changes["modules_to_save"] = [n for n in cfg.modules_to_save if any(saved_name_matches(p, n) for p in paths)] or None
     dropped = {k: sorted(set(getattr(cfg, k) or []) - set(v or [])) for k, v in changes.items()}
     for key, names in dropped.items():
         if names:

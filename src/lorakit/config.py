@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,8 +71,24 @@ class LoraConfig:
                     or isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise ValueError(f"{name} must be a list of module names{', a regex string' if name != 'modules_to_save' else ''} "
                                  f"or None, got {value!r}")
-        _check_rank("r", self.r)
+        for name in ("rank_pattern", "alpha_pattern", "enable_lora"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict of module-path regex -> value, got {getattr(self, name)!r}")
+        self.r = _check_rank("r", self.r)
         _check_alpha("alpha", self.alpha)
+        for name in ("use_rslora", "lora_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (self.layers is None or _is_int(self.layers)
+                or isinstance(self.layers, (list, tuple)) and all(_is_int(i) for i in self.layers)):
+            raise ValueError(f"layers must be a block index or a list of block indices (ints), got {self.layers!r}")
+        if self.layers is not None:  # plain ints (numpy integers are not JSON)
+            self.layers = int(self.layers) if _is_int(self.layers) else [int(i) for i in self.layers]
+        if not (self.layers_pattern is None or isinstance(self.layers_pattern, str)
+                or isinstance(self.layers_pattern, list) and all(isinstance(v, str) for v in self.layers_pattern)):
+            raise ValueError(f"layers_pattern must be a module name or a list of them, got {self.layers_pattern!r}")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise ValueError(f"base_model_name_or_path must be a string or None, got {self.base_model_name_or_path!r}")
         for key, value in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
@@ -139,9 +156,15 @@ def _check_regex(name: str, pattern: str) -> None:
         ) from None
 
 
-def _check_rank(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_rank(name: str, value: Any) -> int:
+    """`value` as a plain int (numpy integers accepted), or a ValueError naming `name`."""
+    if not _is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _check_alpha(name: str, value: Any) -> None:

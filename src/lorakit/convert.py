@@ -4,6 +4,7 @@ same adapter in another file layout (legacy ``adapter_model.bin`` -> safetensors
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -22,7 +23,7 @@ from .checkpoint import (
     WEIGHTS_NAME,
     _sorted_metadata,
     atomic_write_bytes,
-    from_peft_config,
+    config_of,
     read_adapter_files,
 )
 from .config import LoraConfig, match_pattern_key
@@ -55,8 +56,8 @@ class AdapterInfo:
     written_by: str
     base_model: str | None
     peft_type: str
-    r: int
-    alpha: float
+    r: int | str  # a damaged config's value as written (`loadable` says why)
+    alpha: float | str
     use_rslora: bool
     target_modules: Any
     layers: list[LayerInfo]
@@ -65,7 +66,7 @@ class AdapterInfo:
     dtypes: dict[str, int]  # dtype -> number of tensors
     modules_to_save: list[str] | None
     lora_bias: bool
-    loadable: str  # "yes", or why lorakit refuses it
+    loadable: str  # "yes" (config and tensor names fine; shapes are checked against a model at load), or why not
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -86,7 +87,7 @@ class AdapterInfo:
         if self.peft_type.upper() == "LORA":  # rank and alpha mean nothing for other PEFT types (IA3, ...)
             lines += [
                 f"rank r       {self.r}" + (f"   per layer: {_counts(ranks)}" if set(ranks) - {self.r} else ""),
-                f"alpha        {self.alpha:g}" + (f"   per layer: {_counts(alphas)}" if set(alphas) - {self.alpha} else ""),
+                f"alpha        {_fmt(self.alpha)}" + (f"   per layer: {_counts(alphas)}" if set(alphas) - {self.alpha} else ""),
             ]
         lines += [
             f"targets      {self.target_modules}",
@@ -102,7 +103,8 @@ class AdapterInfo:
             lines.append(f"saved        modules_to_save={self.modules_to_save}")
         if self.lora_bias:
             lines.append("lora_bias    yes (B has a bias)")
-        lines.append(f"lorakit      {'loads it' if self.loadable == 'yes' else 'refuses it: ' + self.loadable}")
+        verdict = "loads it (config and key names checked here; shapes against the model when loading)"
+        lines.append(f"lorakit      {verdict if self.loadable == 'yes' else 'refuses it: ' + self.loadable}")
         return "\n".join(lines)
 
 
@@ -122,6 +124,23 @@ def _size(n: float) -> str:
     return f"{n / 1024:.1f} GiB"
 
 
+def _as_written(value: Any) -> int | float | str:
+    """A config number as written, or its JSON text when it is something else."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else json.dumps(value)
+
+
+def _fmt(value: int | float | str) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _number(value: Any) -> float:
+    """`value` as a float, NaN when a damaged config holds something else (inspect still reports the rest)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _weights_file(folder: Path) -> Path:
     return folder / WEIGHTS_NAME if (folder / WEIGHTS_NAME).is_file() else folder / LEGACY_WEIGHTS_NAME
 
@@ -131,9 +150,9 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
     folder = Path(path)
     fields, tensors, metadata = read_adapter_files(folder)
     try:
-        cfg = LoraConfig(**json.loads(metadata[METADATA_KEY])) if METADATA_KEY in metadata else from_peft_config(fields)
+        cfg: LoraConfig | None = config_of(folder, fields, metadata)
         loadable = "yes"
-    except (ValueError, TypeError) as e:
+    except ValueError as e:
         cfg, loadable = None, str(e)
     layers, lora_keys = [], set()
     for key, A in tensors.items():
@@ -149,13 +168,19 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
         if cfg is not None:
             alpha = cfg.alpha_for(module)
         else:
-            patterns = fields.get("alpha_pattern") or {}
+            patterns = fields.get("alpha_pattern")
+            patterns = patterns if isinstance(patterns, dict) else {}
             hit = match_pattern_key(patterns, module)
-            alpha = float(patterns[hit] if hit is not None else fields.get("lora_alpha", 8))
+            alpha = _number(patterns[hit] if hit is not None else fields.get("lora_alpha", 8))
         params = sum(tensors[k].numel() for k in keys)
         if fused:  # the dense B stores zero blocks for the slices that are not adapted
             params -= tensors[keys[1]].numel() * (len(fused) - 1) // len(fused)
         layers.append(LayerInfo(module, r, alpha, lora_scale(alpha, r, bool(fields.get("use_rslora"))), params, fused))
+    unprefixed = sorted(k for k in lora_keys if not k.startswith(PREFIX))
+    if loadable == "yes" and not layers:
+        loadable = "the weights file holds no LoRA tensors (no lora_A / lora_embedding_A keys)"
+    elif loadable == "yes" and unprefixed:
+        loadable = f"tensor keys lack PEFT's {PREFIX!r} prefix (e.g. {unprefixed[0]!r}); re-save them with it"
     weights = _weights_file(folder)
     return AdapterInfo(
         folder=str(folder),
@@ -164,8 +189,8 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
         written_by="lorakit" if METADATA_KEY in metadata else f"PEFT {fields.get('peft_version', '(version not recorded)')}",
         base_model=fields.get("base_model_name_or_path"),
         peft_type=str(fields.get("peft_type", "LORA")),
-        r=int(fields.get("r", 8)),
-        alpha=float(fields.get("lora_alpha", 8)),
+        r=cfg.r if cfg is not None else _as_written(fields.get("r", 8)),
+        alpha=float(cfg.alpha) if cfg is not None else _as_written(fields.get("lora_alpha", 8)),
         use_rslora=bool(fields.get("use_rslora", False)),
         target_modules=fields.get("target_modules"),
         layers=layers,

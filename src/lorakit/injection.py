@@ -127,9 +127,19 @@ def _layer_index(path: str, patterns: list[str] | str | None) -> int | None:
     return int(match.group("idx")) if match else None
 
 
+def saved_name_matches(path: str, name: str) -> bool:
+    """PEFT's `modules_to_save` rule: a plain suffix match (``"norm"`` also saves ``input_layernorm``), so
+    adapter files carry the same modules in both libraries."""
+    return path.endswith(name)
+
+
 def is_saved_module(path: str, modules_to_save: list[str] | None) -> bool:
     """Whether `path` is (inside) one of `modules_to_save`."""
-    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in modules_to_save)
+    if not modules_to_save:
+        return False
+    parts = path.split(".")
+    ancestors = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(saved_name_matches(a, m) for a in ancestors for m in modules_to_save)
 
 
 def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, strict: bool = True) -> list[Planned]:
@@ -174,6 +184,11 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
                 f"target {path!r} is a {type(module).__name__}; lorakit adapts nn.Linear, GPT-2 Conv1D, "
                 f"nn.Embedding and nn.Conv1d/2d/3d. {hint}"
             )
+        reason = _unadaptable(model, path, module)
+        if reason is not None:
+            if all_linear:  # every linear layer that LoRA can change
+                continue
+            raise ValueError(f"target {path!r} cannot carry LoRA: {reason}")
         if isinstance(module, LoraLayer) and adapter in module.lora_specs:
             raise ValueError(
                 f"adapter {adapter!r} is already injected (at {path!r}); pick another name with "
@@ -201,6 +216,21 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
             raise ValueError(f"lora_bias applies to linear and conv layers, not to the embedding {p.path!r}; exclude it")
         adapter_shapes(p.module, p.spec)  # raises for layouts lorakit cannot adapt (grouped convs), before any change
     return planned
+
+
+def _unadaptable(model: nn.Module, path: str, module: nn.Module) -> str | None:
+    """Why a supported layer type still cannot carry LoRA here (its owner or options bypass its forward), or None."""
+    if isinstance(module, nn.Embedding) and module.sparse:
+        return "it is an nn.Embedding(sparse=True), whose sparse gradients LoRA cannot use; build it with sparse=False"
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return ("it is an nn.Embedding(max_norm=...), which renormalises the looked-up rows in place, so "
+                "merged and unmerged outputs differ; set max_norm=None or target other layers")
+    parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    if isinstance(parent, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+        return (f"its owner {type(parent).__name__} reads the weights directly in PyTorch's fused attention/"
+                "encoder kernels, bypassing the layer's forward, so an adapter there would be silently ignored; "
+                "target linear layers of your own modules instead")
+    return None
 
 
 def _spec_for(module: nn.Module, path: str, cfg: LoraConfig) -> LoraSpec:
@@ -341,8 +371,11 @@ def _find_saved_modules(model: nn.Module, modules_to_save: list[str] | None) -> 
         return []
     wrapped = inner_paths(model)
     paths = [p for p, _ in model.named_modules() if p and p not in wrapped]
-    found = [p for p in paths if any(p == m or p.endswith("." + m) for m in modules_to_save)]
-    missing = [m for m in modules_to_save if not any(p == m or p.endswith("." + m) for p in found)]
+    found: list[str] = []
+    for p in paths:  # named_modules lists a parent before its children: keep the outermost match
+        if any(saved_name_matches(p, m) for m in modules_to_save) and not any(p.startswith(f + ".") for f in found):
+            found.append(p)
+    missing = [m for m in modules_to_save if not any(saved_name_matches(p, m) for p in found)]
     if missing:
         close = [c for m in missing for c in difflib.get_close_matches(m, paths, n=3, cutoff=0.5)]
         raise ValueError(f"modules_to_save {missing} matched no module; closest that exist: {close or paths[-5:]}")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -65,19 +66,29 @@ class LoraLayer:
         weight = self.weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         shapes = adapter_shapes(self, spec)
-        A = torch.zeros(shapes["lora_A"], dtype=dtype, device=weight.device)
-        B = torch.zeros(shapes["lora_B"], dtype=dtype, device=weight.device)
-        if self.is_embedding:  # PEFT's embedding layout: A zero, B random
-            if not B.is_meta:
-                nn.init.normal_(B)
-        else:
-            init_lora_A(A, init, spec.r)
-        self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(B)
+        self.lora_A[name] = nn.Parameter(torch.empty(shapes["lora_A"], dtype=dtype, device=weight.device))
+        self.lora_B[name] = nn.Parameter(torch.empty(shapes["lora_B"], dtype=dtype, device=weight.device))
         if spec.lora_bias:
-            self.lora_B_bias[name] = nn.Parameter(torch.zeros(shapes["lora_B_bias"], dtype=dtype, device=weight.device))
+            self.lora_B_bias[name] = nn.Parameter(torch.empty(shapes["lora_B_bias"], dtype=dtype, device=weight.device))
         self.lora_specs[name] = spec
+        self.reset_adapter(name, init)
         self.active_adapters.append(name)
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init: str = "kaiming") -> None:
+        """Initialise adapter `name` in place: A random per `init`, B (and its bias) zero; embeddings the other
+        way round (PEFT's layout). Also what a model built on the meta device needs after ``to_empty``."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        if A.is_meta:
+            return
+        if self.is_embedding:
+            A.zero_()
+            nn.init.normal_(B)
+        else:
+            init_lora_A(A, init, self.lora_specs[name].r)
+            B.zero_()
+        if name in self.lora_B_bias:
+            self.lora_B_bias[name].zero_()
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter `name` (unmerging it first) and free its tensors."""
@@ -103,6 +114,15 @@ class LoraLayer:
             enabled=list(spec.enabled) if spec.enabled is not None else None,
             embedding=self.is_embedding,
         )
+
+    def scaled_lora_bias(self, name: str) -> Tensor:
+        """scale · B's bias of adapter `name`, zero on the slices of a fused layer it does not adapt (those never train)."""
+        spec = self.lora_specs[name]
+        bias = self.lora_B_bias[name] * spec.scale
+        if spec.enabled is not None:
+            on = torch.tensor(spec.enabled, device=bias.device).repeat_interleave(bias.shape[0] // len(spec.enabled))
+            bias = bias * on
+        return bias
 
     # ---- merging ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -158,7 +178,7 @@ class LoraLayer:
             bias = self._buffers["lora_b0"].to(torch.float32, copy=True)
             for name in names:
                 if name in self.lora_B_bias:
-                    bias += self.lora_B_bias[name].float() * self.lora_specs[name].scale
+                    bias += self.scaled_lora_bias(name).float()
             self.bias.copy_(bias)
         self.merged_adapters = names
 
@@ -253,6 +273,7 @@ class _FrozenLinearLora(torch.autograd.Function):
     The tiny A, B are cast to x's dtype (never the activations); the LoRA term goes into the base
     GEMM's output in place, and backward adds scale·(g·B)·A into g·W0 in place, so no second (N, d)
     output and no (N, k) gradient sum. Saves x (A's gradient needs it), h = x·Aᵀ (N, r), A and scale·Bᵀ.
+    A backward that is itself recorded (``create_graph=True``) replays the layer in plain ops instead.
     """
 
     @staticmethod
@@ -260,22 +281,39 @@ class _FrozenLinearLora(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         Ac, Bs = _cast_factors(A, B, scale, x.dtype)
         h = skinny(x2, Ac)  # (N, r)
-        out = F.linear(x2, weight, bias).addmm_(h, Bs)  # (N, d)
-        ctx.save_for_backward(x2, weight, h, Ac, Bs)
-        ctx.scale, ctx.dtypes = scale, (A.dtype, B.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        out = F.linear(x, weight, bias)  # the base layer's own call: bit-equal to it for any input layout
+        out.view(-1, out.shape[-1]).addmm_(h, Bs)  # (N, d)
+        ctx.save_for_backward(x, weight, bias, A, B, h, Ac, Bs)
+        ctx.scale = scale
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x2, weight, h, Ac, Bs = ctx.saved_tensors
+        x, weight, bias, A, B, h, Ac, Bs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: second derivatives must see x, A and B themselves
+            return _replay_backward(ctx, grad, x, weight, bias, A, B)
+        x2 = x.reshape(-1, x.shape[-1])
         g = grad.reshape(-1, grad.shape[-1])  # (N, d)
         gh = skinny(g, Bs)  # (N, r): gradient of h, scale included
-        gx = (g @ weight).addmm_(gh, Ac).view(grad.shape[:-1] + (x2.shape[-1],)) if ctx.needs_input_grad[0] else None
-        gA = (gh.t() @ x2).to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None  # (r, k)
+        gx = (g @ weight).addmm_(gh, Ac).view(x.shape) if ctx.needs_input_grad[0] else None
+        gA = (gh.t() @ x2).to(A.dtype) if ctx.needs_input_grad[3] else None  # (r, k)
         gB = None
         if ctx.needs_input_grad[4]:  # (d, r): scale·gᵀ·h as (hᵀ·g)ᵀ (2x faster in both dtypes), scaled and cast in one pass
-            gB = torch.mul((h.t() @ g).t(), ctx.scale, out=torch.empty(g.shape[1], h.shape[1], dtype=ctx.dtypes[1], device=g.device))
+            gB = torch.mul((h.t() @ g).t(), ctx.scale, out=torch.empty(g.shape[1], h.shape[1], dtype=B.dtype, device=g.device))
         return gx, None, None, gA, gB, None
+
+
+def _replay_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> tuple:
+    """`_FrozenLinearLora`'s gradients as a recorded graph (Hessian-vector products, gradient penalties)."""
+    wanted = [i for i in (0, 3, 4) if ctx.needs_input_grad[i]]
+    inputs = {0: x, 3: A, 4: B}
+    with torch.enable_grad():
+        y = F.linear(x, weight, bias) + F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * ctx.scale
+        grads = torch.autograd.grad(y, [inputs[i] for i in wanted], grad, create_graph=True, allow_unused=True)
+    out: list[Tensor | None] = [None] * 6
+    for i, g in zip(wanted, grads):
+        out[i] = g
+    return tuple(out)
 
 
 class LoraLinearMixin(LoraLayer):
@@ -296,6 +334,8 @@ class LoraLinearMixin(LoraLayer):
             or (spec.dropout and self.training)  # the dropout mask costs what a separate node costs: generic path
             or x.is_meta
             or torch.is_autocast_enabled(x.device.type)  # autocast decides the GEMM dtype: leave it the base layer
+            or torch._C._are_functorch_transforms_active()  # torch.func (grad, vmap): plain ops compose with it
+            or forward_ad._current_level >= 0  # forward-mode AD: plain ops have their jvp rules
         ):
             return None
         params = self._parameters  # direct lookups: this runs once per layer per forward
@@ -308,12 +348,13 @@ class LoraLinearMixin(LoraLayer):
         x2 = x.reshape(-1, x.shape[-1])
         dtype = lora_math_dtype(x2)
         Ac, Bs = self._inference_factors(name, A, B, spec.scale, x.dtype, dtype)
-        out = F.linear(x2, weight, bias)
+        out = F.linear(x, weight, bias)
+        out2 = out.view(-1, out.shape[-1])
         if dtype == out.dtype:
-            out.addmm_(skinny(x2, Ac), Bs)  # (N, d)
+            out2.addmm_(skinny(x2, Ac), Bs)  # (N, d)
         else:
-            out.add_(skinny(x2.to(dtype), Ac) @ Bs)  # the fp32 update added and rounded once
-        return out.view(*x.shape[:-1], out.shape[-1])
+            out2.add_(skinny(x2.to(dtype), Ac) @ Bs)  # the fp32 update added and rounded once
+        return out
 
     def _inference_factors(
         self, name: str, A: Tensor, B: Tensor, scale: float, dtype: torch.dtype, math_dtype: torch.dtype
@@ -349,7 +390,7 @@ class LoraLinearMixin(LoraLayer):
         h = skinny(x2, A)  # (N, r), or (N, n_on·r) for fused slices
         out2 = out2.addmm(h, B.t(), alpha=spec.scale)  # (N, d): base + scale·B·A·x in one GEMM
         if name in self.lora_B_bias:
-            out2 = out2 + self.lora_B_bias[name].to(out2.dtype) * spec.scale
+            out2 = out2 + self.scaled_lora_bias(name).to(out2.dtype)
         return out2.view(out.shape)
 
 

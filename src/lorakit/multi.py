@@ -62,7 +62,7 @@ def _layer_stacks(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor, Ten
             bias = torch.zeros(len(names) + 1, d_out, dtype=dtype, device=device)
             for i, n in enumerate(names, start=1):
                 if n in layer.lora_B_bias:
-                    bias[i] = layer.lora_B_bias[n].detach() * layer.lora_specs[n].scale
+                    bias[i] = layer.scaled_lora_bias(n).detach()
         if layer.is_embedding:  # (S, num_embeddings, r): row i's A at its token ids
             A_all = A_all.transpose(1, 2).contiguous()
         B_all = B_all.transpose(1, 2).contiguous()  # (S, r, d_out)
@@ -310,7 +310,7 @@ def _combine_layer(
     bias = None
     if any(n in layer.lora_B_bias for n in names):
         bias = sum(
-            layer.lora_B_bias[n].detach().float() * layer.lora_specs[n].scale * weights[n]
+            layer.scaled_lora_bias(n).detach().float() * weights[n]
             for n in names
             if n in layer.lora_B_bias
         )
