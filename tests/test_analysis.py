@@ -201,3 +201,127 @@ def transformers_llama_with_hidden(hidden: int) -> torch.nn.Module:
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)
     return transformers.LlamaForCausalLM(cfg)
+
+
+# ---- verifier round 2026-12-02 ---------------------------------------------------------------------
+
+def _adapter(tmp_path, build, name: str, seed: int = 0, randomize: bool = True, **cfg) -> str:
+    model = build()
+    lorakit.inject(model, lorakit.LoraConfig(**{"r": 4, "alpha": 8, **cfg}))
+    if randomize:
+        lorakit.adapters.randomize_adapters(model, std=0.1, seed=seed)
+    return str(lorakit.save_adapter(model, tmp_path / name))
+
+
+def test_weight_types_sharing_a_last_name_get_their_own_figures(tmp_path):
+    """BERT's attention.output.dense, intermediate.dense and output.dense are three weight types, not one "dense"."""
+    from conftest import tiny_bert
+    from lorakit.analysis import weight_groups
+
+    a = _adapter(tmp_path, tiny_bert, "a", 0, target_modules="all-linear")
+    b = _adapter(tmp_path, tiny_bert, "b", 1, target_modules="all-linear")
+    result = analyze([a, b])
+    groups = weight_groups(list(result.similarity))
+    assert {"attention.output.dense", "intermediate.dense", "output.dense"} <= set(groups)
+    assert sum(len(p) for p in groups.values()) == len(result.similarity)  # every layer in exactly one figure
+    out = tmp_path / "report"
+    assert main(["analyze", a, b, "--out", str(out)]) == 0
+    for label in ("attention.output.dense", "intermediate.dense", "output.dense"):
+        assert (out / f"similarity_{label}.png").is_file()
+
+
+def test_amplification_on_a_merged_model_reads_w0(tmp_path):
+    a = _adapter(tmp_path, tiny_llama, "a", target_modules=["q_proj", "v_proj"])
+    plain = analyze([a], tiny_llama()).amplification
+    merged_model = lorakit.load_adapter(tiny_llama(), a)
+    lorakit.merge(merged_model)
+    merged = analyze([a], merged_model).amplification
+    for p in plain:
+        assert merged[p][0].weight_norm == plain[p][0].weight_norm and merged[p][0].factor == plain[p][0].factor
+
+
+def test_config_rank_that_disagrees_with_the_tensors_is_refused(tmp_path):
+    import json
+
+    a = _adapter(tmp_path, tiny_llama, "a", target_modules=["q_proj", "v_proj"])
+    fields = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    fields["r"] = 8
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj has lora_A \[4, 32\].*config says rank 8"):
+        analyze([a], tiny_llama())
+
+
+def test_rank_above_a_layer_size_is_analysed_at_the_layer_rank(tmp_path):
+    """GQA's v_proj is 32 -> 16 here: r = 64 gives at most 16 directions (the paper's r = 64 vs r = 8 setting)."""
+    with pytest.warns(UserWarning, match="exceeds"):
+        big = _adapter(tmp_path, tiny_llama, "big", 0, r=64, alpha=64, target_modules=["q_proj", "v_proj"])
+    small = _adapter(tmp_path, tiny_llama, "small", 1, r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    result = analyze([small, big], tiny_llama())
+    v = "model.layers.0.self_attn.v_proj"
+    assert result.similarity[v].shape == (8, 32) and result.delta_similarity[v].shape == (8, 16)
+    assert result.amplification[v][1].r == 16
+    assert main(["analyze", small, big, "--out", str(tmp_path / "out")]) == 0
+
+
+def test_non_finite_adapter_is_refused_naming_the_layer(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    a = _adapter(tmp_path, tiny_llama, "a", target_modules=["q_proj", "v_proj"])
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.layers.1.self_attn.v_proj holds NaN or inf"):
+        analyze([a])
+
+
+def test_same_base_folder_spelled_two_ways_is_one_base(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    a = _adapter(tmp_path, tiny_llama, "a", 0, target_modules=["q_proj"], base_model_name_or_path="base")
+    b = _adapter(tmp_path, tiny_llama, "b", 1, target_modules=["q_proj"], base_model_name_or_path=str(tmp_path / "base") + "/")
+    assert analyze([a, b]).similarity
+
+
+def test_untrained_adapter_gets_no_made_up_directions(tmp_path):
+    zero = _adapter(tmp_path, tiny_llama, "zero", randomize=False, target_modules=["q_proj"])
+    trained = _adapter(tmp_path, tiny_llama, "trained", target_modules=["q_proj"])
+    result = analyze([zero, trained], tiny_llama())
+    p = "model.layers.0.self_attn.q_proj"
+    assert result.amplification[p][0] is None and result.amplification[p][1] is not None
+    assert p not in result.delta_similarity
+    out = tmp_path / "out"
+    assert main(["analyze", zero, trained, "--out", str(out)]) == 0
+    assert "ΔW = 0" in (out / "report.md").read_text()
+    assert not (out / "similarity_delta_q_proj.png").exists()
+
+
+def test_fused_qv_slices_are_analysed_as_wq_and_wv(tmp_path):
+    """GPT-2's c_attn adapted on q and v: two entries, each the slice's own ΔW against its own rows of W."""
+    from conftest import tiny_gpt2
+
+    a = _adapter(tmp_path, tiny_gpt2, "a", target_modules=["c_attn"], enable_lora={"c_attn": [True, False, True]})
+    result = analyze([a], tiny_gpt2())
+    assert set(result.spectra) == {f"transformer.h.{i}.attn.c_attn[{s}]" for i in (0, 1) for s in "qv"}
+    model = lorakit.load_adapter(tiny_gpt2(), a)
+    layer = model.transformer.h[0].attn.c_attn
+    dense = layer.delta_weight("default").T  # (3·32, 32) in the paper's orientation
+    for s, rows in (("q", slice(0, 32)), ("v", slice(64, 96))):
+        path = f"transformer.h.0.attn.c_attn[{s}]"
+        torch.testing.assert_close(result.spectra[path][0], singular_spectrum(dense[rows])[:4], atol=1e-5, rtol=1e-5)
+        W = layer.weight.T[rows]
+        expected = amplification(W, dense[rows], r=4)
+        assert result.amplification[path][0].weight_norm == pytest.approx(expected.weight_norm, rel=1e-6)
+        assert result.amplification[path][0].factor == pytest.approx(expected.factor, rel=1e-5)
+
+
+def test_cli_analyze_refuses_an_out_file_and_names_baseline_folders(tmp_path, capsys):
+    a = _adapter(tmp_path, tiny_llama, "a", target_modules=["q_proj"])
+    (tmp_path / "file.txt").write_text("x")
+    assert main(["analyze", a, "--out", str(tmp_path / "file.txt")]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "bitfit").mkdir()
+    (tmp_path / "bitfit" / "trainable.safetensors").write_bytes(b"")
+    assert main(["analyze", str(tmp_path / "bitfit"), "--out", str(tmp_path / "o")]) == 1
+    assert "baseline" in capsys.readouterr().err

@@ -199,3 +199,18 @@ def test_a_method_the_model_cannot_take_leaves_no_output_folder(tmp_path):
     with pytest.raises(ValueError, match="bias"):
         finetune(tiny_llama(), ByteTokenizer(), [{"prompt": "a", "completion": "b"}], config=cfg, out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_prefix_on_an_attention_without_a_readable_head_layout_is_a_clear_error():
+    """GPT-NeoX's attention has neither head_dim nor attention_head_size: refused before any layer changes."""
+    import transformers
+
+    cfg = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    model = transformers.GPTNeoXForCausalLM(cfg)
+    attn = model.gpt_neox.layers[0].attention
+    if getattr(attn, "head_dim", None) or getattr(attn, "attention_head_size", None):
+        pytest.skip("this transformers version gives GPT-NeoX a head_dim")
+    with pytest.raises(ValueError, match="cannot read the head layout"):
+        baselines.prefix(model)
+    assert not any("prefix" in n for n, _ in model.named_parameters())

@@ -38,7 +38,8 @@ def right_singular_vectors(A: Tensor) -> Tensor:
 def subspace_similarity(A1: Tensor, A2: Tensor) -> Tensor:
     """φ[i-1, j-1] = ‖V1[:i] V2[:j]ᵀ‖²_F / min(i, j) for all i ≤ r1, j ≤ r2 (the paper's Eq. in Sec. 7.2).
 
-    A1: (r1, k), A2: (r2, k) (conv A's are flattened) -> (r1, r2) in [0, 1].
+    A1: (r1, k), A2: (r2, k) (conv A's are flattened) -> (r1, r2) in [0, 1]; a rank above k counts as k
+    (A has at most k independent rows).
     """
     if A1.flatten(1).shape[1] != A2.flatten(1).shape[1]:
         raise ValueError(
@@ -72,7 +73,7 @@ def factored_svd(B: Tensor, A: Tensor, scale: float = 1.0) -> tuple[Tensor, Tens
         raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} do not share a rank: pass B (d, r) and A (r, k)")
     Qb, Rb = torch.linalg.qr(B.detach().flatten(1).double())
     Qa, Ra = torch.linalg.qr(A.detach().flatten(1).double().T)
-    U, S, Vh = torch.linalg.svd(scale * (Rb @ Ra.T))
+    U, S, Vh = torch.linalg.svd(scale * (Rb @ Ra.T), full_matrices=False)  # min(d, k, r) directions
     return Qb @ U, S, Vh @ Qa.T
 
 
@@ -166,7 +167,8 @@ class LayerUpdate:
 
     @property
     def rank(self) -> int:
-        return self.A.shape[0]
+        """r, capped at min(d_out, d_in): a larger r adds no directions."""
+        return min(self.A.shape[0], *self.shape)
 
     @property
     def delta(self) -> Tensor:
@@ -200,7 +202,11 @@ class AdapterInfo:
 
 
 def adapter_updates(path: str | os.PathLike) -> AdapterInfo:
-    """Read an adapter folder (lorakit's or PEFT's) into per-layer A, B and scale, keyed by module path."""
+    """Read an adapter folder (lorakit's or PEFT's) into per-layer A, B and scale, keyed by module path.
+
+    A fused projection adapted slice by slice (GPT-2's ``c_attn`` on q and v) gives one entry per adapted
+    slice, ``<path>[q]`` / ``<path>[v]``, as the paper analyses Wq and Wv.
+    """
     fields, tensors, cfg = read_adapter(path)
     info = AdapterInfo(str(path), fields.get("base_model_name_or_path") or cfg.base_model_name_or_path)
     slots = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "eA", ".lora_embedding_B": "eB"}
@@ -213,8 +219,27 @@ def adapter_updates(path: str | os.PathLike) -> AdapterInfo:
         A, B = parts.get("A", parts.get("eA")), parts.get("B", parts.get("eB"))
         if A is None or B is None:
             raise ValueError(f"adapter {path} has only one of lora_A / lora_B for {mpath}: the file is incomplete")
-        scale = lora_scale(cfg.alpha_for(mpath), cfg.rank_for(mpath), cfg.use_rslora)
-        info.layers[mpath] = LayerUpdate(A.float(), B.float(), scale, embedding="eA" in parts)
+        r, slices = cfg.rank_for(mpath), cfg.slices_for(mpath)
+        rows = r * (sum(slices) if slices else 1)  # a fused layer's file holds n_on·r rows
+        if A.shape[0] != rows or B.flatten(1).shape[1] != rows:
+            raise ValueError(
+                f"adapter {path}: {mpath} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, but its config says "
+                f"rank {rows}: the config and the weights disagree (lorakit.load_adapter refuses it too); fix adapter_config.json"
+            )
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise ValueError(f"adapter {path}: {mpath} holds NaN or inf values (training diverged?): nothing to analyse there")
+        scale = lora_scale(cfg.alpha_for(mpath), r, cfg.use_rslora)
+        A, B = A.float(), B.float()
+        if not slices:
+            info.layers[mpath] = LayerUpdate(A, B, scale, embedding="eA" in parts)
+            continue
+        d_slice = B.shape[0] // len(slices)
+        on = [i for i, flag in enumerate(slices) if flag]
+        for j, i in enumerate(on):  # slice i's update is B[rows of i, columns of j]·A[rows of j]
+            name = "qkv"[i] if len(slices) == 3 else f"{i}/{len(slices)}"
+            info.layers[f"{mpath}[{name}]"] = LayerUpdate(
+                A[j * r : (j + 1) * r], B[i * d_slice : (i + 1) * d_slice, j * r : (j + 1) * r], scale
+            )
     if not info.layers:
         raise ValueError(f"adapter {path} holds no LoRA A/B tensors to analyse")
     return info
@@ -236,12 +261,23 @@ def layer_index(path: str) -> int | None:
 
 
 def base_weight(model: nn.Module, mpath: str) -> Tensor:
-    """The base weight at `mpath` in the paper's orientation (d_out, d_in), matching `LayerUpdate.delta`."""
-    module = dict(model.named_modules()).get(mpath)
+    """The base weight W0 at `mpath` in the paper's orientation (d_out, d_in), matching `LayerUpdate.delta`.
+
+    ``<path>[q]`` is a slice of a fused projection (see `adapter_updates`). On a merged lorakit model this is
+    the exact W0 it keeps while merged, not W0 + ΔW.
+    """
+    match = re.fullmatch(r"(?P<path>.+)\[(?P<slice>[qkv]|\d+/\d+)\]", mpath)
+    module_path = match["path"] if match else mpath
+    module = dict(model.named_modules()).get(module_path)
     if module is None or not isinstance(getattr(module, "weight", None), Tensor):
-        raise ValueError(f"the base model has no weight at {mpath!r}: the adapter was trained on another model")
-    W = module.weight.detach()
-    return W.T if (is_conv1d_gpt2(module) or isinstance(module, nn.Embedding)) else W.flatten(1)
+        raise ValueError(f"the base model has no weight at {module_path!r}: the adapter was trained on another model")
+    W = module._buffers.get("lora_w0", module.weight).detach()
+    W = W.T if (is_conv1d_gpt2(module) or isinstance(module, nn.Embedding)) else W.flatten(1)
+    if match:  # slice i of n equal output slices
+        i, n = ("qkv".index(match["slice"]), 3) if match["slice"] in "qkv" else map(int, match["slice"].split("/"))
+        d = W.shape[0] // n
+        W = W[i * d : (i + 1) * d]
+    return W
 
 
 # ---- reports --------------------------------------------------------------------------------------
@@ -254,14 +290,14 @@ class Analysis:
     adapters: list[AdapterInfo]
     spectra: dict[str, list[Tensor]]  # path -> singular values of ΔW, one per adapter
     similarity: dict[str, Tensor] = field(default_factory=dict)  # path -> φ (r1, r2) of the A's, two adapters
-    delta_similarity: dict[str, Tensor] = field(default_factory=dict)  # path -> φ of ΔW's top right-singular vectors
-    amplification: dict[str, list[Amplification]] = field(default_factory=dict)  # path -> one per adapter
+    delta_similarity: dict[str, Tensor] = field(default_factory=dict)  # path -> φ of ΔW's top right-singular vectors (both ΔW ≠ 0)
+    amplification: dict[str, list[Amplification | None]] = field(default_factory=dict)  # path -> one per adapter, None: ΔW = 0
     skipped: list[str] = field(default_factory=list)  # layers in only one of the two adapters
 
 
 def check_comparable(a: AdapterInfo, b: AdapterInfo) -> list[str]:
     """The layers two adapters share; raises if they come from different bases or share no layer."""
-    if a.base and b.base and a.base != b.base:
+    if a.base and b.base and _same_place(a.base) != _same_place(b.base):
         raise ValueError(
             f"the adapters were trained on different base models ({a.base!r} vs {b.base!r}); "
             "subspace similarity only means something for the same base"
@@ -279,6 +315,11 @@ def check_comparable(a: AdapterInfo, b: AdapterInfo) -> list[str]:
     return common
 
 
+def _same_place(base: str) -> str:
+    """A base-model name for comparison: a local folder by its real path (``./m``, ``m`` and ``/abs/m`` agree)."""
+    return os.path.realpath(os.path.expanduser(base)) if os.path.exists(os.path.expanduser(base)) else base.rstrip("/")
+
+
 def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> Analysis:
     """Spectra of ΔW for one or two adapters, φ between two, and amplification when the base `model` is given."""
     if not 1 <= len(paths) <= 2:
@@ -290,9 +331,11 @@ def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> A
     for p in layers:  # every decomposition of ΔW goes through its factors (r×r work), never the dense d×k matrix
         updates = [info.layers[p] for info in infos]
         result.spectra[p] = [u.svd[1].float() for u in updates]
+        trained = [bool(u.svd[1].max() > 0) for u in updates]  # ΔW = 0 (B = 0): no directions to compare or project on
         if len(updates) == 2:
             result.similarity[p] = subspace_similarity(updates[0].A, updates[1].A)
-            result.delta_similarity[p] = subspace_similarity(*(u.row_space for u in updates))
+            if all(trained):
+                result.delta_similarity[p] = subspace_similarity(*(u.row_space for u in updates))
         if model is not None:
             W = base_weight(model, p)
             for info, u in zip(infos, updates):
@@ -302,7 +345,7 @@ def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> A
                         f"{tuple(W.shape)}: the adapter was trained on another model"
                     )
             W64 = W.double()
-            result.amplification[p] = [_amplification(W64, u.svd, r=u.rank) for u in updates]
+            result.amplification[p] = [_amplification(W64, u.svd, r=u.rank) if t else None for u, t in zip(updates, trained)]
     return result
 
 
@@ -332,8 +375,11 @@ def plot_similarity(phis: dict[str, Tensor], path: str | os.PathLike, title: str
                        extent=(0.5, phi.shape[1] + 0.5, phi.shape[0] + 0.5, 0.5))
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # i, j are ranks: integer ticks only
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        for axis, n in ((ax.xaxis, phi.shape[1]), (ax.yaxis, phi.shape[0])):  # i, j are ranks: integer ticks only
+            if n <= 8:
+                axis.set_ticks(range(1, n + 1))
+            else:
+                axis.set_major_locator(MaxNLocator(integer=True))
         if k % cols == 0:
             ax.set_ylabel("i")
         if k >= len(names) - cols:
@@ -352,6 +398,7 @@ def plot_spectra(spectra: dict[str, Tensor], path: str | os.PathLike, title: str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, s in spectra.items():
@@ -359,25 +406,46 @@ def plot_spectra(spectra: dict[str, Tensor], path: str | os.PathLike, title: str
         if len(s):
             ax.plot(range(1, len(s) + 1), (s / s[0]).numpy(), marker=".", linewidth=1, label=name)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("i")
     ax.set_ylabel("σ_i / σ_1 of ΔW")
     ax.set_title(title)
-    if len(spectra) <= 12:
+    if len(spectra) <= 12 and ax.lines:
         ax.legend(fontsize=6)
     _save_figure(fig, Path(path))
     plt.close(fig)
 
 
-def _by_type(paths: list[str]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = {}
+def weight_groups(paths: list[str]) -> dict[str, list[str]]:
+    """Paths grouped by weight type, labelled by the shortest name that tells the types apart.
+
+    A type is the path after its block number (BERT's ``attention.output.dense``, ``output.dense`` and
+    ``intermediate.dense`` are three types, not one "dense"); a path without a block number is its own type.
+    """
+    by_key: dict[str, list[str]] = {}
     for p in paths:
-        groups.setdefault(weight_type(p), []).append(p)
-    return groups
+        parts = re.split(r"\.\d+\.", p, maxsplit=1)
+        by_key.setdefault(parts[1] if len(parts) == 2 else p, []).append(p)
+    keys = list(by_key)
+    labels = {}
+    for key in keys:
+        names = key.split(".")
+        for k in range(1, len(names) + 1):
+            label = ".".join(names[-k:])
+            if not any(other != key and (other == label or other.endswith("." + label)) for other in keys):
+                break
+        labels[key] = label
+    return {labels[key]: ps for key, ps in by_key.items()}
 
 
-def _short(path: str) -> str:
+def _file_label(label: str) -> str:
+    """A weight-type label as a file-name part (``c_attn[q]`` -> ``c_attn_q``)."""
+    return re.sub(r"[^\w.-]+", "_", label).strip("_")
+
+
+def _short(path: str, label: str) -> str:
     idx = layer_index(path)
-    return f"layer {idx} {weight_type(path)}" if idx is not None else path
+    return f"layer {idx} {label}" if idx is not None else path
 
 
 def write_report(result: Analysis, out_dir: str | os.PathLike) -> Path:
@@ -389,12 +457,12 @@ def write_report(result: Analysis, out_dir: str | os.PathLike) -> Path:
         names = [f"adapter {i + 1}" for i in range(len(names))]
     lines = ["# LoRA adapter analysis", ""]
     for a in result.adapters:
-        ranks = sorted({u.rank for u in a.layers.values()})
+        ranks = sorted({u.A.shape[0] for u in a.layers.values()})
         lines.append(f"- `{a.path}`: {len(a.layers)} adapted layers, r = {ranks}, base `{a.base}`")
     if result.skipped:
         lines.append(f"- layers in only one adapter (not compared): {', '.join(result.skipped)}")
     lines += ["", "## Singular spectrum of ΔW", "",
-              "Effective rank = exp(entropy of σ/Σσ) (Roy & Vetterli 2007); σ₁/‖ΔW‖_F = share of the top direction.", ""]
+              "Effective rank = exp(entropy of σ/Σσ) (Roy & Vetterli 2007); σ₁/‖ΔW‖_F near 1: one direction dominates (its share of ‖ΔW‖²_F is the square).", ""]
     header = "| layer | " + " | ".join(f"‖ΔW‖_F ({n}) | eff. rank ({n}) | σ₁/‖ΔW‖_F ({n})" for n in names) + " |"
     lines += [header, "|" + "---|" * (1 + 3 * len(names))]
     for p, spectra in result.spectra.items():
@@ -403,10 +471,10 @@ def write_report(result: Analysis, out_dir: str | os.PathLike) -> Path:
             norm = float(s.norm())
             cells += [f"{norm:.3g}", f"{effective_rank(s):.2f}", f"{float(s[0]) / norm:.2f}" if norm > 0 else "–"]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    for wt, paths in _by_type(list(result.spectra)).items():
+    for wt, paths in weight_groups(list(result.spectra)).items():
         for a, n in enumerate(names):
-            fname = f"spectrum_{wt}_{a}.png"
-            plot_spectra({_short(p): result.spectra[p][a] for p in paths}, out / fname, f"ΔW spectrum, {wt}, {n}")
+            fname = f"spectrum_{_file_label(wt)}_{a}.png"
+            plot_spectra({_short(p, wt): result.spectra[p][a] for p in paths}, out / fname, f"ΔW spectrum, {wt}, {n}")
             lines += ["", f"![spectrum {wt} {n}]({fname})"]
     if result.similarity:
         lines += ["", f"## Subspace similarity φ({names[0]}, {names[1]}) (paper Sec. 7.2, Figures 3-4)", "",
@@ -418,14 +486,17 @@ def write_report(result: Analysis, out_dir: str | os.PathLike) -> Path:
                   "|---|---|---|---|---|---|---|---|---|"]
         for p, phi in result.similarity.items():
             m = min(phi.shape)
-            dphi = result.delta_similarity[p]
+            dphi = result.delta_similarity.get(p)
             k = result.adapters[0].layers[p].A.flatten(1).shape[1]
+            delta = f"{dphi[0, 0]:.3f} | {dphi[:m, :m].mean():.3f}" if dphi is not None else "ΔW = 0 | ΔW = 0"
             lines.append(f"| {p} | {phi.shape[0]} | {phi.shape[1]} | {phi[0, 0]:.3f} | {phi[0, -1]:.3f} | "
-                         f"{phi[:m, :m].mean():.3f} | {dphi[0, 0]:.3f} | {dphi[:m, :m].mean():.3f} | {1 / k:.4f} |")
-        for wt, paths in _by_type(list(result.similarity)).items():
+                         f"{phi[:m, :m].mean():.3f} | {delta} | {1 / k:.4f} |")
+        for wt, paths in weight_groups(list(result.similarity)).items():
             for kind, phis in (("", result.similarity), ("delta_", result.delta_similarity)):
-                fname = f"similarity_{kind}{wt}.png"
-                plot_similarity({_short(p): phis[p] for p in paths}, out / fname,
+                if not all(p in phis for p in paths):
+                    continue  # a ΔW = 0 layer has no ΔW directions
+                fname = f"similarity_{kind}{_file_label(wt)}.png"
+                plot_similarity({_short(p, wt): phis[p] for p in paths}, out / fname,
                                 f"φ({names[0]}, {names[1]}, i, j), {wt}, {'ΔW' if kind else 'A'}")
                 lines += ["", f"![similarity {kind}{wt}]({fname})"]
     if result.amplification:
@@ -436,6 +507,9 @@ def write_report(result: Analysis, out_dir: str | os.PathLike) -> Path:
                   "|---|---|---|---|---|---|---|---|---|"]
         for p, amps in result.amplification.items():
             for n, a in zip(names, amps):
+                if a is None:
+                    lines.append(f"| {p} | {n} | – | 0 | – | – | – | – | ΔW = 0 (untrained adapter) |")
+                    continue
                 lines.append(f"| {p} | {n} | {a.r} | {a.delta_norm:.3g} | {a.weight_norm:.3g} | {a.proj_delta:.3g} | "
                              f"{a.proj_weight:.3g} | {a.proj_random:.3g} | {a.factor:.2f} |")
     report = out / "report.md"

@@ -31,7 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import TRAINABLE_FILE, atomic_write_bytes
 from .config import LoraConfig
 from .injection import inject, is_saved_module
 from .layers import base_shape
@@ -41,7 +41,6 @@ METHODS = ("lora", "full", "bitfit", "adapter-h", "adapter-l", "prefix", "lora+p
 ATTN_OUT = r"(.*\.)?(self_attn\.o_proj|attention\.output\.dense|attn\.c_proj|self_attn\.out_proj|attention\.out_lin)"
 #: Module paths of each block's MLP output projection (LLaMA, BERT, GPT-2, OPT/BART, DistilBERT).
 MLP_OUT = r"(.*\.)?(mlp\.down_proj|layer\.\d+\.output\.dense|mlp\.c_proj|fc2|ffn\.lin2)"
-TRAINABLE_FILE = "trainable.safetensors"
 ADAPTER_NAME = "lorakit_adapter"
 PREFIX_NAME = "lorakit_prefix"
 PREFIX_ATTENTION = "lorakit_prefix"
@@ -108,8 +107,10 @@ def _paths(model: nn.Module, pattern: str, what: str) -> list[str]:
     paths = [p for p, m in model.named_modules() if re.fullmatch(pattern, p) and isinstance(getattr(m, "weight", None), Tensor)]
     if not paths:
         raise ValueError(
-            f"found no {what} in {type(model).__name__} (known names: {pattern}); pass the module paths, "
-            f"e.g. attn_modules=[...] / mlp_modules=[...]"
+            f"found no {what} in {type(model).__name__} (known names: {pattern}, from LLaMA, BERT, GPT-2, "
+            "OPT/BART and DistilBERT). `lorakit finetune --method adapter-h/adapter-l` supports those families; "
+            "for others use the Python API with the module paths: baselines.adapter_h(model, attn_modules=[...], "
+            "mlp_modules=[...]) / baselines.adapter_l(model, mlp_modules=[...])"
         )
     return paths
 
@@ -230,10 +231,17 @@ def add_prefix(model: nn.Module, length: int = 10, std: float = 0.02) -> list[st
         )
     if any(hasattr(m, PREFIX_NAME) for _, m in layers):
         raise ValueError("the model already has prefixes: prepare it only once")
-    for _, m in layers:
-        head_dim = getattr(m, "head_dim", None) or m.attention_head_size
-        n_heads = m.config.num_attention_heads
-        n_kv = n_heads // getattr(m, "num_key_value_groups", 1)
+    shapes = []  # (kv heads, head dim) of every layer, all read before any layer changes
+    for path, m in layers:
+        head_dim = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
+        n_heads = getattr(getattr(m, "config", None), "num_attention_heads", None)
+        if not head_dim or not n_heads:
+            raise ValueError(
+                f"prefix tuning cannot read the head layout of {type(m).__name__} at {path!r} (no head_dim / "
+                "num_attention_heads); it supports LLaMA-, GPT-2- and BERT-style attention. Use --method lora here"
+            )
+        shapes.append((n_heads // getattr(m, "num_key_value_groups", 1), head_dim))
+    for (_, m), (n_kv, head_dim) in zip(layers, shapes):
         m.add_module(PREFIX_NAME, PrefixKV(n_kv, length, head_dim, std, device=next(m.parameters()).device))
     _use_prefix_attention(model)
     return [p for p, _ in layers]

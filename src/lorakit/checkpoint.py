@@ -38,6 +38,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 METADATA_KEY = "lorakit_config"
+TRAINABLE_FILE = "trainable.safetensors"  # what a `--method` baseline run saves instead of an adapter (baselines.py)
 LORA_SLOTS = ("lora_A", "lora_B", "lora_B_bias")
 SAVED = "saved:"  # slot prefix of a `modules_to_save` entry: the key inside the adapter's copy
 
@@ -353,6 +354,15 @@ def read_adapter_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[st
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
     config_file = folder / CONFIG_NAME
+    if not config_file.is_file() and (folder / TRAINABLE_FILE).is_file():
+        raise FileNotFoundError(
+            f"{str(folder)!r} holds {TRAINABLE_FILE}: the output of a `lorakit finetune --method` baseline (BitFit, "
+            "adapters, prefix tuning or LoRA+prefix), not a LoRA adapter folder; only `--method lora` runs write adapters"
+        )
+    if not config_file.is_file() and (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{str(folder)!r} holds a whole model (model.safetensors: full fine-tuning or a base model), not a LoRA adapter folder"
+        )
     if not config_file.is_file():
         named = sorted(d.name for d in folder.iterdir() if (d / CONFIG_NAME).is_file())
         hint = f"; it holds named adapters (PEFT saves non-default ones in subfolders): {named}, pass e.g. {str(folder / named[0])!r}" if named else ""

@@ -7,6 +7,7 @@ weights when ``--model`` is given) and PNG figures.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.adapters) > 2:
         raise ValueError(f"analyze takes one or two adapter folders, got {len(args.adapters)}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a file, not a folder: choose another path")
     model = None
     if args.model:
         from lorakit.models import load_model
