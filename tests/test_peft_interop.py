@@ -483,3 +483,15 @@ def test_adapter_keys_with_the_adapter_name_in_them_load(tmp_path, input_ids):
     save_file({k.replace(".weight", ".default.weight"): v for k, v in load_file(file).items()}, file)
     model = lorakit.load_adapter(tiny_llama(), tmp_path)
     assert _max_diff(logits(model, input_ids), want) <= TOL
+
+
+def test_peft_ensure_weight_tying_with_saved_modules_is_refused_by_name(tmp_path):
+    """PEFT then ties the saved copy of wte to lm_head; lorakit keeps copies untied, so it refuses, not misloads."""
+    pm = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                          modules_to_save=["lm_head"], ensure_weight_tying=True))
+    pm.save_pretrained(tmp_path)
+    model = tiny_gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="ensure_weight_tying=True with modules_to_save"):
+        lorakit.load_adapter(model, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -150,6 +150,9 @@ def from_peft_config(fields: dict[str, Any]) -> LoraConfig:
             else f"lorakit knows only {list(PLAIN_INITS)}"
         )
         bad.append(f"init_lora_weights={init!r} ({why})")
+    if fields.get("ensure_weight_tying") is True and fields.get("modules_to_save"):
+        bad.append("ensure_weight_tying=True with modules_to_save (PEFT ties the saved copy of an embedding to the "
+                   "output head; lorakit keeps saved copies untied, so the head would differ)")
     if bad:
         raise ValueError(f"adapter config uses PEFT features lorakit does not implement: {', '.join(bad)}")
     for key in sorted(set(fields) - KNOWN_FIELDS - set(UNSUPPORTED_FIELDS)):
