@@ -147,6 +147,7 @@ def test_prompt_list_is_one_request_with_several_choices(server):
         ({"model": "sql", "prompt": "hi", "logprobs": 5, "echo": True}, 400, "echo, logprobs not supported"),
         ({"model": "sql", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty not supported"),
         ({"model": "sql", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "up to 4 non-empty strings"),
+        ({"model": "sql", "prompt": "hi", "stop": "x" * 257}, 400, "up to 256 characters"),
         ({"model": "sql", "prompt": "hi", "seed": 42, "temperature": 1.0}, 400, "seed not supported"),
         ({"model": "sql", "prompt": "hi", "temprature": 1.5}, 400, "temprature: Extra inputs are not permitted"),
         ({"model": "sql", "prompt": "x" * 6401}, 400, "6,401 characters, more than fit in the context of 64 tokens"),

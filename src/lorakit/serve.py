@@ -31,6 +31,7 @@ from .multi import mixed_batch
 log = logging.getLogger(__name__)
 
 BASE = "base"
+MAX_STOP_CHARS = 256  # per stop string
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DISCONNECT_POLL = 0.1  # seconds between checks that a waiting request's client is still there
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: logits / 1e-39 overflow fp32 and sampling fails
@@ -374,6 +375,8 @@ class CompletionRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4 or not all(stops):
             raise RequestError(400, f"stop takes up to 4 non-empty strings, got {stops!r}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):  # every decode step searches the text for each stop
+            raise RequestError(400, f"each stop string may have up to {MAX_STOP_CHARS} characters")
         return tuple(stops)
 
 
