@@ -532,3 +532,37 @@ def test_a_saved_module_whose_input_is_not_per_row_cannot_be_mixed():
         logits(model, ids)
     with pytest.raises(ValueError, match=r"got an input of batch size 1 for 3 rows"), lorakit.mixed_batch(model, ["a", "b", None]):
         logits(model, ids)
+
+
+# ---- verifier round 2026-12-02 ---------------------------------------------------------------------
+
+def test_mixed_batch_in_training_mode_with_grad_is_refused():
+    """Its per-row copies carry no gradient to A, B: training through it would silently update only the heads."""
+    model = two_adapters()
+    model.train()
+    ids = torch.randint(0, 128, (2, 6))
+    with pytest.raises(RuntimeError, match="mixed_batch is for inference"), lorakit.mixed_batch(model, ["a", "b"]):
+        model(ids)
+    model.eval()
+    with lorakit.mixed_batch(model, ["a", "b"]):
+        model(ids)  # eval mode: fine, also with grad enabled
+
+
+def test_mixed_batch_stacks_follow_a_change_of_the_base_dtype():
+    model = two_adapters()
+    ids = torch.randint(0, 128, (2, 6))
+    lorakit.cast_base(model, torch.bfloat16)
+    with torch.no_grad(), lorakit.mixed_batch(model, ["a", "b"]):
+        model(ids)  # stacks built in bf16
+    model.float()
+    with torch.no_grad(), lorakit.mixed_batch(model, ["a", "b"]):
+        mixed = model(ids).logits
+    torch.testing.assert_close(mixed, per_adapter_reference(model, ids, ["a", "b"]), atol=1e-5, rtol=1e-5)
+
+
+def test_combine_cat_or_linear_with_a_rank_is_refused():
+    model = two_adapters()
+    for method in ("cat", "linear"):
+        with pytest.raises(ValueError, match="rank applies to method='svd' only"):
+            lorakit.combine_adapters(model, {"a": 0.5, "b": 0.5}, name="ab", method=method, rank=2)
+    assert lorakit.list_adapters(model) == ["a", "b"]

@@ -92,3 +92,17 @@ def test_trainable_head_stays_fp32_and_runs(input_ids):
 def test_cast_base_rejects_integer_dtype():
     with pytest.raises(ValueError, match="floating-point"):
         cast_base(_adapted(), torch.int8)
+
+
+def test_trainable_embedding_copy_in_a_bf16_model_returns_bf16(input_ids):
+    """Token ids carry no float dtype to cast back to: the copy's output goes back to the model's dtype."""
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, modules_to_save=["embed_tokens"]))
+    randomize_adapters(model, std=0.05)
+    reference = copy.deepcopy(model)
+    cast_base(model, torch.bfloat16)
+    with torch.no_grad():
+        out = model(input_ids).logits
+        ref = reference(input_ids).logits
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.15, rtol=0.05)

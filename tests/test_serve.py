@@ -356,3 +356,53 @@ def test_an_unexpected_failure_is_a_500_in_openai_shape_and_counted(server, monk
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
     assert "ZeroDivisionError" in r.json()["error"]["message"]
     assert metric(url, 'lorakit_request_errors_total{status="500"}') == before + 1
+
+
+def test_an_adapter_that_trains_base_biases_is_refused_and_leaves_the_model_as_it_was(tmp_path):
+    """Its biases are the base model's own, so no mixed batch could hold it beside other adapters."""
+    from conftest import tiny_gpt2
+
+    trained = tiny_gpt2(seed=3)
+    lorakit.inject(trained, lorakit.LoraConfig(r=2, alpha=4, bias="lora_only"), adapter="gb")
+    randomize_adapters(trained, std=0.3, seed=1)
+    with torch.no_grad():
+        trained.transformer.h[0].attn.c_attn.bias.add_(1.0)
+    lorakit.save_adapter(trained, tmp_path, adapter="gb")
+    model = tiny_gpt2(seed=3)  # the first adapter on the server (with others there, load_adapter refuses it anyway)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = Engine(model, char_tokenizer(), max_new_tokens=8)
+    with pytest.raises(RequestError, match="trains the base model's biases") as info:
+        engine.load("gb", str(tmp_path))
+    assert info.value.status == 400 and engine.adapters() == ["base"]
+    assert before.keys() == model.state_dict().keys() and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_requests_that_fit_alone_but_not_together_run_in_separate_batches():
+    """One generate runs every row to the longest prompt + the largest max_tokens: the batcher keeps that in the context."""
+    import asyncio
+
+    from lorakit.serve import Batcher
+
+    model, tok = tiny_llama(seed=5), char_tokenizer()
+    engine = Engine(model, tok, max_new_tokens=60, max_context=64)
+    batcher = Batcher(engine, max_batch=8, max_wait=0.05)
+    long_prompt = Job("base", engine.encode(["y" * 50], 10), 10)
+    long_answer = Job("base", engine.encode(["y"], 60), 60)
+    short = Job("base", engine.encode(["yy"], 5), 5)
+
+    async def collect():
+        for job in (long_prompt, long_answer, short):
+            await batcher.queue.put(job)
+        return await batcher._collect(), await batcher._collect()
+
+    first, second = asyncio.run(collect())
+    assert first == [long_prompt] and second == [long_answer, short]
+
+
+def test_the_default_max_tokens_fits_a_server_with_a_lower_limit():
+    model, tok = tiny_llama(seed=5), char_tokenizer()
+    with running(create_app(Engine(model, tok, max_new_tokens=8), max_batch=4, max_wait=0.01)) as url:
+        r = post(url, "/v1/completions", json={"model": "base", "prompt": "hi"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8, r.text
+        r = complete(url, "base", "hi", 9)
+        assert r.status_code == 400 and "max_tokens=9 exceeds this server's limit of 8" in r.json()["error"]["message"]

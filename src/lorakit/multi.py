@@ -78,7 +78,7 @@ def _stack_key(layer: LoraLayer) -> tuple:
     (all-linear SmolLM2, 16 adapters: 210 layers × 48 tensors; ParameterDict lookups made that ~35 ms).
     """
     As, Bs, biases = (layer._modules[k]._parameters for k in ("lora_A", "lora_B", "lora_B_bias"))
-    key: list = []
+    key: list = [layer.weight.dtype, layer.weight.device]  # the stacks are held in the base layer's dtype
     for n, spec in layer.lora_specs.items():
         key += (n, spec, *tensor_fingerprint(As[n]), *tensor_fingerprint(Bs[n]))
         if n in biases:
@@ -152,6 +152,11 @@ class _RowAdapters:
         return kept <= 2 * stacks
 
     def __call__(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        if module.training and torch.is_grad_enabled():
+            raise RuntimeError(
+                "mixed_batch is for inference: its per-row adapter copies carry no gradient to A and B, and LoRA "
+                "dropout is off. Call model.eval() and run under torch.no_grad(); to train, use set_adapter"
+            )
         x = args[0]
         b = x.shape[0]
         slots = self._row_slots(b)
@@ -349,6 +354,8 @@ def combine_adapters(
         raise ValueError(f"adapter {name!r} already exists; pick another name or delete_adapter it first")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if rank is not None and method != "svd":
+        raise ValueError(f"rank applies to method='svd' only ({method!r} fixes the rank itself); leave it out or use 'svd'")
     extras = [n for n in weights if state.adapters[n].saved_modules or state.adapters[n].bias_params]
     if extras:
         raise ValueError(

@@ -59,12 +59,13 @@ def _adapter_stores(model: nn.Module) -> set[int]:
     }
 
 
-def _to_dtype_hooks(module: nn.Module) -> None:
-    """Run a module that keeps fp32 trainable weights inside a bf16 model: inputs in, output back out."""
+def _to_dtype_hooks(module: nn.Module, model_dtype: torch.dtype) -> None:
+    """Run a module that keeps fp32 trainable weights inside a bf16 model: inputs in, output back out (to the
+    input's dtype, or to `model_dtype` when the input holds no floats: an embedding's token ids)."""
     dtype = next(module.parameters(recurse=False)).dtype
 
     def cast_in(_mod: nn.Module, args: tuple) -> tuple:
-        _mod._lorakit_in_dtype = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+        _mod._lorakit_in_dtype = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), model_dtype)
         return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
     def cast_out(_mod: nn.Module, _args: tuple, out: object) -> object:
@@ -96,7 +97,7 @@ def cast_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modul
             continue
         if id(module) in copies or any(p.requires_grad for p in own):
             if own[0].dtype != dtype and not module.__dict__.get("_lorakit_cast_hooks"):
-                _to_dtype_hooks(module)
+                _to_dtype_hooks(module, dtype)
                 module._lorakit_cast_hooks = True
             continue
         for p in own:

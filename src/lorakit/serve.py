@@ -27,6 +27,7 @@ from torch import nn
 from .adapters import delete_adapter, disable_adapters, list_adapters
 from .checkpoint import load_adapter
 from .multi import mixed_batch
+from .state import get_state
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ class Engine:
             if name in list_adapters(self.model):
                 raise RequestError(409, f"adapter {name!r} is already loaded; DELETE /v1/adapters/{name} first")
             try:
-                load_adapter(self.model, path, adapter=name)
+                load_servable(self.model, name, path)
             except (ValueError, FileNotFoundError, OSError) as e:
                 raise RequestError(400, f"cannot load adapter {name!r} from {path!r}: {e}") from e
 
@@ -232,6 +233,19 @@ class Engine:
             if name == BASE or name not in list_adapters(self.model):
                 raise RequestError(404, f"no adapter named {name!r}; loaded: {list_adapters(self.model)}", "model_not_found")
             delete_adapter(self.model, name)
+
+
+def load_servable(model: nn.Module, name: str, path: str) -> None:
+    """Load an adapter that can share mixed batches; one that trains the base model's biases cannot (its biases
+    are the base's own, not per row), so it is refused and the model left as it was."""
+    load_adapter(model, path, adapter=name)
+    if get_state(model).adapters[name].bias_params:
+        delete_adapter(model, name)
+        raise ValueError(
+            f"adapter {name!r} trains the base model's biases (bias='all' or 'lora_only'), which rows of a mixed "
+            "batch cannot hold per row, so a multi-adapter server cannot serve it; train it with bias='none' "
+            "(lora_bias=True gives B its own bias), or serve it on a server of its own after merging it"
+        )
 
 
 class Batcher:
@@ -253,6 +267,7 @@ class Batcher:
         first = self._pending or await self.queue.get()
         self._pending = None
         batch, rows = [first], len(first.prompts)
+        width, new_tokens = max(map(len, first.prompts)), first.max_tokens
         deadline = asyncio.get_running_loop().time() + self.max_wait
         while rows < self.max_batch:
             timeout = deadline - asyncio.get_running_loop().time()
@@ -260,7 +275,10 @@ class Batcher:
                 job = await asyncio.wait_for(self.queue.get(), timeout) if timeout > 0 else self.queue.get_nowait()
             except (asyncio.TimeoutError, asyncio.QueueEmpty):
                 break
-            if job.sampling != first.sampling or rows + len(job.prompts) > self.max_batch:
+            width = max(width, *map(len, job.prompts))
+            new_tokens = max(new_tokens, job.max_tokens)
+            # one generate runs every row to the longest prompt + the largest max_tokens: it must fit the context
+            if job.sampling != first.sampling or rows + len(job.prompts) > self.max_batch or width + new_tokens > self.engine.max_context:
                 self._pending = job  # starts the next batch
                 break
             batch.append(job)
@@ -464,7 +482,8 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
         if not prompts or len(prompts) > max_batch:
             raise RequestError(400, f"prompt must be a string or a list of 1..{max_batch} strings, got {len(prompts)}")
         engine.check_adapter(req.model)
-        max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        sent = "max_tokens" in req.model_fields_set and req.max_tokens is not None
+        max_tokens = req.max_tokens if sent else min(DEFAULT_MAX_TOKENS, engine.max_new_tokens)  # the default fits the server
         ids = await asyncio.to_thread(engine.encode, prompts, max_tokens)  # a huge prompt must not stall the server
         job = Job(req.model, ids, max_tokens, req.temperature, req.top_p, stops)
         batcher.metrics.requests[req.model] += 1

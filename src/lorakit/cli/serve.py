@@ -36,9 +36,8 @@ def run(args: argparse.Namespace) -> int:
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise ModuleNotFoundError(f"lorakit serve needs {missing}: pip install 'lorakit[serve]'")
-    from lorakit.checkpoint import load_adapter
     from lorakit.models import load_model
-    from lorakit.serve import Engine, create_app, name_problem, serve
+    from lorakit.serve import Engine, create_app, load_servable, name_problem, serve
 
     names = [name for name, _ in args.adapter]
     problems = [p for p in map(name_problem, names) if p] + [
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("; ".join(problems))
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     for name, path in args.adapter:
-        load_adapter(model, path, adapter=name)
+        load_servable(model, name, path)
     engine = Engine(model, tokenizer, max_new_tokens=args.max_tokens)
     serve(create_app(engine, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000), args.host, args.port)
     return 0
