@@ -13,6 +13,7 @@ from lorakit.data import (
     collate,
     encode_causal,
     encode_classification,
+    encode_prompt,
     format_prompt,
     load_data,
     load_e2e,
@@ -54,8 +55,8 @@ def test_label_the_head_cannot_take():
 
 def test_e2e_csv_keeps_line_breaks_inside_quotes():
     ex = load_e2e(DATA / "e2e.csv")
-    assert ex[0] == {"prompt": "name[The Vaults], eatType[pub]", "completion": "The Vaults is a pub."}
-    assert ex[1]["completion"] == "Alimentum is in the city centre.\r\nIt is nice."
+    assert ex[0] == {"prompt": "name[The Vaults], eatType[pub] ||", "completion": " The Vaults is a pub."}
+    assert ex[1]["completion"] == " Alimentum is in the city centre.\r\nIt is nice."
     assert load_data(DATA / "e2e.csv", "causal-lm") == ex  # mr,ref detected
 
 
@@ -108,14 +109,33 @@ def test_unknown_format_and_missing_file():
 
 
 def test_loss_masks_the_prompt_tokens():
-    tok = ByteTokenizer()
+    tok = ByteTokenizer(add_bos=False)
     (enc,) = encode_causal(tok, [{"prompt": "abc", "completion": "xy"}], max_length=64, use_chat_template=False)
     assert enc["input_ids"] == tok.encode("abc") + tok.encode("xy") + [tok.eos_token_id]
     assert enc["labels"] == [IGNORE_INDEX] * 3 + tok.encode("xy") + [tok.eos_token_id]
 
 
+def test_the_prompt_starts_with_bos_where_the_tokenizer_adds_one_as_at_inference():
+    """`tokenizer(prompt)` (what generate and `lorakit serve` send) starts with BOS: training sees the same ids."""
+    tok = ByteTokenizer()
+    (enc,) = encode_causal(tok, [{"prompt": "abc", "completion": "xy"}], max_length=64, use_chat_template=False)
+    assert enc["input_ids"] == tok("abc")["input_ids"] + tok.encode("xy") + [tok.eos_token_id]
+    assert enc["labels"] == [IGNORE_INDEX] * 4 + tok.encode("xy") + [tok.eos_token_id]
+    assert encode_prompt(tok, "abc") == [1, *tok.encode("abc")]
+
+
+def test_a_chat_template_that_holds_the_bos_gets_no_second_one():
+    from conftest import char_tokenizer
+
+    tok = char_tokenizer()  # ids: <s> = 1
+    tok._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert tok("ab")["input_ids"][0] == 1
+    assert encode_prompt(tok, "<s>ab") == tok("ab")["input_ids"]  # the text's own <s>, not two
+    assert encode_prompt(tok, "ab") == tok("ab")["input_ids"]
+
+
 def test_chat_template_wraps_the_prompt_only():
-    tok = ByteTokenizer(chat_template="toy")
+    tok = ByteTokenizer(chat_template="toy", add_bos=False)
     prompt = format_prompt(tok, "abc")
     assert prompt == "<user>abc<assistant>"
     (enc,) = encode_causal(tok, [{"prompt": "abc", "completion": "xy"}], max_length=64)
@@ -124,7 +144,7 @@ def test_chat_template_wraps_the_prompt_only():
 
 
 def test_truncation_keeps_the_completion_and_is_counted(caplog):
-    tok = ByteTokenizer()
+    tok = ByteTokenizer(add_bos=False)
     data = [{"prompt": "p" * 50, "completion": "xyz"}, {"prompt": "p", "completion": "x"}]
     enc, short = encode_causal(tok, data, max_length=10, use_chat_template=False)
     assert len(enc["input_ids"]) == 10
@@ -146,8 +166,8 @@ def test_e2e_in_the_lora_papers_txt_format(tmp_path):
     file = tmp_path / "valid.txt"
     file.write_text("name : Alimentum | area : city centre||Alimentum is in the city centre . \n\nname : Aromi||Aromi . \n")
     rows = load_data(file, "causal-lm")
-    assert rows == [{"prompt": "name : Alimentum | area : city centre", "completion": "Alimentum is in the city centre ."},
-                    {"prompt": "name : Aromi", "completion": "Aromi ."}]
+    assert rows == [{"prompt": "name : Alimentum | area : city centre ||", "completion": " Alimentum is in the city centre ."},
+                    {"prompt": "name : Aromi ||", "completion": " Aromi ."}]
     (tmp_path / "bad.txt").write_text("no separator here\n")
     with pytest.raises(ValueError, match=r"bad.txt:1 has no '\|\|'"):
         load_data(tmp_path / "bad.txt", "causal-lm")
@@ -176,7 +196,7 @@ def test_a_null_field_is_called_null_not_missing(tmp_path):
 
 
 def test_no_completion_token_left_after_truncation_is_an_error(caplog):
-    tok = ByteTokenizer()
+    tok = ByteTokenizer(add_bos=False)
     data = [{"prompt": "abc", "completion": "xyz"}, {"prompt": "de", "completion": "uvw"}]
     with pytest.raises(ValueError, match=r"no completion tokens survive max_length=1 \(--max-length\) in any of the 2 "
                                          r"examples.*raise it"):
@@ -220,3 +240,14 @@ def test_string_labels_need_class_names_and_map_through_them(tmp_path):
     assert [e["label"] for e in load_data(tmp_path / "s.csv", "classification", labels=["pos", "neg"])] == [1, 0, 0]
     with pytest.raises(ValueError, match=r"example 1 has label 'pos', which is not one of the class names \['neg', 'bad'\]"):
         load_data(tmp_path / "s.csv", "classification", labels=["neg", "bad"])
+
+
+def test_tsv_written_by_csv_writer_reads_back_unchanged(tmp_path):
+    import csv
+
+    rows = [{"prompt": 'He said "hi"', "completion": "two\nlines"}, {"prompt": "tab\there", "completion": "plain"}]
+    with (tmp_path / "d.tsv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["prompt", "completion"], delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert load_data(tmp_path / "d.tsv") == rows

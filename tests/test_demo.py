@@ -65,3 +65,17 @@ def test_demo_runs_on_a_tiny_model_and_labels_binary_sizes_mib(tmp_path):
     assert f"adapter file: {adapter:.2f} MiB" in text and figures["adapter_mb"] == adapter
     assert re.search(r"peak memory \(measured, process RSS\): [\d,]+ MiB \(before training [\d,]+ MiB", text)
     assert (tmp_path / "out" / "report.md").read_text().startswith(lines[0])
+    again = run_demo(str(tmp_path / "model"), tmp_path / "out", steps=2, n_test=2)  # the README's command, re-run
+    assert again["adapter_mb"] == figures["adapter_mb"]
+
+
+def test_demo_refuses_a_folder_with_other_files_before_any_work(tmp_path, capsys):
+    from lorakit.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--model", str(tmp_path / "missing-model"), "--out", str(tmp_path)]) == 1
+    assert "holds files that are not a lorakit demo's (['notes.txt'])" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: before loading anything
+        main(["demo", "--steps", "0", "--out", str(tmp_path / "x")])
+    assert "argument --steps: expected an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -79,6 +79,26 @@ def test_fast_loss_equals_the_models_own_loss():
     torch.testing.assert_close(ours, ref)
 
 
+@pytest.mark.parametrize("family", ["granite", "gemma2"])
+def test_fast_loss_equals_the_models_own_loss_when_logits_are_scaled_or_capped(family):
+    """Granite divides the logits by logits_scaling, Gemma-2 soft-caps them: the loss must see what generate sees."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if family == "granite":
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(logits_scaling=16.0, **common))
+    else:
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(final_logit_softcapping=0.5, head_dim=8, **common))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # logits large enough for the scaling or capping to matter
+    batch = collate(encode_causal(TOK, examples()[:4], 64), pad_id=0)
+    ours, _ = causal_lm_loss(model.eval(), batch)
+    ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, ref)
+
+
 def test_bf16_base_keeps_trainable_weights_fp32():
     model = tiny_llama()
     result = finetune(model, TOK, examples(), None, TrainConfig(steps=3, precision="bf16", batch_size=4))
@@ -117,6 +137,22 @@ def test_lora_plus_gives_B_a_higher_learning_rate():
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 16e-3]
     b_ids = {id(p) for n, p in lorakit.adapter_parameters(model).items() if ".lora_B." in n}
     assert {id(p) for p in opt.param_groups[1]["params"]} == b_ids
+
+
+def test_weight_decay_skips_biases_and_norm_weights():
+    model = tiny_bert(num_labels=2)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    opt = training.build_optimizer(model, TrainConfig(weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    kept = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert any(n.endswith("lora_A.default") for n in decayed) and "classifier.modules_to_save.default.weight" in decayed
+    assert kept == {"classifier.modules_to_save.default.bias"}
+    full = tiny_bert(num_labels=2)
+    opt = training.build_optimizer(full, TrainConfig(weight_decay=0.1))
+    undecayed = [p for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert undecayed and all(p.dim() == 1 for p in undecayed)  # LayerNorms and biases
+    assert len(training.build_optimizer(model, TrainConfig()).param_groups) == 1  # no decay: one group, as before
 
 
 def test_schedule_warms_up_then_decays_to_zero():
@@ -218,6 +254,19 @@ def test_resume_on_a_model_of_another_size_names_the_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"was trained on another model or head \(.*: \(\d+, 32\) there, \(\d+, 16\) here"):
         finetune(other, TOK, examples(), None, cfg, tmp_path, resume=True)
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+
+
+def test_resume_on_another_base_of_the_same_shape_is_refused(tmp_path):
+    cfg = config()
+    with pytest.raises(KeyError):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path,
+                 callback=lambda e: (_ for _ in ()).throw(KeyError) if e.get("step") == 5 else None)
+    files = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"the base model's weights differ"):
+        finetune(tiny_llama(seed=1), TOK, examples(), None, cfg, tmp_path, resume=True)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+    result = finetune(tiny_llama(), TOK, examples(), None, cfg, tmp_path, resume=True)  # the same base resumes
+    assert result.steps == cfg.steps
 
 
 def test_a_fresh_run_never_overwrites_a_trained_result_in_its_folder(tmp_path):
@@ -374,6 +423,15 @@ def test_real_smollm2_a_few_steps(tmp_path):
     result = finetune(model, tok, data, data, cfg, out_dir=tmp_path)
     assert result.eval_metrics["eval_loss"] < before
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_max_length_beyond_the_position_table_is_cut_to_it(caplog):
+    """tiny BERT has 64 positions: a 200-token text with --max-length 1024 trains instead of crashing."""
+    data = [{"text": "word " * 200, "label": i % 2} for i in range(4)]
+    cfg = TrainConfig(task="classification", steps=1, batch_size=2, max_length=1024, precision="fp32")
+    with caplog.at_level("WARNING", logger="lorakit.training"):
+        finetune(tiny_bert(num_labels=2), TOK, data, None, cfg)
+    assert "max_length=1024 (--max-length) exceeds the model's 64 positions" in caplog.text
 
 
 def test_binary_classification_eval_reports_matthews_correlation():

@@ -9,14 +9,15 @@ class ByteTokenizer:
     pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
     eos_token = "</s>"
 
-    def __init__(self, chat_template: str | None = None) -> None:
+    def __init__(self, chat_template: str | None = None, add_bos: bool = True) -> None:
         self.chat_template = chat_template
+        self.add_bos = add_bos  # False: like GPT-2's and SmolLM2's tokenizers, which add no BOS
 
     def encode(self, text: str) -> list[int]:
         return [3 + b % 125 for b in text.encode()]
 
     def __call__(self, text, text_pair=None, add_special_tokens=True, truncation=False, max_length=None):
-        ids = ([self.bos_token_id] if add_special_tokens else []) + self.encode(text)
+        ids = ([self.bos_token_id] if add_special_tokens and self.add_bos else []) + self.encode(text)
         if text_pair is not None:
             ids += [self.eos_token_id] + self.encode(text_pair)
         if truncation and max_length:

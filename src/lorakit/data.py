@@ -36,6 +36,8 @@ GLUE_LABELS: dict[str, list[str]] = {
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a ``.jsonl``/``.json`` (list of objects), ``.csv`` or ``.tsv`` file (header row) as dicts.
 
+    CSV and TSV use standard quoting (a field in double quotes may hold the delimiter, newlines and ``""``).
+
     Read as UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8" writes one). A JSON row that is
     not an object, or a CSV row with more fields than the header, is an error naming its line.
     """
@@ -60,7 +62,8 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [_json_object(row, f"{path}: item {i}") for i, row in enumerate(rows)]
     if suffix in (".csv", ".tsv"):
         with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, restkey=_EXTRA, **({"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}))
+            # standard quoting, as csv.writer and pandas write it; GLUE's unquoted .tsv files go through `load_glue`
+            reader = csv.DictReader(f, restkey=_EXTRA, **({"delimiter": "\t"} if suffix == ".tsv" else {}))
             rows = []
             for row in reader:
                 if _EXTRA in row:
@@ -163,10 +166,19 @@ def classification_examples(
     return out
 
 
+#: Between an E2E meaning representation and its reference, as in the LoRA paper's files: the prompt ends with it
+#: and the completion starts with a space, so a model without a chat template still sees where the answer begins.
+E2E_SEPARATOR = " ||"
+
+
+def _e2e_example(mr: str, ref: str) -> dict[str, str]:
+    return {"prompt": mr.strip() + E2E_SEPARATOR, "completion": " " + ref.strip()}
+
+
 def load_e2e(path: str | os.PathLike) -> list[dict[str, str]]:
     """E2E NLG CSV (``mr,ref``): meaning representation → reference sentence, one pair per row."""
     rows = read_records(Path(path))
-    return causal_examples(rows, "mr", "ref", source=str(path))
+    return [_e2e_example(ex["prompt"], ex["completion"]) for ex in causal_examples(rows, "mr", "ref", source=str(path))]
 
 
 def load_e2e_lora_format(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -180,7 +192,7 @@ def load_e2e_lora_format(path: str | os.PathLike) -> list[dict[str, str]]:
             mr, sep, ref = line.rstrip("\n").partition("||")
             if not sep:
                 raise ValueError(f"{path}:{n} has no '||' between the meaning representation and the reference")
-            out.append({"prompt": mr.strip(), "completion": ref.strip()})
+            out.append(_e2e_example(mr, ref))
     if not out:
         raise ValueError(f"{path} has no examples: the dataset is empty")
     return out
@@ -287,11 +299,32 @@ def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool | None = 
     return prompt
 
 
+def special_prefix(tokenizer: Any) -> list[int]:
+    """Ids the tokenizer puts before any text by default (a BOS token), which ``tokenizer(prompt)`` at inference sends."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start]
+    return []
+
+
+def encode_prompt(tokenizer: Any, text: str, prefix: list[int] | None = None) -> list[int]:
+    """Prompt ids as inference tokenizes them: the tokenizer's leading special tokens (BOS), unless the text (a chat
+    template) already starts with them, and no trailing ones (the completion follows). `prefix`: `special_prefix`."""
+    prefix = special_prefix(tokenizer) if prefix is None else prefix
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids if ids[: len(prefix)] == prefix else prefix + ids
+
+
 def encode_causal(
     tokenizer: Any, examples: list[dict[str, str]], max_length: int, use_chat_template: bool | None = None,
     source: str = "data",
 ) -> list[dict[str, list[int]]]:
     """Token ids and labels per example: labels copy the completion (+ EOS) and are -100 on the prompt.
+
+    The prompt starts with the tokenizer's BOS where ``tokenizer(prompt)`` would add one (`encode_prompt`), so
+    training sees the prompts that generation later sends.
 
     Too-long examples are cut from the end of the prompt's left side, so the completion survives.
     Examples left with no completion token to predict are an error when it is all of them, else a warning.
@@ -300,9 +333,10 @@ def encode_causal(
         raise ValueError("the dataset is empty: nothing to train or evaluate on")
     _require(examples, {"prompt": "prompt", "completion": "completion"}, source)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prefix = special_prefix(tokenizer)
     out, cut = [], 0
     for ex in examples:
-        prompt_ids = tokenizer(format_prompt(tokenizer, ex["prompt"], use_chat_template), add_special_tokens=False)["input_ids"]
+        prompt_ids = encode_prompt(tokenizer, format_prompt(tokenizer, ex["prompt"], use_chat_template), prefix)
         completion_ids = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + eos
         cut += len(prompt_ids) + len(completion_ids) > max_length
         completion_ids = completion_ids[:max_length - 1]

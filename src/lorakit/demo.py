@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from . import adapters, merging
+from .checkpoint import atomic_write_bytes
 from .config import LoraConfig
-from .data import format_prompt
+from .data import encode_prompt, format_prompt, special_prefix
 from .injection import inject
 from .training import TrainConfig, choose_precision, finetune
 
@@ -92,8 +93,9 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_token
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        texts = [format_prompt(tokenizer, p) for p in prompts]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        prefix = special_prefix(tokenizer)
+        ids = [encode_prompt(tokenizer, format_prompt(tokenizer, p), prefix) for p in prompts]  # as training saw them
+        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         model.eval()
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -144,6 +146,20 @@ def _peak_rss_mb() -> float:
 DEFAULT_STEPS = {"bf16": 16, "fp32": 12}
 
 
+#: What a demo writes into its folder; a re-run replaces them, and refuses a folder that holds anything else.
+DEMO_FILES = ("describe", "parse", "report.md", "loss.png")
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Refuse an output folder that holds more than an earlier demo's files (those the run replaces)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder: choose another path")
+    other = sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES) if out.is_dir() else []
+    if other:
+        raise ValueError(f"--out {str(out)!r} holds files that are not a lorakit demo's ({other[:5]}): choose another folder")
+
+
 def run_demo(
     model_name: str = "smollm2-135m",
     out_dir: str | Path = "lorakit-demo",
@@ -160,7 +176,10 @@ def run_demo(
     from .models import load_model, resolve_model_path
 
     t_start = time.perf_counter()
+    check_out_dir(out_dir)
     out = Path(out_dir)
+    for name in ("describe", "parse"):  # an earlier demo's runs: this one trains them again
+        shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
 
@@ -180,7 +199,7 @@ def run_demo(
         say(f"{steps} training steps per adapter (the default for a {precision} base; --steps sets it)")
     describe = build_task("describe", describe_example, n_train=steps * 8, n_test=n_test, seed=seed)
     parse = build_task("parse", parse_example, n_train=steps * 8, n_test=n_test, seed=seed + 10)
-    ids = tok(format_prompt(tok, describe.test[0]["prompt"]), return_tensors="pt").input_ids
+    ids = torch.tensor([encode_prompt(tok, format_prompt(tok, describe.test[0]["prompt"]))])
 
     say("\n## 1. The base model on held-out records (task: record → one sentence in the house style)")
     base_preds = {t.name: generate(model, tok, [ex["prompt"] for ex in t.test]) for t in (describe, parse)}
@@ -246,7 +265,7 @@ def run_demo(
     total = time.perf_counter() - t_start
     shutil.copyfile(out / "describe" / "loss.png", out / "loss.png")
     say(f"\ntotal time {total:.0f}s; report: {out / 'report.md'}, loss curve: {out / 'loss.png'}")
-    (out / "report.md").write_text("\n".join(lines) + "\n\n![training loss of the 'describe' adapter](loss.png)\n")
+    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n\n![training loss of the 'describe' adapter](loss.png)\n").encode())
     return {"base": base_scores, "tuned": {"describe": tuned_score, "parse": parse_score}, "trainable": trainable,
             "total_params": total_params, "peak_rss_mb": rss_peak, "adapter_mb": adapter_mb, "model_mb": model_mb,
             "latency": {"base": base_latency, "merged": merged_latency, "unmerged": unmerged_latency,

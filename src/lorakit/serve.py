@@ -26,6 +26,7 @@ from torch import nn
 
 from .adapters import delete_adapter, disable_adapters, list_adapters
 from .checkpoint import load_adapter
+from .data import encode_prompt, special_prefix
 from .multi import mixed_batch
 from .state import get_state
 
@@ -108,6 +109,7 @@ class Engine:
         self.max_context = max_context or getattr(getattr(model, "config", None), "max_position_embeddings", 2048)
         self.lock = threading.Lock()  # the model: one batch, load or unload at a time
         self.text_lock = threading.Lock()  # the tokenizer (a fast tokenizer is not safe across threads)
+        self.prefix = special_prefix(tokenizer)
 
     def adapters(self) -> list[str]:
         """Names a request's ``model`` field may take: ``base`` and every loaded adapter."""
@@ -133,7 +135,7 @@ class Engine:
                 raise RequestError(400, f"prompt {i} is not valid text: {e.reason} at character {e.start}") from e
             try:
                 with self.text_lock:
-                    ids.append(self.tokenizer(prompt)["input_ids"])
+                    ids.append(encode_prompt(self.tokenizer, prompt, self.prefix))  # as the trainer encodes prompts
             except (TypeError, ValueError) as e:
                 raise RequestError(400, f"prompt {i} cannot be tokenized: {e}") from e
         for i, row in enumerate(ids):

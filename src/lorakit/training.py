@@ -282,6 +282,27 @@ def peak_memory_mb(device: torch.device) -> float:
 
 # ---- loss ---------------------------------------------------------------------------------------------
 
+def _logits_are_head_of_decoder(model: nn.Module, decoder: nn.Module, head: nn.Module, batch: dict[str, Tensor]) -> bool:
+    """Whether the model's logits are its output head applied to its decoder's last hidden state, nothing after
+    (Gemma-2 soft-caps them, Cohere, Granite and FalconH1 scale them): checked once per model on one real row,
+    in eval mode (no dropout, no RNG drawn), and kept on the model."""
+    known = model.__dict__.get("_lorakit_plain_head")
+    if known is not None:
+        return known
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ids, mask = batch["input_ids"][:1], batch["attention_mask"][:1]
+            full = model(input_ids=ids, attention_mask=mask).logits.float()
+            mine = head(decoder(input_ids=ids, attention_mask=mask).last_hidden_state).float()
+    finally:
+        model.train(training)
+    plain = full.shape == mine.shape and bool(torch.allclose(full, mine, rtol=1e-3, atol=1e-3 * float(full.abs().max())))
+    model.__dict__["_lorakit_plain_head"] = plain
+    return plain
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
     """(mean token cross-entropy over labelled positions, their count).
 
@@ -294,8 +315,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, 
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     plain_head = (decoder is not None and decoder is not model and isinstance(head, nn.Linear)
-                  and getattr(model.config, "final_logit_softcapping", None) is None
-                  and getattr(model.config, "logit_scale", None) is None)
+                  and _logits_are_head_of_decoder(model, decoder, head, batch))
     if plain_head:
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         logits = head(hidden[:, :-1][keep])
@@ -363,17 +383,24 @@ def lr_schedule(total: int, warmup: float, schedule: str = "linear") -> Callable
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only; with LoRA+ (`lr_ratio_b` > 1) the B matrices get lr × ratio."""
+    """AdamW over the trainable parameters only; with LoRA+ (`lr_ratio_b` > 1) the B matrices get lr × ratio.
+
+    Weight decay applies to matrices only: biases and norm weights (1-D) are not decayed, as in the HF Trainer.
+    """
     b_ids: set[int] = set()
     if cfg.lr_ratio_b != 1.0 and get_state(model, required=False) is not None:
         b_ids = {id(p) for name, p in adapter_parameters(model).items() if ".lora_B." in name}
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: nothing to fine-tune")
-    groups = [{"params": [p for p in params if id(p) not in b_ids], "lr": cfg.lr}]
-    if b_ids:
-        groups.append({"params": [p for p in params if id(p) in b_ids], "lr": cfg.lr * cfg.lr_ratio_b})
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = []
+    for lr, members in ((cfg.lr, [p for p in params if id(p) not in b_ids]), (cfg.lr * cfg.lr_ratio_b, [p for p in params if id(p) in b_ids])):
+        if cfg.weight_decay:
+            groups += [{"params": [p for p in members if p.dim() >= 2], "lr": lr},
+                       {"params": [p for p in members if p.dim() < 2], "lr": lr, "weight_decay": 0.0}]
+        else:
+            groups.append({"params": members, "lr": lr})
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @torch.no_grad()
@@ -455,23 +482,27 @@ def finetune(
                          "delete those files")
     if resume and checkpoint is None:
         log.warning("no checkpoint in %s to resume from: starting from step 0", out)
+    max_length = _fit_positions(model, cfg.max_length)
     if cfg.task == "causal-lm":
         _require_causal_lm(model)
-        train_enc = encode_causal(tokenizer, train, cfg.max_length, cfg.use_chat_template, source="train data")
-        eval_enc = encode_causal(tokenizer, eval, cfg.max_length, cfg.use_chat_template, source="eval data") if eval else None
+        train_enc = encode_causal(tokenizer, train, max_length, cfg.use_chat_template, source="train data")
+        eval_enc = encode_causal(tokenizer, eval, max_length, cfg.use_chat_template, source="eval data") if eval else None
     else:
         num_labels = int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
         if not num_labels:
             raise ValueError("classification needs a model with config.num_labels (a sequence-classification head)")
-        train_enc = encode_classification(tokenizer, train, cfg.max_length, num_labels, source="train data")
-        eval_enc = encode_classification(tokenizer, eval, cfg.max_length, num_labels, source="eval data") if eval else None
+        train_enc = encode_classification(tokenizer, train, max_length, num_labels, source="train data")
+        eval_enc = encode_classification(tokenizer, eval, max_length, num_labels, source="eval data") if eval else None
     if cfg.eval_every and not eval_enc:
         log.warning("eval_every=%d but no eval data was given: nothing will be evaluated", cfg.eval_every)
-    # checkpoints record which data they were trained on, so a resume on other data is refused
-    data_sha = hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest() if out is not None else ""
+    # checkpoints record which data and which base weights they were trained on: a resume on others is refused
+    identity = {"data_sha256": hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()
+                if out is not None else ""}
 
     torch.manual_seed(cfg.seed)
     METHODS[cfg.method].prepare(model, cfg)  # raises for a method the model cannot take: no folder left behind
+    if out is not None:
+        identity["base_weights"] = base_fingerprint(model)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         finished.unlink(missing_ok=True)  # an earlier run's: this one is not finished until it saves
@@ -497,7 +528,7 @@ def finetune(
     named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     step = 0
     if checkpoint is not None:
-        step = _load_checkpoint(checkpoint, cfg, named_trainable, optimizer, scheduler, data_sha)
+        step = _load_checkpoint(checkpoint, cfg, named_trainable, optimizer, scheduler, identity)
         log.info("resumed from %s (step %d)", checkpoint, step)
     start_step = step
     if out is not None:
@@ -560,7 +591,7 @@ def finetune(
             _append_metrics(out, record)
             notify({"event": "eval", **record})
         if out is not None and cfg.save_every and step % cfg.save_every == 0 and step < total:
-            last_good = _save_checkpoint(out, step, model, cfg, named_trainable, optimizer, scheduler, last_good, data_sha)
+            last_good = _save_checkpoint(out, step, model, cfg, named_trainable, optimizer, scheduler, last_good, identity)
             notify({"event": "save", "step": step, "path": str(last_good)})
     if eval_enc and not cfg.eval_every:
         eval_metrics = evaluate(model, eval_enc, cfg, pad_id, compute)
@@ -627,7 +658,7 @@ def _check_finite(named: dict[str, nn.Parameter], step: int, last_good: Path | N
 
 def _save_checkpoint(
     out: Path, step: int, model: nn.Module, cfg: TrainConfig, named: dict[str, nn.Parameter],
-    optimizer: torch.optim.Optimizer, scheduler: Any, last_good: Path | None, data_sha: str = "",
+    optimizer: torch.optim.Optimizer, scheduler: Any, last_good: Path | None, identity: dict[str, str] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` into a temp folder and rename it into place; on failure keep the last one."""
     _check_finite(named, step, last_good)
@@ -646,7 +677,7 @@ def _save_checkpoint(
             for i, state in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda.{i}"] = state
         atomic_write_bytes(tmp / STATE_TENSORS, st_save(tensors))
-        meta = {"step": step, "config": cfg.to_dict(), "param_groups": opt["param_groups"], "data_sha256": data_sha,
+        meta = {"step": step, "config": cfg.to_dict(), "param_groups": opt["param_groups"], **(identity or {}),
                 "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}}
         if get_state(model, required=False) is not None:
             save_adapter(model, tmp / "adapter")
@@ -667,14 +698,17 @@ def _save_checkpoint(
 
 def _load_checkpoint(
     path: Path, cfg: TrainConfig, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
-    data_sha: str = "",
+    identity: dict[str, str] | None = None,
 ) -> int:
-    """Restore trainable weights, optimizer, scheduler and RNG from `path`; returns its step."""
+    """Restore trainable weights, optimizer, scheduler and RNG from `path`; returns its step.
+
+    `identity` (data and base-weight fingerprints) must match what the checkpoint recorded, where it did."""
     meta = json.loads((path / STATE_JSON).read_text())
     saved = {**TrainConfig().to_dict(), **meta["config"]}  # a field added since the checkpoint: its default
     changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in RESUME_FIELDS
                if json.loads(json.dumps(getattr(cfg, k))) != saved.get(k)]
-    if meta.get("data_sha256") and data_sha and meta["data_sha256"] != data_sha:
+    ident = identity or {}
+    if meta.get("data_sha256") and ident.get("data_sha256") and meta["data_sha256"] != ident["data_sha256"]:
         changed.append("the training data differ")
     if changed:
         raise ValueError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)}); "
@@ -688,6 +722,9 @@ def _load_checkpoint(
     if wrong:
         raise ValueError(f"checkpoint {path} was trained on another model or head ({'; '.join(wrong[:3])}): resume with "
                          "the same --model and --num-labels, or use a new --out folder")
+    if meta.get("base_weights") and ident.get("base_weights") and meta["base_weights"] != ident["base_weights"]:
+        raise ValueError(f"cannot resume from {path}: the base model's weights differ from the run's (another --model of "
+                         "the same shape, or loaded in another dtype?); resume with the same model, or use a new --out folder")
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(tensors[f"param.{n}"])
@@ -703,6 +740,27 @@ def _load_checkpoint(
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     return int(meta["step"])
+
+
+def _fit_positions(model: nn.Module, max_length: int) -> int:
+    """`max_length`, cut to the model's position table (BERT 512, GPT-2 1024) with a warning: longer inputs crash it."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and "roberta" in str(getattr(config, "model_type", "")):
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1  # RoBERTa's positions start after the padding index
+    if isinstance(limit, int) and 0 < limit < max_length:
+        log.warning("max_length=%d (--max-length) exceeds the model's %d positions (config.max_position_embeddings): "
+                    "using %d", max_length, limit, limit)
+        return limit
+    return max_length
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A digest of the frozen weights as loaded (each tensor's Σ|w| to 10 significant digits, in name order): another
+    base of the same shape differs (so does the same one loaded in another dtype)."""
+    sums = [f"{n}:{float(p.detach().abs().sum(dtype=torch.float64)):.10g}"
+            for n, p in sorted(model.named_parameters()) if not p.requires_grad and p.is_floating_point() and not p.is_meta]
+    return hashlib.sha256("\n".join(sums).encode()).hexdigest()
 
 
 # ---- metrics and plot ---------------------------------------------------------------------------------------
