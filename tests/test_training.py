@@ -231,11 +231,16 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert steps == list(range(1, 13))
 
 
+def _stopped_at_step_5(cfg: TrainConfig, out) -> None:
+    """A run in `out` interrupted (by an exception from its callback) after step 5, with its checkpoints."""
+    with pytest.raises(KeyError):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=out,
+                 callback=lambda e: (_ for _ in ()).throw(KeyError) if e.get("step") == 5 else None)
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     cfg = config()
-    with pytest.raises(KeyError):
-        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path,
-                 callback=lambda e: (_ for _ in ()).throw(KeyError) if e.get("step") == 5 else None)
+    _stopped_at_step_5(cfg, tmp_path)
     with pytest.raises(ValueError, match=r"lr: checkpoint 0.005 vs now 0.001"):
         finetune(tiny_llama(), TOK, examples(), None, TrainConfig(**{**cfg.to_dict(), "lr": 1e-3}), tmp_path, resume=True)
     for field, value in (("dropout", 0.3), ("max_grad_norm", 0.0), ("use_chat_template", False)):
@@ -245,9 +250,7 @@ def test_resume_refuses_changed_settings(tmp_path):
 
 def test_resume_on_a_model_of_another_size_names_the_shapes(tmp_path):
     cfg = config()
-    with pytest.raises(KeyError):
-        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path,
-                 callback=lambda e: (_ for _ in ()).throw(KeyError) if e.get("step") == 5 else None)
+    _stopped_at_step_5(cfg, tmp_path)
     files = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
@@ -258,9 +261,7 @@ def test_resume_on_a_model_of_another_size_names_the_shapes(tmp_path):
 
 def test_resume_on_another_base_of_the_same_shape_is_refused(tmp_path):
     cfg = config()
-    with pytest.raises(KeyError):
-        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path,
-                 callback=lambda e: (_ for _ in ()).throw(KeyError) if e.get("step") == 5 else None)
+    _stopped_at_step_5(cfg, tmp_path)
     files = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match=r"the base model's weights differ"):
         finetune(tiny_llama(seed=1), TOK, examples(), None, cfg, tmp_path, resume=True)
