@@ -325,3 +325,12 @@ def test_cli_analyze_refuses_an_out_file_and_names_baseline_folders(tmp_path, ca
     (tmp_path / "bitfit" / "trainable.safetensors").write_bytes(b"")
     assert main(["analyze", str(tmp_path / "bitfit"), "--out", str(tmp_path / "o")]) == 1
     assert "baseline" in capsys.readouterr().err
+
+
+def test_fused_and_whole_adapters_of_one_layer_get_a_message_that_says_so(tmp_path):
+    from conftest import tiny_gpt2
+
+    fused = _adapter(tmp_path, tiny_gpt2, "f", target_modules=["c_attn"], enable_lora={"c_attn": [True, False, True]})
+    whole = _adapter(tmp_path, tiny_gpt2, "w", target_modules=["c_attn"])
+    with pytest.raises(ValueError, match="same fused layers in different ways"):
+        analyze([fused, whole])

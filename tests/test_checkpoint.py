@@ -90,7 +90,8 @@ def test_folder_is_peft_layout(tmp_path):
     fields = json.loads((tmp_path / "adapter_config.json").read_text())
     assert fields["peft_type"] == "LORA" and fields["r"] == 4 and fields["lora_alpha"] == 8
     assert sorted(fields["target_modules"]) == ["embed_tokens", "q_proj", "v_proj"]
-    assert fields["rank_pattern"] == {"v_proj": 2} and fields["use_dora"] is False
+    # per-layer values as exact-path keys: no two keys match one module, so key order (PEFT re-sorts) cannot matter
+    assert fields["rank_pattern"] == {rf"model\.layers\.{i}\.self_attn\.v_proj": 2 for i in (0, 1)} and fields["use_dora"] is False
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
     assert tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].shape == (16, 2)

@@ -495,3 +495,38 @@ def test_peft_ensure_weight_tying_with_saved_modules_is_refused_by_name(tmp_path
     with pytest.raises(ValueError, match="ensure_weight_tying=True with modules_to_save"):
         lorakit.load_adapter(model, tmp_path)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(target_modules=["c_attn"], enable_lora={"c_attn": [True, False, True]}, alpha_pattern={"c_attn": 16}),
+    dict(target_modules=["c_attn"], enable_lora={"c_attn": [True, False, True]}, rank_pattern={r"h\.1\.attn\.c_attn": 2}),
+    dict(target_modules=["c_attn", "c_proj"], rank_pattern={"attn.c_proj": 2, "c_proj": 8}, alpha_pattern={"c_proj": 4}),
+], ids=["fused+alpha", "fused+rank", "overlapping-user-keys"])
+def test_lorakit_pattern_keys_mean_the_same_in_any_order(cfg, tmp_path):
+    """PEFT's save_pretrained re-sorts the pattern keys: the file must not depend on their order."""
+    torch.manual_seed(0)
+    model = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=4, alpha=8, **cfg))
+    _randomize(list(lorakit.adapter_parameters(model).values()))
+    ids = torch.randint(0, 128, (2, 7))
+    want = logits(model, ids)
+    lorakit.save_adapter(model, tmp_path)
+    fields = json.loads((tmp_path / "adapter_config.json").read_text())
+    for key in ("rank_pattern", "alpha_pattern"):
+        fields[key] = dict(reversed(list(fields[key].items())))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(fields))
+    assert _max_diff(logits(peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path).eval(), ids), want) <= TOL
+    assert _max_diff(logits(lorakit.load_adapter(tiny_gpt2(), tmp_path), ids), want) <= TOL
+
+
+def test_a_folder_written_before_exact_pattern_keys_still_matches_its_own_metadata(tmp_path, caplog):
+    """Older files list layers_to_transform and the user's keys; lorakit must still recover its fused slices."""
+    model = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=4, alpha=8, target_modules=["c_attn"], layers=[1],
+                                                          enable_lora={"c_attn": [True, False, True]}))
+    lorakit.save_adapter(model, tmp_path)
+    fields = json.loads((tmp_path / "adapter_config.json").read_text())
+    fields.update(target_modules=["c_attn"], layers_to_transform=[1], layers_pattern=None)  # the old way of writing it
+    (tmp_path / "adapter_config.json").write_text(json.dumps(fields))
+    with caplog.at_level(logging.WARNING):
+        loaded = lorakit.load_adapter(tiny_gpt2(), tmp_path)
+    assert "differs" not in caplog.text
+    assert loaded.transformer.h[1].attn.c_attn.lora_specs["default"].enabled == (True, False, True)

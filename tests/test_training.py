@@ -270,6 +270,27 @@ def test_resume_on_another_base_of_the_same_shape_is_refused(tmp_path):
     assert result.steps == cfg.steps
 
 
+def test_resume_on_the_same_model_object_after_a_bf16_run(tmp_path):
+    """The run cast the model's base to bf16 itself: resuming with that same object is the same base."""
+    cfg = TrainConfig(**{**config().to_dict(), "precision": "bf16"})
+    model = tiny_llama()
+    with pytest.raises(KeyError):
+        finetune(model, TOK, examples(), None, cfg, out_dir=tmp_path,
+                 callback=lambda e: (_ for _ in ()).throw(KeyError) if e.get("step") == 5 else None)
+    assert finetune(model, TOK, examples(), None, cfg, tmp_path, resume=True).steps == cfg.steps
+
+
+def test_resume_of_a_checkpoint_with_another_optimizer_layout_is_a_clear_error(tmp_path):
+    cfg = TrainConfig(**{**config().to_dict(), "weight_decay": 0.1, "modules_to_save": ["norm"]})
+    _stopped_at_step_5(cfg, tmp_path)
+    state_file = sorted(tmp_path.glob("checkpoint-*"))[-1] / training.STATE_JSON
+    meta = json.loads(state_file.read_text())
+    meta["param_groups"] = meta["param_groups"][:1]  # an older lorakit decayed every parameter in one group
+    state_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="its optimizer has 1 parameter groups and this run's has 2"):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, tmp_path, resume=True)
+
+
 def test_a_fresh_run_never_overwrites_a_trained_result_in_its_folder(tmp_path):
     lorakit.save_adapter(lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2)), tmp_path)
     files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

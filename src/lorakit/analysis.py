@@ -303,6 +303,12 @@ def check_comparable(a: AdapterInfo, b: AdapterInfo) -> list[str]:
             "subspace similarity only means something for the same base"
         )
     common = [p for p in a.layers if p in b.layers]
+    whole = {re.sub(r"\[[^\]]+\]$", "", p) for p in a.layers} & {re.sub(r"\[[^\]]+\]$", "", p) for p in b.layers}
+    if not common and whole:
+        raise ValueError(
+            f"the adapters adapt the same fused layers in different ways ({sorted(whole)[0]!r}): one slice by slice "
+            "(enable_lora, analysed as [q] / [v]), the other whole; compare adapters trained with the same enable_lora"
+        )
     if not common:
         raise ValueError(
             f"the adapters share no adapted layer ({a.path}: {list(a.layers)[:4]}…, {b.path}: {list(b.layers)[:4]}…); "

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from .adapters import PREFIX, activate, adapter_state_dict, peft_param_name
 from .config import LoraConfig
-from .functional import compress_sliced_B
+from .functional import compress_sliced_B, lora_scale
 from .injection import inject, plan, resolve_config, saved_name_matches
 from .layers import adapter_shapes, is_conv1d_gpt2
 from .saved import base_of, saved_copy
@@ -78,15 +79,18 @@ def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
     record = get_state(model).adapters[name]
     cfg = record.config
     modules = dict(model.named_modules())
+    # Per-layer ranks and alphas go in as one exact-path key per layer that differs from r / lora_alpha: PEFT takes
+    # the first matching key and re-sorts keys when it saves, so overlapping patterns would change meaning there.
+    # A fused layer adapted on n slices is stored as the equivalent dense rank-(n·r) LoRA.
     rank_pattern, alpha_pattern = {}, {}
-    for path in record.layers:  # fused slices are saved as the equivalent dense rank-(n_on·r) LoRA
+    for path in record.layers:
         spec = modules[path].lora_specs[name]
-        if spec.enabled is not None:
-            r_file = sum(spec.enabled) * spec.r
+        r_file = spec.r * (sum(spec.enabled) if spec.enabled is not None else 1)
+        alpha_file = spec.scale * (r_file**0.5 if spec.use_rslora else r_file)  # PEFT's alpha for the same scale
+        if r_file != cfg.r:
             rank_pattern[_exact(path)] = r_file
-            alpha_pattern[_exact(path)] = spec.scale * (r_file**0.5 if spec.use_rslora else r_file)
-    rank_pattern.update(cfg.rank_pattern)
-    alpha_pattern.update(cfg.alpha_pattern)
+        if not math.isclose(alpha_file, float(cfg.alpha), rel_tol=1e-9):
+            alpha_pattern[_exact(path)] = alpha_file
     base = cfg.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     targets, layers, layers_pattern = cfg.target_modules, cfg.layers, cfg.layers_pattern
     if layers is not None or layers_pattern:
@@ -288,11 +292,18 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Ten
     cannot express (``enable_lora`` slices); an edited JSON wins, with a warning.
     """
     fields, tensors, metadata = read_adapter_files(path)
-    return fields, tensors, config_of(path, fields, metadata)
+    return fields, tensors, config_of(path, fields, metadata, adapted_paths(tensors))
 
 
-def config_of(path: str | os.PathLike, fields: dict[str, Any], metadata: dict[str, str]) -> LoraConfig:
-    """The `LoraConfig` of an adapter folder from its config fields and safetensors metadata (see `read_adapter`)."""
+def adapted_paths(tensors: dict[str, Tensor]) -> list[str]:
+    """Module paths that an adapter file holds LoRA factors for (from its ``…lora_A.weight`` keys)."""
+    suffixes = (".lora_A.weight", ".lora_embedding_A")
+    return [k.removeprefix(PREFIX).removesuffix(s) for k in tensors for s in suffixes if k.endswith(s)]
+
+
+def config_of(path: str | os.PathLike, fields: dict[str, Any], metadata: dict[str, str], modules: list[str]) -> LoraConfig:
+    """The `LoraConfig` of an adapter folder from its config fields and safetensors metadata (see `read_adapter`);
+    `modules`: the adapted module paths (`adapted_paths`)."""
     try:
         cfg = from_peft_config(fields)
     except ValueError as e:
@@ -301,7 +312,7 @@ def config_of(path: str | os.PathLike, fields: dict[str, Any], metadata: dict[st
         raise ValueError(f"{path}: adapter_config.json has a field of the wrong type ({e}); compare it with PEFT's LoraConfig") from e
     if METADATA_KEY in metadata:
         saved = _saved_config(path, metadata[METADATA_KEY])
-        if saved is not None and _same_for_peft(saved, cfg):
+        if saved is not None and _same_for_peft(saved, cfg, modules):
             return saved.replace(base_model_name_or_path=cfg.base_model_name_or_path)
         log.warning("%s: adapter_config.json differs from the config lorakit saved with the weights; "
                     "using adapter_config.json, as PEFT does", path)
@@ -323,27 +334,27 @@ def _saved_config(path: str | os.PathLike, text: str) -> LoraConfig | None:
         return None
 
 
-def _same_for_peft(saved: LoraConfig, from_json: LoraConfig) -> bool:
-    """Whether `from_json` (read from adapter_config.json) is what `save_adapter` wrote for `saved`.
+def _same_for_peft(saved: LoraConfig, from_json: LoraConfig, modules: list[str]) -> bool:
+    """Whether `from_json` (read from adapter_config.json) says what `saved` says for the adapted `modules`.
 
-    Fused slices (`enable_lora`) are written as dense rank_pattern / alpha_pattern entries, so the
-    JSON patterns may hold more keys than `saved`'s when `saved` has slices.
+    Compared by what each module gets (the file's rank, the scale), since `to_peft_config` writes per-layer
+    values as exact-path patterns and fused slices as dense LoRA; a config with `layers` may have been written
+    as the list of adapted modules.
     """
     plain = ("r", "dropout", "exclude_modules", "bias", "lora_bias", "init", "use_rslora", "modules_to_save")
-    if saved.layers is not None or saved.layers_pattern:  # written as the list of adapted modules (`to_peft_config`)
-        if from_json.layers is not None or from_json.layers_pattern:
-            return False
-    else:
-        plain += ("target_modules", "layers", "layers_pattern")
     if any(getattr(saved, k) != getattr(from_json, k) for k in plain) or float(saved.alpha) != float(from_json.alpha):
         return False
-    for name in ("rank_pattern", "alpha_pattern"):
-        mine, theirs = getattr(saved, name), getattr(from_json, name)
-        if any(k not in theirs or float(theirs[k]) != float(v) for k, v in mine.items()):
-            return False
-        if not saved.enable_lora and set(theirs) != set(mine):
-            return False
-    return True
+    where = ("target_modules", "layers", "layers_pattern")
+    as_written = all(getattr(saved, k) == getattr(from_json, k) for k in where)
+    as_list = ((saved.layers is not None or bool(saved.layers_pattern)) and from_json.layers is None
+               and not from_json.layers_pattern and sorted(from_json.target_modules or []) == sorted(modules))
+    return (as_written or as_list) and all(_file_values(saved, m) == _file_values(from_json, m) for m in modules)
+
+
+def _file_values(cfg: LoraConfig, path: str) -> tuple[int, float]:
+    """(rank in the file, scale) of module `path` under `cfg`; fused slices are one dense rank-(n·r) LoRA."""
+    r, slices = cfg.rank_for(path), cfg.slices_for(path)
+    return r * (sum(slices) if slices else 1), round(lora_scale(cfg.alpha_for(path), r, cfg.use_rslora), 9)
 
 
 def read_adapter_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:

@@ -22,6 +22,7 @@ from .checkpoint import (
     METADATA_KEY,
     WEIGHTS_NAME,
     _sorted_metadata,
+    adapted_paths,
     atomic_write_bytes,
     config_of,
     read_adapter_files,
@@ -150,7 +151,7 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
     folder = Path(path)
     fields, tensors, metadata = read_adapter_files(folder)
     try:
-        cfg: LoraConfig | None = config_of(folder, fields, metadata)
+        cfg: LoraConfig | None = config_of(folder, fields, metadata, adapted_paths(tensors))
         loadable = "yes"
     except ValueError as e:
         cfg, loadable = None, str(e)

@@ -502,14 +502,14 @@ def finetune(
     torch.manual_seed(cfg.seed)
     METHODS[cfg.method].prepare(model, cfg)  # raises for a method the model cannot take: no folder left behind
     if out is not None:
-        identity["base_weights"] = base_fingerprint(model)
-    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         finished.unlink(missing_ok=True)  # an earlier run's: this one is not finished until it saves
     device = next(model.parameters()).device
     precision, why = choose_precision(cfg.precision, device)
     if precision == "bf16":  # frozen base in bf16, adapters and heads fp32; all-trainable models autocast instead
         cast_base(model, torch.bfloat16)
+    if out is not None:  # in the dtype the run trains in: the same model resumed as bf16 or fp32 agrees
+        identity["base_weights"] = base_fingerprint(model)
     compute = "bf16_autocast" if precision == "bf16" and all(p.requires_grad for p in model.parameters()) else precision
     if cfg.grad_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5: the old name is deprecated
@@ -724,7 +724,7 @@ def _load_checkpoint(
                          "the same --model and --num-labels, or use a new --out folder")
     if meta.get("base_weights") and ident.get("base_weights") and meta["base_weights"] != ident["base_weights"]:
         raise ValueError(f"cannot resume from {path}: the base model's weights differ from the run's (another --model of "
-                         "the same shape, or loaded in another dtype?); resume with the same model, or use a new --out folder")
+                         "the same shape?); resume with the same model, or use a new --out folder")
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(tensors[f"param.{n}"])
@@ -733,6 +733,10 @@ def _load_checkpoint(
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
+    if len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"cannot resume from {path}: its optimizer has {len(meta['param_groups'])} parameter groups and "
+                         f"this run's has {len(optimizer.param_groups)} (a checkpoint of an older lorakit: since 2026-12-02 "
+                         "weight decay leaves biases and norms out, in a group of their own); use a new --out folder")
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     torch.set_rng_state(tensors["rng.torch"])
@@ -756,8 +760,8 @@ def _fit_positions(model: nn.Module, max_length: int) -> int:
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """A digest of the frozen weights as loaded (each tensor's Σ|w| to 10 significant digits, in name order): another
-    base of the same shape differs (so does the same one loaded in another dtype)."""
+    """A digest of the frozen weights (each tensor's Σ|w| to 10 significant digits, in name order), taken in the
+    run's training dtype: another base of the same shape differs."""
     sums = [f"{n}:{float(p.detach().abs().sum(dtype=torch.float64)):.10g}"
             for n, p in sorted(model.named_parameters()) if not p.requires_grad and p.is_floating_point() and not p.is_meta]
     return hashlib.sha256("\n".join(sums).encode()).hexdigest()
