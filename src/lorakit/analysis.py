@@ -236,13 +236,29 @@ def adapter_updates(path: str | os.PathLike) -> AdapterInfo:
         d_slice = B.shape[0] // len(slices)
         on = [i for i, flag in enumerate(slices) if flag]
         for j, i in enumerate(on):  # slice i's update is B[rows of i, columns of j]·A[rows of j]
-            name = "qkv"[i] if len(slices) == 3 else f"{i}/{len(slices)}"
-            info.layers[f"{mpath}[{name}]"] = LayerUpdate(
+            info.layers[slice_path(mpath, i, len(slices))] = LayerUpdate(
                 A[j * r : (j + 1) * r], B[i * d_slice : (i + 1) * d_slice, j * r : (j + 1) * r], scale
             )
     if not info.layers:
         raise ValueError(f"adapter {path} holds no LoRA A/B tensors to analyse")
     return info
+
+
+_SLICE = re.compile(r"(?P<path>.+)\[(?P<slice>[qkv]|\d+/\d+)\]")
+
+
+def slice_path(path: str, i: int, n: int) -> str:
+    """The name of output slice `i` of `n` of the fused projection at `path`: ``c_attn[q]`` (3 slices) or ``w[1/4]``."""
+    return f"{path}[{'qkv'[i] if n == 3 else f'{i}/{n}'}]"
+
+
+def split_slice(path: str) -> tuple[str, tuple[int, int] | None]:
+    """(module path, (slice i, of n)) of a `slice_path` name; (path, None) for a whole module."""
+    match = _SLICE.fullmatch(path)
+    if match is None:
+        return path, None
+    part = match["slice"]
+    return match["path"], ("qkv".index(part), 3) if part in "qkv" else tuple(map(int, part.split("/")))
 
 
 def _natural_key(path: str) -> list:
@@ -266,15 +282,14 @@ def base_weight(model: nn.Module, mpath: str) -> Tensor:
     ``<path>[q]`` is a slice of a fused projection (see `adapter_updates`). On a merged lorakit model this is
     the exact W0 it keeps while merged, not W0 + ΔW.
     """
-    match = re.fullmatch(r"(?P<path>.+)\[(?P<slice>[qkv]|\d+/\d+)\]", mpath)
-    module_path = match["path"] if match else mpath
+    module_path, part = split_slice(mpath)
     module = dict(model.named_modules()).get(module_path)
     if module is None or not isinstance(getattr(module, "weight", None), Tensor):
         raise ValueError(f"the base model has no weight at {module_path!r}: the adapter was trained on another model")
     W = module._buffers.get("lora_w0", module.weight).detach()
     W = W.T if (is_conv1d_gpt2(module) or isinstance(module, nn.Embedding)) else W.flatten(1)
-    if match:  # slice i of n equal output slices
-        i, n = ("qkv".index(match["slice"]), 3) if match["slice"] in "qkv" else map(int, match["slice"].split("/"))
+    if part is not None:  # slice i of n equal output slices
+        i, n = part
         d = W.shape[0] // n
         W = W[i * d : (i + 1) * d]
     return W
@@ -303,7 +318,7 @@ def check_comparable(a: AdapterInfo, b: AdapterInfo) -> list[str]:
             "subspace similarity only means something for the same base"
         )
     common = [p for p in a.layers if p in b.layers]
-    whole = {re.sub(r"\[[^\]]+\]$", "", p) for p in a.layers} & {re.sub(r"\[[^\]]+\]$", "", p) for p in b.layers}
+    whole = {split_slice(p)[0] for p in a.layers} & {split_slice(p)[0] for p in b.layers}
     if not common and whole:
         raise ValueError(
             f"the adapters adapt the same fused layers in different ways ({sorted(whole)[0]!r}): one slice by slice "

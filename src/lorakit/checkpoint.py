@@ -86,7 +86,8 @@ def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
     for path in record.layers:
         spec = modules[path].lora_specs[name]
         r_file = spec.r * (sum(spec.enabled) if spec.enabled is not None else 1)
-        alpha_file = spec.scale * (r_file**0.5 if spec.use_rslora else r_file)  # PEFT's alpha for the same scale
+        # a fused layer's alpha for PEFT: the one that gives the same scale at the dense rank
+        alpha_file = spec.alpha if spec.enabled is None else spec.scale * (r_file**0.5 if spec.use_rslora else r_file)
         if r_file != cfg.r:
             rank_pattern[_exact(path)] = r_file
         if not math.isclose(alpha_file, float(cfg.alpha), rel_tol=1e-9):
@@ -97,7 +98,7 @@ def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
         # PEFT refuses layers_to_transform beside a regex or "all-linear", layers_pattern without layers, and
         # finds no block index at the top level of a path ("layers.1.q"): name the adapted modules instead
         targets, layers, layers_pattern = list(record.layers), None, None
-    fields = {
+    return {
         "peft_type": "LORA",
         "task_type": None,
         # what PEFT writes without a task type: AutoPeftModel builds the base from this class and `base_model_name_or_path`
@@ -121,7 +122,6 @@ def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
         "use_dora": False,
         "inference_mode": True,
     }
-    return dict(sorted(fields.items()))  # fields in key order; pattern dicts keep theirs (PEFT takes the first match)
 
 
 def _exact(path: str) -> str:
@@ -263,7 +263,7 @@ def save_adapter(
     cfg = get_state(model).adapters[name].config
     metadata = {"format": "pt", METADATA_KEY: json.dumps(cfg.to_dict())}
     folder.mkdir(parents=True, exist_ok=True)
-    config_text = json.dumps(to_peft_config(model, name), indent=2) + "\n"
+    config_text = json.dumps(to_peft_config(model, name), indent=2, sort_keys=True) + "\n"
     atomic_write_files({folder / WEIGHTS_NAME: _sorted_metadata(st_save(tensors, metadata=metadata)),
                         folder / CONFIG_NAME: config_text.encode()})
     return folder
