@@ -334,3 +334,76 @@ def test_fused_and_whole_adapters_of_one_layer_get_a_message_that_says_so(tmp_pa
     whole = _adapter(tmp_path, tiny_gpt2, "w", target_modules=["c_attn"])
     with pytest.raises(ValueError, match="same fused layers in different ways"):
         analyze([fused, whole])
+
+
+def test_an_encoder_decoders_two_stacks_get_their_own_figures_and_panels(tmp_path):
+    import transformers
+
+    def bart():
+        torch.manual_seed(0)
+        cfg = transformers.BartConfig(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                                      decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+        return transformers.BartModel(cfg)
+
+    a, b = (_adapter(tmp_path, bart, n, s, target_modules=["q_proj"]) for n, s in (("a", 0), ("b", 1)))
+    result = analyze([a, b])
+    from lorakit.analysis import weight_groups
+
+    groups = weight_groups(list(result.similarity))
+    assert set(groups) == {"self_attn.q_proj (encoder)", "self_attn.q_proj (decoder)", "encoder_attn.q_proj"}
+    assert sorted(p for ps in groups.values() for p in ps) == sorted(result.similarity)
+    out = tmp_path / "report"
+    assert main(["analyze", a, b, "--out", str(out)]) == 0
+    assert (out / "similarity_self_attn.q_proj_encoder.png").is_file() and (out / "similarity_self_attn.q_proj_decoder.png").is_file()
+
+
+def test_untrained_factors_get_no_subspace_and_the_other_layers_are_still_drawn(tmp_path):
+    a = _adapter(tmp_path, tiny_llama, "a", 0, target_modules=["q_proj"])
+    model = lorakit.load_adapter(tiny_llama(), _adapter(tmp_path, tiny_llama, "b", 1, target_modules=["q_proj"]))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B["default"].zero_()  # ΔW = 0 on layer 0
+        model.model.layers[1].self_attn.q_proj.lora_A["default"].zero_()  # A = 0 on layer 1: no row space at all
+    b = str(lorakit.save_adapter(model, tmp_path / "b0"))
+    result = analyze([a, b])
+    assert list(result.similarity) == ["model.layers.0.self_attn.q_proj"] and not result.delta_similarity
+    out = tmp_path / "report"
+    assert main(["analyze", a, b, "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert (out / "similarity_q_proj.png").is_file() and "A = 0 in an adapter" in report
+    assert "(not drawn, untrained in an adapter: model.layers.1.self_attn.q_proj)" in report
+
+
+def test_analysis_inputs_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="a list of one or two adapter folders"):
+        analyze(str(tmp_path))
+    with pytest.raises(ValueError, match=r"A1 must be a matrix"):
+        subspace_similarity(torch.ones(3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        amplification(torch.ones(3, 3), torch.full((3, 3), float("nan")))
+    phi = subspace_similarity(torch.eye(3)[:2].numpy(), torch.eye(3)[:2])  # numpy arrays are fine
+    assert phi[-1, -1] == pytest.approx(1.0)
+
+
+def test_adapters_whose_output_sizes_differ_are_not_the_same_base(tmp_path):
+    def kv(heads: int):
+        def build():
+            torch.manual_seed(0)
+            cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=heads)
+            return transformers.LlamaForCausalLM(cfg)
+        return build
+
+    import transformers
+
+    a = _adapter(tmp_path, kv(2), "a", target_modules=["v_proj"])
+    b = _adapter(tmp_path, kv(4), "b", target_modules=["v_proj"])
+    with pytest.raises(ValueError, match="output size 16 .* but 32 .*not the same base model"):
+        analyze([a, b])
+
+
+def test_analyze_out_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    a = _adapter(tmp_path, tiny_llama, "a", target_modules=["q_proj"])
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", a, "--out", "~/rep"]) == 0
+    assert (tmp_path / "rep" / "report.md").is_file() and not (tmp_path / "~").exists()

@@ -18,6 +18,7 @@ import lorakit.checkpoint as ckpt
 from conftest import BUILDERS, logits, tiny_bert, tiny_gpt2, tiny_llama
 from lorakit.adapters import randomize_adapters
 from lorakit.layers import LoraLayer
+from lorakit.state import get_state
 
 CONFIGS = {
     "llama": lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], rank_pattern={"v_proj": 2}),
@@ -453,3 +454,64 @@ def test_save_adapter_bad_dtype_or_file_path_is_a_clear_error_and_home_is_expand
     monkeypatch.setenv("HOME", str(tmp_path))
     assert lorakit.save_adapter(model, "~/home_adapter") == tmp_path / "home_adapter"
     assert (tmp_path / "home_adapter" / "adapter_config.json").is_file()
+
+
+def test_saving_while_merged_writes_the_unmerged_trained_bias_and_lora_bias(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    fresh = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    fresh.load_state_dict(model.state_dict())
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["0"], bias="lora_only", lora_bias=True))
+    randomize_adapters(model, std=0.3, seed=1)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        model[0].bias.add_(0.5)
+        ref = model(x)
+    unmerged = {k: v.clone() for k, v in lorakit.adapter_state_dict(model).items()}
+    lorakit.merge(model)
+    lorakit.save_adapter(model, tmp_path / "a")
+    assert all(torch.equal(unmerged[k], v) for k, v in load_file(tmp_path / "a" / ckpt.WEIGHTS_NAME).items())
+    lorakit.load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(fresh(x), ref, rtol=0, atol=1e-6)
+
+
+def test_a_fused_layers_lora_bias_is_written_as_applied_zero_on_slices_it_leaves_alone():
+    model = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=2, target_modules=["c_attn"], enable_lora={"c_attn": [True, False, True]},
+                                                           lora_bias=True))
+    randomize_adapters(model, std=0.1, seed=0)  # fills the k slice of the bias too, which never trains
+    bias = lorakit.adapter_state_dict(model)["base_model.model.transformer.h.0.attn.c_attn.lora_B.bias"]
+    q, k, v = bias.chunk(3)
+    assert q.abs().sum() > 0 and v.abs().sum() > 0 and torch.equal(k, torch.zeros_like(k))
+
+
+def _with_base_embedding(model: nn.Module, folder: Path) -> Path:
+    """`folder`'s embedding adapter plus a base embedding that differs from the model's (as PEFT saves a resized one)."""
+    tensors = load_file(folder / ckpt.WEIGHTS_NAME)
+    tensors["base_model.model.model.embed_tokens.base_layer.weight"] = model.model.embed_tokens.weight.detach() + 0.5
+    save_file(tensors, folder / ckpt.WEIGHTS_NAME)
+    return folder
+
+
+@pytest.mark.parametrize("how", ["delete", "unload", "disable"])
+def test_a_base_embedding_loaded_from_a_file_is_put_back_on_delete_unload_and_inside_disable(tmp_path, how, input_ids):
+    source = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    randomize_adapters(source, std=0.1, seed=0)
+    folder = _with_base_embedding(tiny_llama(), lorakit.save_adapter(source, tmp_path / "a"))
+    model, base = tiny_llama(), tiny_llama()
+    lorakit.load_adapter(model, folder)
+    assert not torch.equal(logits(model, input_ids), logits(base, input_ids))
+    if how == "disable":
+        with lorakit.disable_adapters(model):
+            torch.testing.assert_close(logits(model, input_ids), logits(base, input_ids), rtol=0, atol=0)
+        return
+    model = lorakit.unload(model) if how == "unload" else model
+    if how == "delete":
+        lorakit.delete_adapter(model, "default")
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_layers_empty_means_every_block_and_a_full_path_target_ignores_layers():
+    every = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"], layers=[]))
+    assert len(get_state(every).adapters["default"].layers) == 2
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], layers=[0]))
+    assert get_state(model).adapters["default"].layers == ["model.layers.0.self_attn.q_proj", "lm_head"]

@@ -260,7 +260,8 @@ def test_finetune_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys, m
 
     def interrupted(model, tokenizer, train, eval_data, cfg, out_dir, resume, callback):
         (Path(out_dir) / "checkpoint-4").mkdir(parents=True)
-        (Path(out_dir) / "checkpoint-4" / training.STATE_JSON).write_text("{}")
+        (Path(out_dir) / "checkpoint-4" / training.STATE_JSON).write_text('{"step": 4, "config": {}}')
+        (Path(out_dir) / "checkpoint-4" / training.STATE_TENSORS).write_bytes(b"")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, None))
@@ -285,3 +286,13 @@ def test_hub_reachable_reads_offline_mode_and_dns(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: (_ for _ in ()).throw(socket.gaierror(-2, "unknown")))
     assert not hub_reachable()
+
+
+def test_a_local_model_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    from lorakit.models import resolve_model_path
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("m") == resolve_model_path("./m") == str((tmp_path / "m").resolve())
+    assert resolve_model_path("org/some-hub-id") == "org/some-hub-id"

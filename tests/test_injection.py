@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import lorakit
@@ -59,6 +60,16 @@ def test_default_targets_bert_are_query_and_value():
     assert sorted(_adapted(model)) == sorted(
         f"bert.encoder.layer.{i}.attention.self.{n}" for i in (0, 1) for n in ("query", "value")
     )
+
+
+@pytest.mark.parametrize(("name", "kwargs", "expected"), [
+    ("MPNetModel", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64), {"q", "v"}),
+    ("CodeGenModel", dict(n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=64), {"qkv_proj"}),
+])
+def test_default_targets_match_each_architectures_own_layer_names(name, kwargs, expected):
+    cls = getattr(transformers, name)
+    model = cls(cls.config_class(vocab_size=64, **kwargs))
+    assert {p.rsplit(".", 1)[-1] for p in _adapted(lorakit.inject(model, lorakit.LoraConfig(r=2)))} == expected
 
 
 def test_default_targets_fall_back_on_common_names_without_a_config():
@@ -313,7 +324,7 @@ def test_targets_restricted_by_layers_to_nothing_name_the_layers():
 def test_unsupported_target_type_is_refused_before_any_change():
     model = tiny_llama()
     before = _snapshot(model)
-    with pytest.raises(ValueError, match=r"LlamaRMSNorm.*It holds no such layer; the adaptable layers of this model are "
+    with pytest.raises(ValueError, match=r"LlamaRMSNorm.*It holds no layer lorakit can adapt; the adaptable layers of this model are "
                                          r"named \['embed_tokens', 'q_proj'"):
         lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "input_layernorm"]))
     with pytest.raises(ValueError, match=r"LlamaAttention.*Name the linear layers inside it instead, e.g. \['q_proj'"):

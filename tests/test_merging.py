@@ -159,3 +159,65 @@ def test_meta_device_model_forwards_merges_and_unloads_without_memory():
     plain = lorakit.merge_and_unload(model)
     assert [type(m) for m in plain.modules()] == classes
     assert all(p.is_meta for p in plain.parameters())
+
+
+class _TwoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def _biased() -> tuple[nn.Module, nn.Module]:
+    """(adapted model with a trained bias and a lora_bias on `a`, a plain copy of its base)."""
+    torch.manual_seed(0)
+    base = _TwoLinear()
+    model = _TwoLinear()
+    model.load_state_dict(base.state_dict())
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["a"], bias="lora_only", lora_bias=True))
+    randomize_adapters(model, std=0.3, seed=1)
+    with torch.no_grad():
+        model.a.bias.add_(0.5)  # as training would move it
+    return model, base
+
+
+def test_disable_adapters_on_a_merged_model_with_trained_biases_gives_the_base_and_restores_after():
+    model, base = _biased()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        ref = model(x)
+        lorakit.merge(model)
+        with lorakit.disable_adapters(model):
+            torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
+        lorakit.unmerge(model)
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
+
+
+def test_adapters_cannot_change_inside_disable_adapters_and_a_nested_block_is_a_no_op():
+    model = _adapted("llama", None)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter="b")
+    lorakit.set_adapter(model, "default")
+    lorakit.merge(model)
+    with lorakit.disable_adapters(model):
+        for action in (lambda: lorakit.set_adapter(model, "b"), lambda: lorakit.delete_adapter(model, "default"),
+                       lambda: lorakit.inject(model, lorakit.LoraConfig(r=2), adapter="c"), lambda: lorakit.merge(model)):
+            with pytest.raises(ValueError, match="inside a disable_adapters block"):
+                action()
+        with lorakit.disable_adapters(model):
+            pass
+        assert all(layer.lora_disabled for layer in model.modules() if isinstance(layer, LoraLayer))
+    assert lorakit.active_adapters(model) == ["default"]
+    assert all(layer.merged_adapters == ["default"] and not layer.lora_disabled
+               for layer in model.modules() if isinstance(layer, LoraLayer) and "default" in layer.lora_specs)
+
+
+def test_merge_of_an_unknown_adapter_is_an_error_naming_the_adapters():
+    model = _adapted("llama", None)
+    before = _weights(model)
+    for names in ("typo", ["default", "typo"]):
+        with pytest.raises(ValueError, match=r"cannot merge \['typo'\]: no such adapter.*\['default'\]"):
+            lorakit.merge(model, names)
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())

@@ -566,3 +566,60 @@ def test_combine_cat_or_linear_with_a_rank_is_refused():
         with pytest.raises(ValueError, match="rank applies to method='svd' only"):
             lorakit.combine_adapters(model, {"a": 0.5, "b": 0.5}, name="ab", method=method, rank=2)
     assert lorakit.list_adapters(model) == ["a", "b"]
+
+
+def test_a_scaled_word_embeddings_update_is_scaled_like_its_lookup_unmerged_merged_and_per_row():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False)
+    model = transformers.GemmaForCausalLM(cfg).eval()  # its embedding multiplies the lookup by √64 = 8
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["embed_tokens"]), adapter="a")
+    randomize_adapters(model, std=0.1, seed=0)
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    unmerged = logits(model, ids)
+    with lorakit.mixed_batch(model, ["a", "a"]):
+        mixed = logits(model, ids)
+    lorakit.merge(model)
+    torch.testing.assert_close(unmerged, logits(model, ids), rtol=0, atol=1e-4)
+    torch.testing.assert_close(mixed, unmerged, rtol=0, atol=1e-4)
+
+
+def test_a_conv_adapter_no_row_uses_does_not_block_a_mixed_batch():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.conv = torch.nn.Linear(4, 4), torch.nn.Conv1d(4, 4, 1)
+
+        def forward(self, x):
+            return self.lin(x) + self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+    model = Net()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["lin"]), adapter="lin")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["conv"]), adapter="cv")
+    randomize_adapters(model, std=0.3, seed=0)
+    x = torch.randn(2, 3, 4)
+    lorakit.set_adapter(model, "lin")
+    with torch.no_grad():
+        ref = model(x)
+        with lorakit.mixed_batch(model, ["lin", "lin"]):
+            torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="supports linear and embedding LoRA layers, not Conv1d"), \
+                lorakit.mixed_batch(model, ["cv", None]):
+            pass
+
+
+def test_a_layer_that_sees_flattened_tokens_is_named_in_the_mixed_batch_error():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expert = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.expert(x.reshape(-1, x.shape[-1]))  # (b·T, d): rows of the batch no longer apart
+
+    model = lorakit.inject(Net(), lorakit.LoraConfig(r=2, target_modules=["expert"]), adapter="a")
+    rows = pytest.raises(ValueError, match=r"layer 'expert' got a batch of 6 rows.*mixture-of-experts.*exclude_modules")
+    with lorakit.mixed_batch(model, ["a", None]), torch.no_grad(), rows:
+        model(torch.randn(2, 3, 4))

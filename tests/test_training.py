@@ -524,3 +524,74 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path):
     with pytest.raises(ValueError, match=r"holds a run that finished at step 12"):
         finetune(tiny_llama(), TOK, examples(), None, dataclasses.replace(config(), save_every=0), out_dir=tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
+def test_finetune_refuses_several_active_adapters_before_any_step(tmp_path):
+    model = tiny_llama()
+    for name in ("a", "b"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2), adapter=name)
+    lorakit.set_adapter(model, ["a", "b"])
+    with pytest.raises(ValueError, match=r"one adapter, but 2 are active \(\['a', 'b'\]\).*set_adapter"):
+        finetune(model, TOK, examples(), None, config(), out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_other_tools_checkpoint_folders_and_metrics_are_left_alone(tmp_path, caplog):
+    hf = tmp_path / "checkpoint-1"  # Hugging Face's Trainer names its checkpoints the same way
+    hf.mkdir()
+    (hf / training.STATE_JSON).write_text('{"global_step": 1, "log_history": []}')
+    cfg = dataclasses.replace(config(), steps=6, save_every=2, keep_checkpoints=1)
+    finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path, resume=True)  # nothing of ours to resume
+    assert hf.is_dir() and latest_checkpoint(tmp_path).name == "checkpoint-4"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text("my own notes\n")
+    with pytest.raises(ValueError, match=r"already holds a trained result \(metrics.jsonl\)"):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=mine)
+    assert (mine / "metrics.jsonl").read_text() == "my own notes\n"
+
+
+def test_a_damaged_checkpoint_is_a_clear_error_on_resume(tmp_path):
+    cfg = dataclasses.replace(config(), steps=4, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path,
+                 callback=lambda e: (_ for _ in ()).throw(KeyboardInterrupt) if e["event"] == "save" else None)
+    state = latest_checkpoint(tmp_path) / training.STATE_TENSORS
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"checkpoint-2 is damaged .*delete that folder"):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path, resume=True)
+
+
+def test_resume_sees_changed_data_given_as_any_sequence_and_columns_are_refused(tmp_path):
+    class Rows:  # like datasets.Dataset: indexable, iterable, its str() a summary of the columns only
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+        def __str__(self):
+            return "Dataset({features: ['prompt', 'completion'], num_rows: 20})"
+
+    cfg = dataclasses.replace(config(), steps=4, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_llama(), TOK, Rows(examples()), None, cfg, out_dir=tmp_path,
+                 callback=lambda e: (_ for _ in ()).throw(KeyboardInterrupt) if e["event"] == "save" else None)
+    other = [{"prompt": f"m={i}", "completion": "x"} for i in range(20)]
+    with pytest.raises(ValueError, match="the training data differ"):
+        finetune(tiny_llama(), TOK, Rows(other), None, cfg, out_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="one dict per example"):
+        finetune(tiny_llama(), TOK, {"prompt": ["a"], "completion": ["b"]}, None, cfg)
+
+
+def test_classification_max_length_must_leave_room_for_text_and_cut_examples_are_counted(caplog):
+    data = [{"text": "a long text " * 5, "label": 0}, {"text": "short", "label": 1}]
+    with pytest.raises(ValueError, match=r"max_length=1 .*adds 1 special tokens; raise it to at least 2"):
+        encode_classification(TOK, data, 1, 2)
+    with caplog.at_level("WARNING", logger="lorakit.data"):
+        out = encode_classification(TOK, data, 8, 2)
+    assert [len(x["input_ids"]) for x in out] == [8, 6]
+    assert "1 of 2 examples are longer than max_length=8" in caplog.text

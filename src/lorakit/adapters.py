@@ -144,15 +144,23 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
         else:
             out[f"{PREFIX}{path}.lora_A.weight"] = A
             out[f"{PREFIX}{path}.lora_B.weight"] = B
-        if name in layer.lora_B_bias:
-            out[f"{PREFIX}{path}.lora_B.bias"] = layer.lora_B_bias[name].detach()
+        if name in layer.lora_B_bias:  # as the layer applies it: zero on fused slices the adapter leaves alone
+            out[f"{PREFIX}{path}.lora_B.bias"] = layer.lora_bias(name).detach()
     for path in record.saved_modules:
         for key, t in saved_copy(model, path, name).state_dict().items():
             out[f"{PREFIX}{path}.{key}"] = t.detach()
     params = dict(model.named_parameters())
     for pname in record.bias_params + record.base_params:
-        out[f"{PREFIX}{peft_param_name(pname, record.layers)}"] = params[pname].detach()
+        out[f"{PREFIX}{peft_param_name(pname, record.layers)}"] = _unmerged_value(modules, pname, params[pname])
     return out
+
+
+def _unmerged_value(modules: dict[str, nn.Module], pname: str, param: Tensor) -> Tensor:
+    """`param`'s value without merged updates: a merged layer's weight and bias hold W0 + ΔW, its exact
+    pre-merge copies (``lora_w0``, ``lora_b0``) what an adapter file must carry."""
+    path, _, leaf = pname.rpartition(".")
+    kept = modules[path]._buffers.get({"weight": "lora_w0", "bias": "lora_b0"}.get(leaf, ""))
+    return (kept if kept is not None else param).detach()
 
 
 def peft_param_name(pname: str, adapted: list[str]) -> str:
@@ -191,28 +199,38 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes as its base (merged adapters are unmerged, trained biases
-    hold their base values, saved modules are the base modules; all restored after)."""
+    hold their base values, saved modules are the base modules; all restored after). Adapters cannot be
+    changed inside it (its exit restores them as they were); a nested block changes nothing."""
+    state = get_state(model, required=False)
+    if state is not None and state.open_block == "disable_adapters":
+        yield model
+        return
     check_not_mixed(model, "disable adapters")  # the block's hooks rely on the layers' switches
     layers = [layer for _, layer in lora_layers(model)]
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
-    disabled = {id(layer): layer.lora_disabled for layer in layers}  # a nested block restores the outer one's
+    disabled = {id(layer): layer.lora_disabled for layer in layers}
     heads = [(module, module.active) for module in wrappers(model)]
-    state = get_state(model, required=False)
     params = dict(model.named_parameters())
-    trained = {n: params[n].detach().clone() for r in (state.adapters.values() if state else ()) for n in r.bias_values}
+    records = list(state.adapters.values()) if state else []
+    changed: dict[str, Tensor] = {}
     try:
-        for record in state.adapters.values() if state else ():
-            restore_biases(model, record)
-        for layer in layers:
+        for layer in layers:  # unmerged first: a merged bias holds its adapter's lora_bias too
             for name in reversed(merged[id(layer)]):
                 layer.unmerge_adapter(name)
             layer.lora_disabled = True
+        changed = {n: params[n].detach().clone() for r in records for n in r.base_values}
+        for record in records:
+            restore_biases(model, record)
         for module, _ in heads:
             module.active = None
+        if state is not None:
+            state.open_block = "disable_adapters"
         yield model
     finally:
+        if state is not None:
+            state.open_block = None
         with torch.no_grad():
-            for n, value in trained.items():
+            for n, value in changed.items():
                 params[n].copy_(value)
         for module, active in heads:
             module.active = active
@@ -265,6 +283,7 @@ def init_adapters(model: nn.Module, adapter: str | None = None) -> None:
     base weights, then call this (``to_empty`` leaves the adapters uninitialised memory).
     """
     state = get_state(model)
+    check_not_mixed(model, "initialise adapters")
     names = [resolve_adapter(model, adapter)] if adapter is not None else list(state.adapters)
     for _, layer in lora_layers(model):
         for name in names:

@@ -35,12 +35,23 @@ def right_singular_vectors(A: Tensor) -> Tensor:
     return Vh
 
 
+def _matrix(x: Tensor, name: str) -> Tensor:
+    """`x` as a tensor of at least 2 dims with finite values (numpy arrays accepted), or a ValueError naming `name`."""
+    x = torch.as_tensor(x)
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be a matrix (r, k) or a conv weight, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or inf values: nothing to decompose")
+    return x
+
+
 def subspace_similarity(A1: Tensor, A2: Tensor) -> Tensor:
     """φ[i-1, j-1] = ‖V1[:i] V2[:j]ᵀ‖²_F / min(i, j) for all i ≤ r1, j ≤ r2 (the paper's Eq. in Sec. 7.2).
 
     A1: (r1, k), A2: (r2, k) (conv A's are flattened) -> (r1, r2) in [0, 1]; a rank above k counts as k
     (A has at most k independent rows).
     """
+    A1, A2 = _matrix(A1, "A1"), _matrix(A2, "A2")
     if A1.flatten(1).shape[1] != A2.flatten(1).shape[1]:
         raise ValueError(
             f"A matrices act on different input sizes ({A1.flatten(1).shape[1]} vs {A2.flatten(1).shape[1]}): "
@@ -87,6 +98,9 @@ def effective_rank(x: Tensor) -> float:
 
     Equals k for k equal non-zero singular values; 0 for the zero matrix.
     """
+    x = torch.as_tensor(x)
+    if not torch.isfinite(x).all():
+        raise ValueError("effective_rank: the input holds NaN or inf values")
     s = x.double() if x.dim() == 1 else singular_spectrum(x).double()
     total = s.sum()
     if total <= 0:
@@ -122,6 +136,7 @@ def amplification(W: Tensor, delta: Tensor, r: int | None = None, seed: int = 0)
     W, ΔW: (d, k) in the same orientation (conv weights are flattened). `r` defaults to rank(ΔW), with
     the tolerance of ΔW's own dtype (as `torch.linalg.matrix_rank` would use on it).
     """
+    W, delta = _matrix(W, "W"), _matrix(delta, "ΔW")
     W64, D64 = W.detach().flatten(1).double(), delta.detach().flatten(1).double()
     if W64.shape != D64.shape:
         raise ValueError(f"W has shape {tuple(W64.shape)} but ΔW has {tuple(D64.shape)}: pass the matching base weight")
@@ -333,6 +348,9 @@ def check_comparable(a: AdapterInfo, b: AdapterInfo) -> list[str]:
         ka, kb = a.layers[p].A.flatten(1).shape[1], b.layers[p].A.flatten(1).shape[1]
         if ka != kb:
             raise ValueError(f"layer {p} has input size {ka} in {a.path} but {kb} in {b.path}: not the same base model")
+        da, db = a.layers[p].shape[0], b.layers[p].shape[0]
+        if da != db:
+            raise ValueError(f"layer {p} has output size {da} in {a.path} but {db} in {b.path}: not the same base model")
     return common
 
 
@@ -343,6 +361,8 @@ def _same_place(base: str) -> str:
 
 def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> Analysis:
     """Spectra of ΔW for one or two adapters, φ between two, and amplification when the base `model` is given."""
+    if isinstance(paths, (str, os.PathLike)):
+        raise ValueError(f"analyze takes a list of one or two adapter folders, e.g. [{str(paths)!r}]; got one path")
     if not 1 <= len(paths) <= 2:
         raise ValueError(f"analyze takes one or two adapter folders, got {len(paths)}")
     infos = [adapter_updates(p) for p in paths]
@@ -353,7 +373,7 @@ def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> A
         updates = [info.layers[p] for info in infos]
         result.spectra[p] = [u.svd[1].float() for u in updates]
         trained = [bool(u.svd[1].max() > 0) for u in updates]  # ΔW = 0 (B = 0): no directions to compare or project on
-        if len(updates) == 2:
+        if len(updates) == 2 and all(bool(u.A.abs().max() > 0) for u in updates):  # A = 0 has no row space
             result.similarity[p] = subspace_similarity(updates[0].A, updates[1].A)
             if all(trained):
                 result.delta_similarity[p] = subspace_similarity(*(u.row_space for u in updates))
@@ -443,20 +463,34 @@ def weight_groups(paths: list[str]) -> dict[str, list[str]]:
     A type is the path after its block number (BERT's ``attention.output.dense``, ``output.dense`` and
     ``intermediate.dense`` are three types, not one "dense"); a path without a block number is its own type.
     """
-    by_key: dict[str, list[str]] = {}
+    by_key: dict[tuple[str, str], list[str]] = {}  # (stack, type): an encoder-decoder's two stacks stay apart
     for p in paths:
         parts = re.split(r"\.\d+\.", p, maxsplit=1)
-        by_key.setdefault(parts[1] if len(parts) == 2 else p, []).append(p)
-    keys = list(by_key)
+        by_key.setdefault((parts[0], parts[1]) if len(parts) == 2 else ("", p), []).append(p)
+    types = list(dict.fromkeys(t for _, t in by_key))
     labels = {}
-    for key in keys:
+    for key in types:
         names = key.split(".")
         for k in range(1, len(names) + 1):
             label = ".".join(names[-k:])
-            if not any(other != key and (other == label or other.endswith("." + label)) for other in keys):
+            if not any(other != key and (other == label or other.endswith("." + label)) for other in types):
                 break
         labels[key] = label
-    return {labels[key]: ps for key, ps in by_key.items()}
+    stacks = {t: [s for s, t2 in by_key if t2 == t] for t in types}
+    return {labels[t] if len(stacks[t]) == 1 else f"{labels[t]} ({_stack_name(s, stacks[t])})": ps
+            for (s, t), ps in by_key.items()}
+
+
+def _stack_name(stack: str, stacks: list[str]) -> str:
+    """`stack` without the leading and trailing parts all `stacks` share (``model.encoder.layers`` → ``encoder``)."""
+    names, others = stack.split("."), [s.split(".") for s in stacks]
+    lead = 0
+    while lead < len(names) - 1 and all(len(o) > lead and o[lead] == names[lead] for o in others):
+        lead += 1
+    trail = 0
+    while trail < len(names) - lead - 1 and all(len(o) > trail and o[-1 - trail] == names[-1 - trail] for o in others):
+        trail += 1
+    return ".".join(names[lead:len(names) - trail])
 
 
 def _file_label(label: str) -> str:
@@ -471,7 +505,7 @@ def _short(path: str, label: str) -> str:
 
 def write_report(result: Analysis, out_dir: str | os.PathLike) -> Path:
     """Write ``report.md`` with the tables and the PNG figures into `out_dir`; returns the report's path."""
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     names = [Path(a.path).name or a.path for a in result.adapters]
     if len(set(names)) < len(names):
@@ -497,7 +531,7 @@ def write_report(result: Analysis, out_dir: str | os.PathLike) -> Path:
             fname = f"spectrum_{_file_label(wt)}_{a}.png"
             plot_spectra({_short(p, wt): result.spectra[p][a] for p in paths}, out / fname, f"ΔW spectrum, {wt}, {n}")
             lines += ["", f"![spectrum {wt} {n}]({fname})"]
-    if result.similarity:
+    if len(result.adapters) == 2:
         lines += ["", f"## Subspace similarity φ({names[0]}, {names[1]}) (paper Sec. 7.2, Figures 3-4)", "",
                   "φ(i, j) = ‖U₁[:, :i]ᵀU₂[:, :j]‖²_F / min(i, j) over the right-singular vectors of A; "
                   "1 = same subspace, 0 = orthogonal. A random pair of i- and j-dim subspaces of ℝᵏ gives ≈ max(i, j)/k.", "",
@@ -505,21 +539,28 @@ def write_report(result: Analysis, out_dir: str | os.PathLike) -> Path:
                   "| layer | r₁ | r₂ | φ(1,1) | φ(1, r₂) | mean φ(i,j), i,j ≤ min(r₁,r₂) | ΔW: φ(1,1) | ΔW: mean φ | "
                   "random baseline φ(1,1) |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for p, phi in result.similarity.items():
+        for p in result.spectra:
+            phi = result.similarity.get(p)
+            if phi is None:
+                lines.append(f"| {p} | – | – | A = 0 in an adapter (untrained: no subspace) | – | – | – | – | – |")
+                continue
             m = min(phi.shape)
             dphi = result.delta_similarity.get(p)
             k = result.adapters[0].layers[p].A.flatten(1).shape[1]
             delta = f"{dphi[0, 0]:.3f} | {dphi[:m, :m].mean():.3f}" if dphi is not None else "ΔW = 0 | ΔW = 0"
             lines.append(f"| {p} | {phi.shape[0]} | {phi.shape[1]} | {phi[0, 0]:.3f} | {phi[0, -1]:.3f} | "
                          f"{phi[:m, :m].mean():.3f} | {delta} | {1 / k:.4f} |")
-        for wt, paths in weight_groups(list(result.similarity)).items():
+        for wt, paths in weight_groups(list(result.spectra)).items():
             for kind, phis in (("", result.similarity), ("delta_", result.delta_similarity)):
-                if not all(p in phis for p in paths):
-                    continue  # a ΔW = 0 layer has no ΔW directions
+                have = [p for p in paths if p in phis]  # an untrained layer (A or ΔW = 0) has no directions
+                if not have:
+                    continue
                 fname = f"similarity_{kind}{_file_label(wt)}.png"
-                plot_similarity({_short(p, wt): phis[p] for p in paths}, out / fname,
+                plot_similarity({_short(p, wt): phis[p] for p in have}, out / fname,
                                 f"φ({names[0]}, {names[1]}, i, j), {wt}, {'ΔW' if kind else 'A'}")
                 lines += ["", f"![similarity {kind}{wt}]({fname})"]
+                if len(have) < len(paths):
+                    lines.append(f"(not drawn, untrained in an adapter: {', '.join(p for p in paths if p not in have)})")
     if result.amplification:
         lines += ["", "## Amplification of W by ΔW (paper Sec. 7.3, Table 7)", "",
                   "‖UᵀWVᵀ‖_F with U, V the top-r singular vectors of ΔW, of W itself, or random; "

@@ -500,7 +500,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     exactly as it was.
     """
     check_adapter_name(adapter)
-    _, tensors, cfg = read_adapter(path)
+    fields, tensors, cfg = read_adapter(path)
     cfg = _as_peft_resolves(model, resolve_config(model, cfg))
     state = get_state(model, required=False)
     if state is not None and adapter in state.adapters:
@@ -508,7 +508,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     tensors = _fold_wrapper_keys(model, cfg, tensors)
     expected, optional = _expected(model, cfg, adapter)
     tensors = _without_adapter_names(tensors, expected)
-    _check_fit(expected, optional, tensors, str(path))
+    try:
+        _check_fit(expected, optional, tensors, str(path))
+    except ValueError as e:
+        if fields.get("ensure_weight_tying") is True:
+            raise ValueError(f"{e}\n  The file was saved by PEFT with ensure_weight_tying=True, which can give a tied "
+                             "output head LoRA factors of its own; lorakit does not implement that option") from None
+        raise
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     for key, loc in optional.items():  # base weights PEFT saved alongside: load only those that differ
@@ -559,7 +565,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
                 layer.merge_adapter(name)
         raise
     # saved again with the adapter, so that a resized vocabulary survives lorakit -> PEFT
-    get_state(model).adapters[adapter].base_params = [f"{mpath}.{slot}" for key, (mpath, slot, _) in expected.items() if key in optional]
+    record = get_state(model).adapters[adapter]
+    loaded_base = {key: f"{mpath}.{slot}" for key, (mpath, slot, _) in expected.items() if key in optional}
+    record.base_params = list(loaded_base.values())
+    record.base_values.update({pname: backup[key] for key, pname in loaded_base.items()})  # put back on delete/unload
     return model
 
 

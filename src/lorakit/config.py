@@ -29,7 +29,8 @@ class LoraConfig:
       value projections of a known architecture).
     - `exclude_modules`: same forms as `target_modules`; these are never adapted.
     - `layers` / `layers_pattern`: only adapt blocks with these indices (PEFT's
-      ``layers_to_transform`` / ``layers_pattern``).
+      ``layers_to_transform`` / ``layers_pattern``; an empty list means every block). As in PEFT, a
+      target named by its full path is adapted whatever its block.
     - `rank_pattern` / `alpha_pattern`: per-module r / alpha, keys are regexes matched against
       the end of the module path.
     - `enable_lora`: fused projections adapted slice by slice (loralib's ``MergedLinear``):
@@ -82,8 +83,8 @@ class LoraConfig:
         if not (self.layers is None or _is_int(self.layers)
                 or isinstance(self.layers, (list, tuple)) and all(_is_int(i) for i in self.layers)):
             raise ValueError(f"layers must be a block index or a list of block indices (ints), got {self.layers!r}")
-        if self.layers is not None:  # plain ints (numpy integers are not JSON)
-            self.layers = int(self.layers) if _is_int(self.layers) else [int(i) for i in self.layers]
+        if self.layers is not None:  # plain ints (numpy integers are not JSON); [] means every block, as in PEFT
+            self.layers = int(self.layers) if _is_int(self.layers) else ([int(i) for i in self.layers] or None)
         if not (self.layers_pattern is None or isinstance(self.layers_pattern, str)
                 or isinstance(self.layers_pattern, list) and all(isinstance(v, str) for v in self.layers_pattern)):
             raise ValueError(f"layers_pattern must be a module name or a list of them, got {self.layers_pattern!r}")

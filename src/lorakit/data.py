@@ -375,13 +375,24 @@ def encode_classification(
             f"{source}: labels {bad[:10]} do not fit a head with {num_labels} classes (ids 0..{num_labels - 1}); "
             f"pass --num-labels {max(bad) + 1} (num_labels= of load_model) or fix the data"
         )
-    out = []
+    pair = "" if any(ex.get("text_pair") is not None for ex in examples) else None
+    special = len(tokenizer("", pair)["input_ids"])  # the tokens it adds around any text
+    if max_length <= special:  # tokenizers then skip truncation altogether (and say so only in their log)
+        raise ValueError(f"{source}: max_length={max_length} (--max-length) leaves no room for text: the tokenizer adds "
+                         f"{special} special tokens; raise it to at least {special + 1}")
+    out, cut = [], 0
     for ex, label in zip(examples, labels):
-        enc = tokenizer(ex["text"], ex.get("text_pair"), truncation=True, max_length=max_length)
+        enc = tokenizer(ex["text"], ex.get("text_pair"))
+        if len(enc["input_ids"]) > max_length:  # tokenized again, cut as the tokenizer cuts pairs (longest first)
+            cut += 1
+            enc = tokenizer(ex["text"], ex.get("text_pair"), truncation=True, max_length=max_length)
         item = {"input_ids": enc["input_ids"], "labels": label}
         if "token_type_ids" in enc:
             item["token_type_ids"] = enc["token_type_ids"]
         out.append(item)
+    if cut:
+        log.warning("%s: %d of %d examples are longer than max_length=%d tokens (--max-length) and are cut to it",
+                    source, cut, len(out), max_length)
     return out
 
 

@@ -32,11 +32,11 @@ from .state import (
 DEFAULT_TARGETS: dict[str, list[str]] = {
     **{t: ["q_proj", "v_proj"] for t in (
         "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "opt",
-        "bart", "mbart", "gptj", "gpt_neo", "codegen", "olmo", "olmo2", "starcoder2", "stablelm", "whisper",
+        "bart", "mbart", "gptj", "gpt_neo", "olmo", "olmo2", "starcoder2", "stablelm", "whisper",
         "granite", "cohere", "smollm3", "marian", "pegasus", "blenderbot", "m2m_100", "nllb_moe",
     )},
-    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "layoutlm", "vit", "deit", "mpnet")},
-    **{t: ["q", "v"] for t in ("t5", "mt5", "umt5", "longt5", "mpnet_old")},
+    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "layoutlm", "vit", "deit")},
+    **{t: ["q", "v"] for t in ("t5", "mt5", "umt5", "longt5", "mpnet")},
     "distilbert": ["q_lin", "v_lin"],
     "deberta": ["in_proj"],
     "deberta-v2": ["query_proj", "value_proj"],
@@ -47,6 +47,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "bloom": ["query_key_value"],
     "mpt": ["Wqkv"],
     "phi3": ["qkv_proj"],
+    "codegen": ["qkv_proj"],  # fused q/v/k in model-parallel chunks: adapted whole, as PEFT does
 }
 #: Fused projections whose q/k/v are contiguous equal slices: adapt only q and v (loralib's MergedLinear).
 DEFAULT_ENABLE_LORA: dict[str, dict[str, list[bool]]] = {"gpt2": {"c_attn": [True, False, True]}}
@@ -169,7 +170,8 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
                 continue
         elif not _name_match(targets, path):
             continue
-        if layers is not None and _layer_index(path, cfg.layers_pattern) not in layers:
+        exact = isinstance(targets, list) and path in targets  # a full path is taken as named (PEFT: no layer filter)
+        if layers is not None and not exact and _layer_index(path, cfg.layers_pattern) not in layers:
             continue
         if isinstance(module, SavedModule):
             raise ValueError(
@@ -179,7 +181,7 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
         if not supports(module):
             inside = _adaptable_names(module)[:6]
             hint = (f"Name the linear layers inside it instead, e.g. {inside}" if inside else
-                    f"It holds no such layer; the adaptable layers of this model are named {_adaptable_names(model)[:12]}")
+                    f"It holds no layer lorakit can adapt; the adaptable layers of this model are named {_adaptable_names(model)[:12]}")
             raise ValueError(
                 f"target {path!r} is a {type(module).__name__}; lorakit adapts nn.Linear, GPT-2 Conv1D, "
                 f"nn.Embedding and nn.Conv1d/2d/3d. {hint}"
@@ -248,7 +250,7 @@ def _spec_for(module: nn.Module, path: str, cfg: LoraConfig) -> LoraSpec:
 def _adaptable_names(model: nn.Module) -> list[str]:
     names: dict[str, None] = {}
     for path, m in model.named_modules():
-        if path and supports(m):
+        if path and supports(m) and _unadaptable(model, path, m) is None:
             names[path.rsplit(".", 1)[-1]] = None
     return list(names)
 
@@ -329,7 +331,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
         layers=[p.path for p in planned],
         saved_modules=saved,
         bias_params=biases,
-        bias_values={n: params[n].detach().clone() for n in biases},
+        base_values={n: params[n].detach().clone() for n in biases},
     )
     from .adapters import activate
 

@@ -115,14 +115,17 @@ class LoraLayer:
             embedding=self.is_embedding,
         )
 
+    def lora_bias(self, name: str) -> Tensor:
+        """B's bias of adapter `name` as applied: zero on the slices of a fused layer it does not adapt (those never train)."""
+        spec, bias = self.lora_specs[name], self.lora_B_bias[name]
+        if spec.enabled is None:
+            return bias
+        on = torch.tensor(spec.enabled, device=bias.device).repeat_interleave(bias.shape[0] // len(spec.enabled))
+        return bias * on
+
     def scaled_lora_bias(self, name: str) -> Tensor:
-        """scale · B's bias of adapter `name`, zero on the slices of a fused layer it does not adapt (those never train)."""
-        spec = self.lora_specs[name]
-        bias = self.lora_B_bias[name] * spec.scale
-        if spec.enabled is not None:
-            on = torch.tensor(spec.enabled, device=bias.device).repeat_interleave(bias.shape[0] // len(spec.enabled))
-            bias = bias * on
-        return bias
+        """scale · `lora_bias`: what adapter `name` adds to the layer's output."""
+        return self.lora_bias(name) * self.lora_specs[name].scale
 
     # ---- merging ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -403,7 +406,17 @@ class LoraEmbeddingMixin(LoraLayer):
         spec = self.lora_specs[name]
         A, B = self.lora_A[name], self.lora_B[name]
         h = F.embedding(x, A.t(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
-        return out + ((h @ B.t()) * spec.scale).to(out.dtype)
+        update = (h @ B.t()) * spec.scale
+        factor = self.output_factor()
+        if factor is not None:
+            update = update * factor.to(update.dtype)
+        return out + update.to(out.dtype)
+
+    def output_factor(self) -> Tensor | None:
+        """The factor a scaled word embedding (Gemma's, BART's ``*ScaledWordEmbedding``: ``embed_scale``) multiplies
+        its lookup by, or None. Its output carries it, so the update must too: merged, ΔW is scaled alike (as PEFT)."""
+        factor = getattr(self, "embed_scale", None)
+        return None if factor is None else torch.as_tensor(factor, device=self.weight.device)
 
 
 class LoraConvMixin(LoraLayer):

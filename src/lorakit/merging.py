@@ -18,7 +18,10 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None) -> nn.Module
     """W ← W + (alpha/r)·B·A for the active adapters (or `adapter`); idempotent."""
     state = get_state(model)
     check_not_mixed(model, "merge")
-    names = state.active if adapter is None else ([adapter] if isinstance(adapter, str) else adapter)
+    names = state.active if adapter is None else ([adapter] if isinstance(adapter, str) else list(adapter))
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown:
+        raise ValueError(f"cannot merge {unknown}: no such adapter on this model; it has {list(state.adapters)}")
     check_mergeable(model, names)
     for _, layer in lora_layers(model):
         for name in names:
@@ -78,7 +81,7 @@ def _strip(model: nn.Module, keep_merged: bool) -> nn.Module:
 def restore_biases(model: nn.Module, record: AdapterRecord) -> None:
     """Put the base values back into the biases `record`'s adapter trained."""
     params = dict(model.named_parameters())
-    for pname, value in record.bias_values.items():
+    for pname, value in record.base_values.items():
         params[pname].copy_(value)
 
 

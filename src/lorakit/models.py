@@ -97,7 +97,7 @@ def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
 
     A name that can only be a path (it starts with ``.``, ``/`` or ``~``, or has more than one ``/``)
     and does not exist, or a folder without ``config.json``, is a `FileNotFoundError` here, before
-    any hub request.
+    any hub request. A local folder comes back as an absolute path (the adapter's ``base_model_name_or_path``).
     """
     if name_or_path == "smollm2-135m":
         return str(materialize_smollm2(cache_dir))
@@ -114,7 +114,7 @@ def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
     if folder.is_dir() and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"folder {name_or_path!r} has no config.json: it is not a transformers model folder "
                                 "(model.save_pretrained and tokenizer.save_pretrained write one)")
-    return str(folder) if name_or_path.startswith("~") else name_or_path
+    return str(folder.resolve()) if folder.is_dir() else name_or_path  # absolute: saved adapters name their base wherever run
 
 
 def _looks_like_path(name: str) -> bool:

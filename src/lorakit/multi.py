@@ -87,11 +87,14 @@ def _stack_key(layer: LoraLayer) -> tuple:
 
 
 def _dense(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
-    """(A (r, d_in), scale·B (d_out, r)) of adapter `name`, fused slices made dense."""
+    """(A (r, d_in), scale·B (d_out, r)) of adapter `name`, fused slices made dense, a scaled embedding's factor folded in."""
     spec = layer.lora_specs[name]
     A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
     if spec.enabled is not None:
         B = expand_sliced_B(B, list(spec.enabled))
+    factor = layer.output_factor() if layer.is_embedding else None
+    if factor is not None:  # a scalar, or one factor per output feature
+        B = B * factor.to(B.dtype).reshape(-1, 1)
     return A, B * spec.scale
 
 
@@ -102,9 +105,9 @@ class _RowAdapters:
     tensor shared by every layer with the same slots (`slot_tensors`).
     """
 
-    def __init__(self, layer: LoraLayer, rows: list[str | None], in_generate: list[bool], slot_tensors: dict) -> None:
+    def __init__(self, path: str, layer: LoraLayer, rows: list[str | None], in_generate: list[bool], slot_tensors: dict) -> None:
+        self.path = path
         self.in_generate = in_generate  # shared flag: True while the model's generate runs
-        self.used = any(n in layer.lora_specs for n in rows if n is not None)  # False: no hook needed
         slot_of, self.A, self.B, self.bias = _layer_stacks(layer)
         slots = tuple(slot_of.get(n, 0) for n in rows)
         device = layer.weight.device
@@ -121,8 +124,10 @@ class _RowAdapters:
             return self.slots
         if n % b or not self.in_generate[0]:
             raise ValueError(
-                f"mixed_batch was given {b} adapter names but the model got a batch of {n} rows: "
-                "pass one name per row (only model.generate may repeat rows, for beams and num_return_sequences)"
+                f"mixed_batch was given {b} adapter names but layer {self.path!r} got a batch of {n} rows: pass one "
+                "name per row (only model.generate may repeat rows, for beams and num_return_sequences). If that layer "
+                "sees the tokens flattened or routed (a mixture-of-experts block), rows cannot be told apart there: "
+                "leave it out of the adapters (exclude_modules) to serve them in mixed batches"
             )
         return self.slots.repeat_interleave(n // b)
 
@@ -247,27 +252,29 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
             f"adapter {owners[0]!r} trains the base model's biases, which rows cannot hold per row; "
             f"give every row {owners[0]!r}, or use disable_adapters for base rows"
         )
-    layers = [layer for _, layer in lora_layers(model)]
+    paths = dict(lora_layers(model))
+    layers = list(paths.values())
     in_generate, slot_tensors = [False], {}
-    with torch.no_grad():
-        stacks = [_RowAdapters(layer, rows, in_generate, slot_tensors) for layer in layers]
+    with torch.no_grad():  # hooks only where some row's adapter is (a conv adapter no row uses is no obstacle)
+        stacks = {id(layer): _RowAdapters(path, layer, rows, in_generate, slot_tensors) for path, layer in paths.items()
+                  if any(n in layer.lora_specs for n in rows if n is not None)}
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     disabled = {id(layer): layer.lora_disabled for layer in layers}
     heads = wrappers(model)
     handles = []
-    state.in_mixed_batch = True
+    state.open_block = "mixed_batch"
     try:
         for head in heads:  # modules_to_save: each row through its adapter's copy
             head.rows = rows
-        for layer, stack in zip(layers, stacks):
+        for layer in layers:
             layer.set_merged([])
             layer.lora_disabled = True  # the hook adds the per-row update instead
-            if stack.used:
-                handles.append(layer.register_forward_hook(stack))
+            if id(layer) in stacks:
+                handles.append(layer.register_forward_hook(stacks[id(layer)]))
         with _flag_during_generate(model, in_generate, len(rows)):
             yield model
     finally:
-        state.in_mixed_batch = False
+        state.open_block = None
         for head in heads:
             head.rows = None
         for handle in handles:

@@ -25,7 +25,8 @@ class AdapterRecord:
     layers: list[str]
     saved_modules: list[str] = field(default_factory=list)
     bias_params: list[str] = field(default_factory=list)
-    bias_values: dict[str, Tensor] = field(default_factory=dict)  # the trained biases' base values, put back on delete
+    base_values: dict[str, Tensor] = field(default_factory=dict)  # base values of the parameters it changes (trained
+    # biases, base weights loaded from its file): put back on delete/unload and inside disable_adapters
     base_params: list[str] = field(default_factory=list)  # adapted layers' own weights loaded from a PEFT file
 
 
@@ -37,7 +38,7 @@ class LoraState:
     active: list[str] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     hooks: list[RemovableHandle] = field(default_factory=list)
-    in_mixed_batch: bool = False
+    open_block: str | None = None  # "mixed_batch" / "disable_adapters" while such a block is open
 
 
 #: Attribute names of PyTorch's module and parameter dicts, which adapter names key: a clash breaks them.
@@ -54,10 +55,11 @@ def check_adapter_name(name: object) -> None:
 
 
 def check_not_mixed(model: nn.Module, action: str) -> None:
-    """Raise if a `mixed_batch` block is open on `model`: its hooks assume the adapters stay as they were."""
+    """Raise if a `mixed_batch` or `disable_adapters` block is open on `model`: each restores the adapters as
+    they were on entry, so a change made inside would be undone or mixed up on exit."""
     state = model.__dict__.get("_lorakit")
-    if state is not None and state.in_mixed_batch:
-        raise ValueError(f"cannot {action} inside a mixed_batch block: leave the block first")
+    if state is not None and state.open_block is not None:
+        raise ValueError(f"cannot {action} inside a {state.open_block} block: leave the block first")
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:

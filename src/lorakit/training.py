@@ -19,7 +19,7 @@ import os
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,8 +181,26 @@ def classification_head(model: nn.Module) -> list[str]:
     return names
 
 
+def _as_records(data: Any, source: str) -> list[dict[str, Any]]:
+    """`data` as a list of example dicts: a ``datasets.Dataset``, a generator or a tuple read once (and hashed by
+    content for `--resume`'s data check), a dict of columns refused with the fix."""
+    if isinstance(data, Mapping):
+        raise ValueError(f"{source} data is one dict (columns?): pass one dict per example, e.g. "
+                         "[dict(zip(cols, row)) for row in zip(*cols.values())]")
+    records = [dict(ex) if isinstance(ex, Mapping) else ex for ex in data]
+    bad = next((i for i, ex in enumerate(records) if not isinstance(ex, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{source} data: example {bad} is a {type(records[bad]).__name__}, not a dict of fields "
+                         "(e.g. {'prompt': ..., 'completion': ...} or {'text': ..., 'label': ...})")
+    return records
+
+
 def _prepare_lora(model: nn.Module, cfg: TrainConfig) -> None:
-    if get_state(model, required=False) is not None:  # the caller injected its own adapter: train that
+    state = get_state(model, required=False)
+    if state is not None:  # the caller injected its own adapter: train that
+        if len(state.active) != 1:
+            raise ValueError(f"finetune trains (and saves) one adapter, but {len(state.active)} are active "
+                             f"({state.active}); pick one first: lorakit.set_adapter(model, <name>), from {list(state.adapters)}")
         return
     saved = cfg.modules_to_save
     if saved is None and cfg.task == "classification":
@@ -462,7 +480,9 @@ def finetune(
     weights are cast to bf16 in place; ``precision="fp32"`` leaves them exactly as loaded.
     """
     cfg = config or TrainConfig()
-    out = Path(out_dir) if out_dir is not None else None
+    train = _as_records(train, "train")
+    eval = _as_records(eval, "eval") if eval is not None else None
+    out = Path(out_dir).expanduser() if out_dir is not None else None
     notify = callback or (lambda event: None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     finished = out / FINISHED_JSON if out is not None else None
@@ -477,6 +497,8 @@ def finetune(
         raise ValueError(f"{out} holds checkpoints of an earlier run ({checkpoint.name}): resume it (--resume, "
                          "resume=True), or use another output folder, or delete them")
     found = [name for name in ARTEFACTS if out is not None and (out / name).exists()]
+    if out is not None and checkpoint is None and _foreign_metrics(out / "metrics.jsonl"):
+        found.append("metrics.jsonl")
     if found and checkpoint is None:
         raise ValueError(f"{out} already holds a trained result ({', '.join(found)}): use another output folder, or "
                          "delete those files")
@@ -640,12 +662,24 @@ def latest_checkpoint(out: Path) -> Path | None:
     """The highest-step complete checkpoint folder in `out` (half-written ones are hidden temp folders)."""
     if not out.is_dir():
         return None
+    found = _own_checkpoints(out)
+    return found[-1] if found else None
+
+
+def _own_checkpoints(out: Path) -> list[Path]:
+    """lorakit's complete ``checkpoint-<step>`` folders in `out`, oldest first. Hugging Face's Trainer uses the
+    same folder and file names: a folder counts only if its state JSON is a lorakit run's (step and config)."""
     found = []
-    for p in out.iterdir():
+    for p in out.glob(f"{CHECKPOINT_PREFIX}*"):
         suffix = p.name[len(CHECKPOINT_PREFIX):]
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and (p / STATE_JSON).is_file():
-            found.append((int(suffix), p))
-    return max(found)[1] if found else None
+        if suffix.isdigit() and (p / STATE_TENSORS).is_file() and (p / STATE_JSON).is_file():
+            try:
+                meta = json.loads((p / STATE_JSON).read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(meta, dict) and meta.get("step") == int(suffix) and isinstance(meta.get("config"), dict):
+                found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
 
 
 def _check_finite(named: dict[str, nn.Parameter], step: int, last_good: Path | None) -> None:
@@ -689,9 +723,8 @@ def _save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"could not write checkpoint at step {step} ({e}); training stopped; "
                             f"{_where(last_good)}") from e
-    old = sorted((int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in out.glob(f"{CHECKPOINT_PREFIX}*")
-                 if p.name[len(CHECKPOINT_PREFIX):].isdigit())
-    for _, p in old[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+    old = _own_checkpoints(out)  # never another tool's checkpoint-<n> folders
+    for p in old[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
@@ -713,7 +746,11 @@ def _load_checkpoint(
     if changed:
         raise ValueError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)}); "
                          "use the same settings or a new --out folder")
-    tensors = st_load((path / STATE_TENSORS).read_bytes())
+    try:
+        tensors = st_load((path / STATE_TENSORS).read_bytes())
+    except Exception as e:  # safetensors raises its own SafetensorError for a damaged file
+        raise ValueError(f"checkpoint {path} is damaged ({path / STATE_TENSORS}: {e}); delete that folder to resume "
+                         "from the checkpoint before it") from None
     missing = [n for n in named if f"param.{n}" not in tensors]
     if missing:
         raise ValueError(f"checkpoint {path} lacks trainable tensors {missing[:5]}: it belongs to another model or method")
@@ -779,6 +816,21 @@ def _append_metrics(out: Path | None, record: dict[str, Any]) -> None:
         last = latest_checkpoint(out)
         raise TrainingError(f"could not append to {out / 'metrics.jsonl'} ({e}); training stopped; the last good "
                             f"checkpoint is {last or 'none'} (--resume continues from it)") from e
+
+
+def _foreign_metrics(file: Path) -> bool:
+    """Whether `file` exists with a line that is not a lorakit step record (a fresh run replaces only a run's own)."""
+    if not file.is_file():
+        return False
+    text = file.read_text(errors="replace")
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]  # a kill may tear the last line
+    for line in lines:
+        try:
+            if not isinstance(json.loads(line).get("step"), int):
+                return True
+        except (json.JSONDecodeError, AttributeError):
+            return True
+    return False
 
 
 def _truncate_metrics(file: Path, step: int) -> None:

@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.adapters) > 2:
         raise ValueError(f"analyze takes one or two adapter folders, got {len(args.adapters)}")
+    args.out = str(Path(args.out).expanduser())
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out!r} is a file, not a folder: choose another path")
     model = None
