@@ -251,3 +251,14 @@ def test_tsv_written_by_csv_writer_reads_back_unchanged(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     assert load_data(tmp_path / "d.tsv") == rows
+
+
+def test_a_file_that_is_not_utf8_and_json_lines_named_json_are_errors_with_the_fix(tmp_path):
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"text,label\ncaf\xe9,1\n")
+    with pytest.raises(ValueError, match=r"latin.csv is not UTF-8 text .*save it as UTF-8"):
+        read_records(latin)
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
+    with pytest.raises(ValueError, match=r"lines.json is not valid JSON \(Extra data, line 2\).*name it .jsonl"):
+        read_records(lines)

@@ -221,3 +221,16 @@ def test_merge_of_an_unknown_adapter_is_an_error_naming_the_adapters():
         with pytest.raises(ValueError, match=r"cannot merge \['typo'\]: no such adapter.*\['default'\]"):
             lorakit.merge(model, names)
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+
+
+def test_an_embedding_tied_to_a_head_the_adapter_saves_whole_can_merge(input_ids):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["embed_tokens"], modules_to_save=["lm_head"]))
+    randomize_adapters(model, std=0.1, seed=0)
+    ref = logits(model, input_ids)  # the head is the adapter's own untied copy: merging the embedding leaves it alone
+    torch.testing.assert_close(logits(lorakit.merge_and_unload(model), input_ids), ref, rtol=0, atol=1e-5)

@@ -595,3 +595,18 @@ def test_classification_max_length_must_leave_room_for_text_and_cut_examples_are
         out = encode_classification(TOK, data, 8, 2)
     assert [len(x["input_ids"]) for x in out] == [8, 6]
     assert "1 of 2 examples are longer than max_length=8" in caplog.text
+
+
+def test_an_epochs_run_with_grad_accum_sees_each_example_once(monkeypatch):
+    seen = []
+    original = training._micro_batch
+
+    def recording(data, cfg, index):
+        batch = original(data, cfg, index)
+        seen.extend(id(x) for x in batch)
+        return batch
+
+    monkeypatch.setattr(training, "_micro_batch", recording)
+    cfg = dataclasses.replace(config(), steps=None, epochs=1, batch_size=4, grad_accum=3, save_every=0)
+    result = finetune(tiny_llama(), TOK, examples(), None, cfg)
+    assert result.steps == 2 and len(seen) == len(set(seen)) == 20  # 5 micro-batches: 3, then the 2 left

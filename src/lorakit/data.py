@@ -34,6 +34,15 @@ GLUE_LABELS: dict[str, list[str]] = {
 # ---- reading records -------------------------------------------------------------------------------
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a data file (see `_read_records`); a file that is not UTF-8 is an error naming it and the fix."""
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}): save it as UTF-8 "
+                         "(in Excel: 'CSV UTF-8')") from None
+
+
+def _read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a ``.jsonl``/``.json`` (list of objects), ``.csv`` or ``.tsv`` file (header row) as dicts.
 
     CSV and TSV use standard quoting (a field in double quotes may hold the delimiter, newlines and ``""``).
@@ -56,7 +65,11 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
                         raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one JSON object") from e
         return rows
     if suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8-sig"))
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            hint = "; it holds one JSON object per line: name it .jsonl" if e.msg == "Extra data" else ""
+            raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}){hint}") from None
         if not isinstance(rows, list):
             raise ValueError(f"{path} must hold a JSON list of objects (or use .jsonl, one object per line)")
         return [_json_object(row, f"{path}: item {i}") for i, row in enumerate(rows)]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .layers import detach
-from .saved import unwrap
+from .saved import SavedModule, unwrap
 from .state import AdapterRecord, check_not_mixed, drop_state, get_state, lora_layers
 
 
@@ -41,14 +41,25 @@ def check_mergeable(model: nn.Module, names: list[str]) -> None:
                 f"cannot merge: {path!r} has a lora_bias but no base bias to fold it into; "
                 "keep the adapter unmerged, or inject with lora_bias=False"
             )
-        tied = [n for n in shared[id(layer.weight)] if n != f"{path}.weight"]
-        if tied and any(n in layer.lora_specs and n not in layer.merged_adapters for n in names):
+        merging = [n for n in names if n in layer.lora_specs and n not in layer.merged_adapters]
+        tied = [t for t in shared[id(layer.weight)] if t != f"{path}.weight" and not _replaced_by_copies(model, t, merging)]
+        if tied and merging:
             raise ValueError(
                 f"cannot merge into {path!r}: its weight is tied to {tied}, which would change too (tied input "
                 "embeddings and output head). Untie it first, e.g. model.lm_head.weight = "
                 "nn.Parameter(model.lm_head.weight.detach().clone()); model.config.tie_word_embeddings = False; "
                 "or keep the adapter unmerged"
             )
+
+
+def _replaced_by_copies(model: nn.Module, pname: str, names: list[str]) -> bool:
+    """Whether `pname` is the base module of a `modules_to_save` wrapper in which every adapter in `names` has its own
+    copy: while they are merged their copy computes, so a tied base weight (an untied head copy) may change."""
+    head, sep, _ = pname.partition(".original_module.")
+    if not sep:
+        return False
+    wrapper = model.get_submodule(head) if head else model
+    return isinstance(wrapper, SavedModule) and all(n in wrapper.modules_to_save for n in names)
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -380,8 +380,12 @@ def total_steps(n_examples: int, cfg: TrainConfig) -> int:
     """Optimizer steps of the run: `steps`, or `epochs` passes over `n_examples`."""
     if cfg.steps is not None:
         return cfg.steps
-    micro = math.ceil(cfg.epochs * _batches_per_epoch(n_examples, cfg.batch_size))
-    return max(1, math.ceil(micro / cfg.grad_accum))
+    return max(1, math.ceil(_epoch_micro_batches(n_examples, cfg) / cfg.grad_accum))
+
+
+def _epoch_micro_batches(n_examples: int, cfg: TrainConfig) -> int:
+    """Micro-batches in `epochs` passes over `n_examples` (the last step takes what is left, no example twice)."""
+    return max(1, math.ceil(cfg.epochs * _batches_per_epoch(n_examples, cfg.batch_size)))
 
 
 def lr_schedule(total: int, warmup: float, schedule: str = "linear") -> Callable[[int], float]:
@@ -566,10 +570,12 @@ def finetune(
     last_loss = float("nan")
     t_start = time.perf_counter()
     last_good = checkpoint
+    micro_total = total * cfg.grad_accum if cfg.steps is not None else _epoch_micro_batches(len(train_enc), cfg)
     while step < total:
         t0 = time.perf_counter()
         loss_total, tokens = 0.0, 0
-        batches = [collate(_micro_batch(train_enc, cfg, step * cfg.grad_accum + k), pad_id) for k in range(cfg.grad_accum)]
+        batches = [collate(_micro_batch(train_enc, cfg, i), pad_id) for i in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)
+                   if i < micro_total]  # an --epochs run's last step may take fewer micro-batches
         weights = [_loss_weight(batch, cfg.task) for batch in batches]
         step_weight = sum(weights) or 1  # each labelled token (example) of the step weighs the same
         for batch, weight in zip(batches, weights):
