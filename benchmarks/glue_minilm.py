@@ -22,7 +22,8 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
 
-RUN_KEYS = ("lr", "alpha", "r", "ratio_b", "head", "target", "warmup", "schedule", "wd", "dropout", "init", "precision", "base_dropout", "clip")
+RUN_KEYS = ("lr", "alpha", "r", "ratio_b", "head", "target", "warmup", "schedule", "wd", "dropout", "init", "precision", "base_dropout", "clip",
+            "bias")
 
 
 def parse_run(spec: str) -> dict:
@@ -63,7 +64,7 @@ def child(args: argparse.Namespace) -> None:
         dropout=float(run.get("dropout", 0.0)), target_modules=run.get("target", "query+value").split("+"),
         lr=float(run.get("lr", 1e-3)), lr_ratio_b=float(run.get("ratio_b", 1.0)), steps=args.steps,
         batch_size=args.batch_size, max_length=args.max_length, warmup=float(run.get("warmup", 0.06)),
-        schedule=run.get("schedule", "linear"), weight_decay=float(run.get("wd", 0.0)), init=run.get("init", "kaiming"), seed=args.seed, precision=run.get("precision", args.precision),
+        schedule=run.get("schedule", "linear"), weight_decay=float(run.get("wd", 0.0)), init=run.get("init", "kaiming"), bias=run.get("bias", "none"), seed=args.seed, precision=run.get("precision", args.precision),
         eval_batch_size=128, modules_to_save=head if run["method"] == "lora" else None, log_every=1,
         max_grad_norm=float(run.get("clip", 1.0)),
     )

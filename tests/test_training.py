@@ -610,3 +610,17 @@ def test_an_epochs_run_with_grad_accum_sees_each_example_once(monkeypatch):
     cfg = dataclasses.replace(config(), steps=None, epochs=1, batch_size=4, grad_accum=3, save_every=0)
     result = finetune(tiny_llama(), TOK, examples(), None, cfg)
     assert result.steps == 2 and len(seen) == len(set(seen)) == 20  # 5 micro-batches: 3, then the 2 left
+
+
+def test_bias_all_trains_and_saves_the_base_biases_beside_lora(tmp_path, input_ids):
+    model = tiny_bert(num_labels=2)
+    data = [{"text": ("good fine " if i % 2 else "bad awful ") * 2, "label": i % 2} for i in range(16)]
+    cfg = TrainConfig(task="classification", steps=4, lr=1e-2, batch_size=8, precision="fp32", bias="all")
+    before = tiny_bert(num_labels=2).bert.encoder.layer[0].output.dense.bias.detach().clone()
+    finetune(model, TOK, data, None, cfg, out_dir=tmp_path)
+    assert not torch.equal(model.bert.encoder.layer[0].output.dense.bias, before)  # a bias of a layer without LoRA
+    fresh = lorakit.load_adapter(tiny_bert(num_labels=2), tmp_path)
+    model.eval()
+    torch.testing.assert_close(fresh(input_ids).logits, model(input_ids).logits)
+    with pytest.raises(ValueError, match="bias='all' .*method 'full'"):
+        TrainConfig(method="full", bias="all")

@@ -49,7 +49,7 @@ STATE_JSON = "trainer_state.json"
 #: Written to the output folder when a run has saved its final result: a resume of it has nothing to do.
 FINISHED_JSON = "run_finished.json"
 #: TrainConfig fields that must match when a run resumes (the others may change, e.g. eval_every).
-RESUME_FIELDS = ("task", "method", "r", "alpha", "dropout", "target_modules", "init", "lr", "lr_ratio_b", "steps",
+RESUME_FIELDS = ("task", "method", "r", "alpha", "dropout", "target_modules", "init", "bias", "lr", "lr_ratio_b", "steps",
                  "epochs", "batch_size", "grad_accum", "max_length", "warmup", "schedule", "weight_decay", "max_grad_norm",
                  "seed", "precision", "use_chat_template", "modules_to_save")
 #: Files a finished run leaves in its output folder (LoRA, full fine-tuning, the other methods): a new run never overwrites them.
@@ -80,6 +80,7 @@ class TrainConfig:
     dropout: float = 0.05
     target_modules: list[str] | str | None = None
     init: str = "kaiming"
+    bias: str = "none"
     lr: float = 2e-4
     lr_ratio_b: float = 1.0
     epochs: float = 1.0
@@ -125,6 +126,11 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an integer in 0..{2**32 - 1}, got {self.seed!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only' (PEFT's: which base biases train), got {self.bias!r}")
+        if self.bias != "none" and self.method != "lora":
+            raise ValueError(f"bias={self.bias!r} (--bias) trains base biases beside LoRA; method {self.method!r} "
+                             "has its own trainable set: leave it at 'none'")
         if self.lr_ratio_b != 1.0 and self.method != "lora":
             raise ValueError(f"lr_ratio_b (LoRA+, --lr-ratio-b) sets the learning rate of LoRA's B matrices; method "
                              f"{self.method!r} has none: leave it at 1")
@@ -206,7 +212,7 @@ def _prepare_lora(model: nn.Module, cfg: TrainConfig) -> None:
     if saved is None and cfg.task == "classification":
         saved = classification_head(model)
     inject(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
-                             init=cfg.init, modules_to_save=saved))
+                             init=cfg.init, bias=cfg.bias, modules_to_save=saved))
 
 
 def _save_lora(model: nn.Module, out: Path) -> None:

@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-r", type=bounded(int, 1), default=8)
     p.add_argument("--alpha", type=bounded(float, 0), default=16)
     p.add_argument("--dropout", type=bounded(float, 0, 1, open_high=True), default=0.05)
+    p.add_argument("--bias", choices=["none", "all", "lora_only"], default="none",
+                   help="also train the base model's biases: all of them, or those of the adapted layers (PEFT's bias=)")
     p.add_argument("--lr", type=bounded(float, 0), default=2e-4)
     p.add_argument("--lr-ratio-b", type=bounded(float, 0), default=1.0, help="LoRA+: learning rate of B = lr × this")
     p.add_argument("--epochs", type=bounded(float, 0), default=1.0)
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         split = args.eval_split or ("validation" if source.startswith("hf:") else "dev" if Path(source).is_dir() else "train")
         eval_data = load_data(source, args.task, split, **fields)[: args.eval_limit]
     cfg = TrainConfig(
-        task=args.task, method=args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=target,
+        task=args.task, method=args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=target, bias=args.bias,
         lr=args.lr, lr_ratio_b=args.lr_ratio_b, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_length=args.max_length, warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, grad_checkpointing=args.grad_checkpointing, eval_every=args.eval_every,
