@@ -389,3 +389,109 @@ def test_disable_adapters_gives_trained_biases_their_base_values(input_ids):
     with lorakit.disable_adapters(model):
         torch.testing.assert_close(logits(model, input_ids), base)
     torch.testing.assert_close(logits(model, input_ids), tuned)
+
+
+def _embedding_file(folder, shift: float | None, seed: int = 0, targets: tuple = ("embed_tokens", "q_proj")):
+    """An adapter folder on embed_tokens (and q_proj); with `shift`, it also carries a base embedding of E0 + shift
+    (as PEFT saves a resized vocabulary), so loading it changes the base model's own weight."""
+    from safetensors.torch import load_file, save_file
+
+    import lorakit.checkpoint as ckpt
+
+    source = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=list(targets)))
+    randomize_adapters(source, std=0.1, seed=seed)
+    lorakit.save_adapter(source, folder)
+    if shift is not None:
+        tensors = load_file(folder / ckpt.WEIGHTS_NAME)
+        tensors["base_model.model.model.embed_tokens.base_layer.weight"] = tiny_llama().model.embed_tokens.weight.detach() + shift
+        save_file(tensors, folder / ckpt.WEIGHTS_NAME)
+    return folder
+
+
+def test_a_second_adapter_that_would_change_a_base_weight_another_set_is_refused(tmp_path):
+    model, base = tiny_llama(), tiny_llama()
+    lorakit.load_adapter(model, _embedding_file(tmp_path / "a", 0.5), adapter="a")
+    loaded = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight.*'a'"):
+        lorakit.load_adapter(model, _embedding_file(tmp_path / "b", 0.25, seed=1), adapter="b")
+    assert lorakit.list_adapters(model) == ["a"] and torch.equal(model.model.embed_tokens.weight, loaded)
+    lorakit.delete_adapter(model, "a")
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_a_base_weight_two_adapters_bring_alike_stays_until_the_last_of_them_goes(tmp_path):
+    model, base = tiny_llama(), tiny_llama()
+    lorakit.load_adapter(model, _embedding_file(tmp_path / "a", 0.5), adapter="a")
+    loaded = model.model.embed_tokens.weight.detach().clone()
+    lorakit.load_adapter(model, _embedding_file(tmp_path / "b", 0.5, seed=1), adapter="b")
+    lorakit.delete_adapter(model, "a")
+    assert torch.equal(model.model.embed_tokens.weight, loaded)  # "b" was trained on it too
+    lorakit.delete_adapter(model, "b")
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_loading_a_base_weight_into_a_merged_layer_records_its_unmerged_value(tmp_path):
+    model, base = tiny_llama(), tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["embed_tokens"]), adapter="x")
+    randomize_adapters(model, std=0.1, seed=3)
+    lorakit.merge(model)
+    lorakit.load_adapter(model, _embedding_file(tmp_path / "a", 0.5), adapter="a")
+    lorakit.delete_adapter(model, "a")
+    lorakit.unmerge(model)
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_a_base_weight_put_back_under_a_merged_adapter_lands_in_its_unmerged_value(tmp_path, input_ids):
+    model, base = tiny_llama(), tiny_llama()
+    lorakit.load_adapter(model, _embedding_file(tmp_path / "a", 0.5), adapter="a")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["embed_tokens"]), adapter="x")
+    randomize_adapters(model, std=0.1, seed=3)
+    lorakit.set_adapter(model, "x")
+    lorakit.merge(model)
+    lorakit.delete_adapter(model, "a")
+    merged = logits(model, input_ids)
+    lorakit.unmerge(model)
+    torch.testing.assert_close(logits(model, input_ids), merged, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_a_base_weight_of_a_tied_head_is_saved_and_put_back(tmp_path, input_ids):
+    from safetensors.torch import load_file, save_file
+
+    import lorakit.checkpoint as ckpt
+
+    def tied() -> nn.Module:
+        model = tiny_llama()
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+    source = lorakit.inject(tied(), lorakit.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    randomize_adapters(source, std=0.1)
+    folder = lorakit.save_adapter(source, tmp_path / "a")
+    tensors = load_file(folder / ckpt.WEIGHTS_NAME)
+    tensors["base_model.model.lm_head.base_layer.weight"] = tied().lm_head.weight.detach() + 0.5
+    save_file(tensors, folder / ckpt.WEIGHTS_NAME)
+    model, base = lorakit.load_adapter(tied(), folder), tied()
+    saved = lorakit.adapter_state_dict(model)
+    assert torch.equal(saved["base_model.model.lm_head.base_layer.weight"], tensors["base_model.model.lm_head.base_layer.weight"])
+    with lorakit.disable_adapters(model):
+        torch.testing.assert_close(logits(model, input_ids), logits(base, input_ids), rtol=0, atol=0)
+    lorakit.delete_adapter(model, "default")
+    assert torch.equal(model.lm_head.weight, base.lm_head.weight)
+
+
+def test_mixed_batch_refuses_base_rows_beside_an_adapter_that_loaded_base_weights(tmp_path, input_ids):
+    model = tiny_llama()
+    lorakit.load_adapter(model, _embedding_file(tmp_path / "a", 0.5), adapter="a")
+    with pytest.raises(ValueError, match="base model's"), lorakit.mixed_batch(model, ["a", None]):
+        pass
+    with lorakit.mixed_batch(model, ["a", "a"]):
+        model(input_ids)
+
+
+def test_saving_inside_disable_adapters_is_refused(tmp_path):
+    model = lorakit.inject(tiny_bert(), lorakit.LoraConfig(r=2, bias="all"))
+    with lorakit.disable_adapters(model), pytest.raises(ValueError, match="disable_adapters"):
+        lorakit.save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()

@@ -407,3 +407,12 @@ def test_analyze_out_expands_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["analyze", a, "--out", "~/rep"]) == 0
     assert (tmp_path / "rep" / "report.md").is_file() and not (tmp_path / "~").exists()
+
+
+def test_stacks_whose_short_names_would_collide_keep_their_full_paths():
+    from lorakit.analysis import weight_groups
+
+    paths = ["a.b.0.q", "a.b.1.q", "a.b.b.0.q", "a.b.b.1.q", "a.b.0.v"]
+    groups = weight_groups(paths)
+    assert sorted(p for ps in groups.values() for p in ps) == sorted(paths)
+    assert groups["q (a.b)"] == ["a.b.0.q", "a.b.1.q"] and groups["q (a.b.b)"] == ["a.b.b.0.q", "a.b.b.1.q"]

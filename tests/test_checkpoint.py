@@ -515,3 +515,26 @@ def test_layers_empty_means_every_block_and_a_full_path_target_ignores_layers():
     assert len(get_state(every).adapters["default"].layers) == 2
     model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], layers=[0]))
     assert get_state(model).adapters["default"].layers == ["model.layers.0.self_attn.q_proj", "lm_head"]
+
+
+def test_a_header_config_that_plans_other_modules_than_the_file_holds_gives_way_to_adapter_config_json(tmp_path, input_ids, caplog):
+    """Older lorakit versions filtered full-path targets by `layers` too: the header config of such a file
+    (q_proj + lm_head, layers=[0]) plans lm_head today, which the file lacks, so the JSON's module list is used."""
+    model = _trained("llama", cfg=lorakit.LoraConfig(r=2, target_modules=["q_proj"], layers=[0]))
+    folder = lorakit.save_adapter(model, tmp_path / "a")
+    file = folder / ckpt.WEIGHTS_NAME
+    old = {**get_state(model).adapters["default"].config.to_dict(), "target_modules": ["q_proj", "lm_head"]}
+    save_file(load_file(file), file, metadata={"format": "pt", "lorakit_config": json.dumps(old)})
+    loaded = lorakit.load_adapter(tiny_llama(), folder)
+    assert get_state(loaded).adapters["default"].layers == ["model.layers.0.self_attn.q_proj"]
+    torch.testing.assert_close(logits(loaded, input_ids), logits(model, input_ids), rtol=0, atol=1e-6)
+    assert "differs from the config lorakit saved" in caplog.text
+
+
+def test_a_listed_config_is_recovered_when_loaded_beside_an_adapter_on_the_same_modules(tmp_path, caplog):
+    """The header config is planned under the name it loads as, not under another adapter's name on those modules."""
+    cfg = lorakit.LoraConfig(r=2, target_modules="all-linear", enable_lora={"q_proj": [True, False]})
+    folder = lorakit.save_adapter(_trained("llama", cfg=cfg), tmp_path / "a")
+    model = lorakit.load_adapter(_trained("llama", cfg=cfg), folder, adapter="b")
+    assert get_state(model).adapters["b"].config == get_state(model).adapters["default"].config == cfg
+    assert "differs" not in caplog.text

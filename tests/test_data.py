@@ -115,6 +115,14 @@ def test_loss_masks_the_prompt_tokens():
     assert enc["labels"] == [IGNORE_INDEX] * 3 + tok.encode("xy") + [tok.eos_token_id]
 
 
+def test_numbers_in_python_examples_are_read_as_their_text_as_in_a_file():
+    tok = ByteTokenizer(add_bos=False)
+    assert encode_causal(tok, [{"prompt": 12, "completion": 4.5}], 64, use_chat_template=False) == \
+        encode_causal(tok, [{"prompt": "12", "completion": "4.5"}], 64, use_chat_template=False)
+    assert encode_classification(tok, [{"text": 7, "text_pair": 8, "label": 1}], 16, num_labels=2) == \
+        encode_classification(tok, [{"text": "7", "text_pair": "8", "label": 1}], 16, num_labels=2)
+
+
 def test_the_prompt_starts_with_bos_where_the_tokenizer_adds_one_as_at_inference():
     """`tokenizer(prompt)` (what generate and `lorakit serve` send) starts with BOS: training sees the same ids."""
     tok = ByteTokenizer()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 import lorakit
 from conftest import BUILDERS, logits, tiny_bert, tiny_gpt2, tiny_llama
 from lorakit.adapters import randomize_adapters
+from lorakit.injection import DEFAULT_TARGETS
 from lorakit.layers import LoraLayer
 
 archs = pytest.mark.parametrize("arch", list(BUILDERS))
@@ -80,6 +82,39 @@ def test_default_targets_fall_back_on_common_names_without_a_config():
 
     model = lorakit.inject(nn.Sequential(Attn()), lorakit.LoraConfig(r=1))
     assert sorted(_adapted(model)) == ["0.wq", "0.wv"]
+
+
+VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=8, patch_size=4)
+
+
+@pytest.mark.parametrize("name", ["ViTModel", "DeiTModel"])
+def test_default_targets_of_vit_and_deit_are_their_query_and_value_projections(name):
+    """transformers renamed ViT's / DeiT's query, value to q_proj, v_proj: the default takes whichever the model has."""
+    cls = getattr(transformers, name)
+    model = cls(cls.config_class(**VIT))
+    expected = {"q_proj", "v_proj"} if any(p.endswith(".q_proj") for p, _ in model.named_modules()) else {"query", "value"}
+    adapted = _adapted(lorakit.inject(model, lorakit.LoraConfig(r=2)))
+    assert len(adapted) == 2 and {p.rsplit(".", 1)[-1] for p in adapted} == expected
+
+
+@pytest.mark.parametrize("names", [["query", "value"], ["q_proj", "v_proj"]])
+def test_default_targets_of_a_type_whose_layers_have_other_names_fall_back_on_common_names(names):
+    model = nn.Sequential(nn.ModuleDict({n: nn.Linear(4, 4) for n in (names[0], "key", names[1])}))
+    model.config = SimpleNamespace(model_type="vit")
+    assert sorted(_adapted(lorakit.inject(model, lorakit.LoraConfig(r=1)))) == sorted(f"0.{n}" for n in names)
+
+
+def test_a_type_without_its_default_names_or_common_ones_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.config = SimpleNamespace(model_type="vit")
+    with pytest.raises(ValueError, match=r"model_type='vit', which lacks its type's \['q_proj', 'v_proj'\]\): pass target_modules"):
+        lorakit.inject(model, lorakit.LoraConfig(r=1))
+
+
+def test_default_targets_are_keyed_by_transformers_own_model_type():
+    known = set(transformers.CONFIG_MAPPING.keys())
+    misspelt = [t for t in DEFAULT_TARGETS if t not in known and {t.replace("_", "-"), t.replace("-", "_")} & known]
+    assert misspelt == [] and transformers.NllbMoeConfig.model_type in DEFAULT_TARGETS
 
 
 def test_unknown_architecture_without_targets_is_a_clear_error():

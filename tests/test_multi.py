@@ -380,6 +380,19 @@ def test_combine_linear_follows_its_formula_and_needs_equal_ranks():
     assert lorakit.list_adapters(uneven) == ["a", "b"]
 
 
+def test_combine_linear_on_fused_layers_names_the_ranks_and_the_slices():
+    from conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    for name, (r, slices) in {"a": (2, [True, False, True]), "b": (2, [True, True, True]), "c": (4, [True, False, True])}.items():
+        lorakit.inject(model, lorakit.LoraConfig(r=r, target_modules=["c_attn"], enable_lora={"c_attn": slices}), adapter=name)
+    with pytest.raises(ValueError, match=r"equal ranks, got \{'a': 2, 'c': 4\}"):
+        lorakit.combine_adapters(model, {"a": 0.5, "c": 0.5}, name="x", method="linear")
+    with pytest.raises(ValueError, match="same fused slices"):
+        lorakit.combine_adapters(model, {"a": 0.5, "b": 0.5}, name="x", method="linear")
+    assert lorakit.list_adapters(model) == ["a", "b", "c"]
+
+
 def test_combine_svd_refits_to_the_target_rank():
     model = two_adapters("gpt2")
     weights = {"a": 0.5, "b": 0.5}

@@ -19,7 +19,7 @@ from torch import nn
 import lorakit
 from conftest import logits, tiny_bert, tiny_gpt2, tiny_llama
 from lorakit.adapters import randomize_adapters
-from lorakit.state import lora_layers
+from lorakit.state import get_state, lora_layers
 
 peft = pytest.importorskip("peft", reason="PEFT interop tests need the `peft` package: pip install -e '.[dev]'")
 
@@ -530,3 +530,21 @@ def test_a_folder_written_before_exact_pattern_keys_still_matches_its_own_metada
         loaded = lorakit.load_adapter(tiny_gpt2(), tmp_path)
     assert "differs" not in caplog.text
     assert loaded.transformer.h[1].attn.c_attn.lora_specs["default"].enabled == (True, False, True)
+
+
+def test_lorakit_all_linear_on_a_classifier_loads_in_peft_on_the_same_modules(tmp_path, input_ids):
+    """PEFT's "all-linear" without a task type also wraps the classification head, which lorakit's leaves alone:
+    the file names the adapted modules, so PEFT adapts exactly those, and lorakit reads back its own config."""
+    model = lorakit.inject(tiny_bert(), lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    _randomize(list(lorakit.adapter_parameters(model).values()))
+    want = logits(model, input_ids)
+    lorakit.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    wrapped = {p.removeprefix("base_model.model.") for p, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert wrapped == {p for p, _ in lora_layers(model)} and "classifier" not in wrapped
+    assert _max_diff(logits(theirs, input_ids), want) <= TOL
+    config = get_state(model).adapters["default"].config
+    assert lorakit.read_adapter(tmp_path)[2] == config and config.target_modules == "all-linear"
+    again = lorakit.load_adapter(tiny_bert(), tmp_path)
+    assert get_state(again).adapters["default"].config == config
+    assert _max_diff(logits(again, input_ids), want) <= TOL

@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 from .functional import expand_sliced_B
 from .layers import LoraLayer
-from .merging import check_mergeable, restore_biases
+from .merging import check_mergeable, restore_base_values
 from .saved import SavedModule, remove_copy, saved_copy, wrappers
-from .state import check_not_mixed, drop_state, get_state, lora_layers, resolve_adapter
+from .state import all_params, check_not_mixed, drop_state, get_state, lora_layers, resolve_adapter
 
 PREFIX = "base_model.model."
 
@@ -83,7 +83,7 @@ def _refresh_trainable(model: nn.Module) -> None:
     state = get_state(model)
     trainable: set[int] = set()
     modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
+    params = all_params(model)
     for name in state.active:
         record = state.adapters[name]
         for path in record.layers:
@@ -113,7 +113,7 @@ def adapter_parameters(model: nn.Module, adapter: str | None = None) -> dict[str
     for path in record.saved_modules:
         for pname, p in saved_copy(model, path, name).named_parameters():
             out[f"{path}.modules_to_save.{name}.{pname}"] = p
-    params = dict(model.named_parameters())
+    params = all_params(model)
     for pname in record.bias_params:
         out[pname] = params[pname]
     return out
@@ -129,7 +129,11 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
     dense, block-structured B.
     """
     name = resolve_adapter(model, adapter)
-    record = get_state(model).adapters[name]
+    state = get_state(model)
+    if state.open_block == "disable_adapters":
+        raise ValueError(f"cannot save adapter {name!r} inside a disable_adapters block: its trained biases and loaded "
+                         "base weights hold the base model's values there; save after the block")
+    record = state.adapters[name]
     modules = dict(model.named_modules())
     out: dict[str, Tensor] = {}
     for path in record.layers:
@@ -149,7 +153,7 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
     for path in record.saved_modules:
         for key, t in saved_copy(model, path, name).state_dict().items():
             out[f"{PREFIX}{path}.{key}"] = t.detach()
-    params = dict(model.named_parameters())
+    params = all_params(model)
     for pname in record.bias_params + record.base_params:
         out[f"{PREFIX}{peft_param_name(pname, record.layers)}"] = _unmerged_value(modules, pname, params[pname])
     return out
@@ -186,8 +190,8 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
             layer.remove_adapter(name)
     for path in record.saved_modules:
         remove_copy(model, path, name)
-    restore_biases(model, record)
     del state.adapters[name]
+    restore_base_values(model, record, keep=frozenset(p for r in state.adapters.values() for p in r.base_values))
     state.active = [n for n in state.active if n != name]
     _drop_empty_layers(model)
     if not state.adapters:
@@ -210,7 +214,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     disabled = {id(layer): layer.lora_disabled for layer in layers}
     heads = [(module, module.active) for module in wrappers(model)]
-    params = dict(model.named_parameters())
+    params = all_params(model)
     records = list(state.adapters.values()) if state else []
     changed: dict[str, Tensor] = {}
     try:
@@ -220,7 +224,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.lora_disabled = True
         changed = {n: params[n].detach().clone() for r in records for n in r.base_values}
         for record in records:
-            restore_biases(model, record)
+            restore_base_values(model, record)
         for module, _ in heads:
             module.active = None
         if state is not None:

@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .adapters import PREFIX, activate, adapter_state_dict, peft_param_name
+from .adapters import PREFIX, _unmerged_value, activate, adapter_state_dict, peft_param_name
 from .config import LoraConfig
 from .functional import compress_sliced_B, lora_scale
 from .injection import inject, plan, resolve_config, saved_name_matches
 from .layers import adapter_shapes, is_conv1d_gpt2
 from .saved import base_of, saved_copy
-from .state import DEFAULT_ADAPTER, check_adapter_name, get_state, lora_layers, resolve_adapter
+from .state import DEFAULT_ADAPTER, all_params, check_adapter_name, get_state, lora_layers, resolve_adapter
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,7 @@ def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
             alpha_pattern[_exact(path)] = alpha_file
     base = cfg.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     targets, layers, layers_pattern = cfg.target_modules, cfg.layers, cfg.layers_pattern
-    if layers is not None or layers_pattern:
-        # PEFT refuses layers_to_transform beside a regex or "all-linear", layers_pattern without layers, and
-        # finds no block index at the top level of a path ("layers.1.q"): name the adapted modules instead
+    if _written_as_list(cfg):
         targets, layers, layers_pattern = list(record.layers), None, None
     return {
         "peft_type": "LORA",
@@ -122,6 +121,16 @@ def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
         "use_dora": False,
         "inference_mode": True,
     }
+
+
+def _written_as_list(cfg: LoraConfig) -> bool:
+    """Whether `to_peft_config` writes `cfg`'s targets as the list of adapted module paths.
+
+    PEFT refuses layers_to_transform beside a regex or "all-linear", layers_pattern without layers, and finds no
+    block index at the top level of a path ("layers.1.q"); its "all-linear" also adapts the task heads lorakit's
+    leaves alone (classifier, score) unless the task type is SEQ_CLS.
+    """
+    return cfg.layers is not None or bool(cfg.layers_pattern) or cfg.target_modules == "all-linear"
 
 
 def _exact(path: str) -> str:
@@ -284,15 +293,19 @@ def _sorted_metadata(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], LoraConfig]:
+def read_adapter(
+    path: str | os.PathLike, model: nn.Module | None = None, adapter: str = DEFAULT_ADAPTER
+) -> tuple[dict[str, Any], dict[str, Tensor], LoraConfig]:
     """(PEFT config fields, tensors, LoraConfig) of an adapter folder; never unpickles.
 
     ``adapter_config.json`` is authoritative, as in PEFT. lorakit's own copy of its config (in the
     safetensors header) is used only when it says the same thing, to recover what PEFT's fields
-    cannot express (``enable_lora`` slices); an edited JSON wins, with a warning.
+    cannot express (``enable_lora`` slices); an edited JSON wins, with a warning. Given the `model` the
+    adapter will load into (as `adapter`), a copy whose targets the JSON lists by path must also adapt
+    exactly the file's modules there.
     """
     fields, tensors, metadata = read_adapter_files(path)
-    return fields, tensors, config_of(path, fields, metadata, adapted_paths(tensors))
+    return fields, tensors, config_of(path, fields, metadata, adapted_paths(tensors), model, adapter)
 
 
 def adapted_paths(tensors: dict[str, Tensor]) -> list[str]:
@@ -301,7 +314,10 @@ def adapted_paths(tensors: dict[str, Tensor]) -> list[str]:
     return [k.removeprefix(PREFIX).removesuffix(s) for k in tensors for s in suffixes if k.endswith(s)]
 
 
-def config_of(path: str | os.PathLike, fields: dict[str, Any], metadata: dict[str, str], modules: list[str]) -> LoraConfig:
+def config_of(
+    path: str | os.PathLike, fields: dict[str, Any], metadata: dict[str, str], modules: list[str],
+    model: nn.Module | None = None, adapter: str = DEFAULT_ADAPTER,
+) -> LoraConfig:
     """The `LoraConfig` of an adapter folder from its config fields and safetensors metadata (see `read_adapter`);
     `modules`: the adapted module paths (`adapted_paths`)."""
     try:
@@ -312,10 +328,10 @@ def config_of(path: str | os.PathLike, fields: dict[str, Any], metadata: dict[st
         raise ValueError(f"{path}: adapter_config.json has a field of the wrong type ({e}); compare it with PEFT's LoraConfig") from e
     if METADATA_KEY in metadata:
         saved = _saved_config(path, metadata[METADATA_KEY])
-        if saved is not None and _same_for_peft(saved, cfg, modules):
+        if saved is not None and _same_for_peft(saved, cfg, modules, model, adapter):
             return saved.replace(base_model_name_or_path=cfg.base_model_name_or_path)
-        log.warning("%s: adapter_config.json differs from the config lorakit saved with the weights; "
-                    "using adapter_config.json, as PEFT does", path)
+        log.warning("%s: adapter_config.json differs from the config lorakit saved with the weights (or that config "
+                    "adapts other modules of this model than the file holds); using adapter_config.json, as PEFT does", path)
     return cfg
 
 
@@ -334,21 +350,37 @@ def _saved_config(path: str | os.PathLike, text: str) -> LoraConfig | None:
         return None
 
 
-def _same_for_peft(saved: LoraConfig, from_json: LoraConfig, modules: list[str]) -> bool:
+def _same_for_peft(
+    saved: LoraConfig, from_json: LoraConfig, modules: list[str], model: nn.Module | None, adapter: str
+) -> bool:
     """Whether `from_json` (read from adapter_config.json) says what `saved` says for the adapted `modules`.
 
     Compared by what each module gets (the file's rank, the scale), since `to_peft_config` writes per-layer
-    values as exact-path patterns and fused slices as dense LoRA; a config with `layers` may have been written
-    as the list of adapted modules.
+    values as exact-path patterns and fused slices as dense LoRA. A config with `layers` or "all-linear" is
+    written as the list of adapted modules; given the `model`, `saved` must then adapt exactly those there
+    (older lorakit versions filtered full-path targets by `layers` too). With the same targets as the JSON it
+    plans what the JSON plans.
     """
     plain = ("r", "dropout", "exclude_modules", "bias", "lora_bias", "init", "use_rslora", "modules_to_save")
     if any(getattr(saved, k) != getattr(from_json, k) for k in plain) or float(saved.alpha) != float(from_json.alpha):
         return False
     where = ("target_modules", "layers", "layers_pattern")
     as_written = all(getattr(saved, k) == getattr(from_json, k) for k in where)
-    as_list = ((saved.layers is not None or bool(saved.layers_pattern)) and from_json.layers is None
-               and not from_json.layers_pattern and sorted(from_json.target_modules or []) == sorted(modules))
+    as_list = (_written_as_list(saved) and from_json.layers is None and not from_json.layers_pattern
+               and sorted(from_json.target_modules or []) == sorted(modules)
+               and (model is None or _plans_exactly(model, saved, adapter, modules)))
     return (as_written or as_list) and all(_file_values(saved, m) == _file_values(from_json, m) for m in modules)
+
+
+def _plans_exactly(model: nn.Module, cfg: LoraConfig, adapter: str, modules: list[str]) -> bool:
+    """Whether injecting `cfg` into `model` as `adapter` would adapt exactly the module paths `modules`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the rank warnings come once more when the adapter is injected
+            planned = plan(model, cfg, adapter, strict=False)
+    except ValueError:
+        return False
+    return sorted(p.path for p in planned) == sorted(modules)
 
 
 def _file_values(cfg: LoraConfig, path: str) -> tuple[int, float]:
@@ -464,7 +496,7 @@ def _expected(model: nn.Module, cfg: LoraConfig, adapter: str) -> tuple[Expected
         for key, t in base_of(modules[path]).state_dict().items():
             expected[f"{PREFIX}{path}.{key}"] = (path, SAVED + key, tuple(t.shape))
     layers = [p.path for p in planned]
-    params = dict(model.named_parameters())
+    params = all_params(model)
     for pname in _bias_params(model, cfg, layers):
         key = f"{PREFIX}{peft_param_name(pname, layers)}"
         expected[key] = (pname, "bias", tuple(params[pname].shape))
@@ -500,11 +532,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     exactly as it was.
     """
     check_adapter_name(adapter)
-    fields, tensors, cfg = read_adapter(path)
-    cfg = _as_peft_resolves(model, resolve_config(model, cfg))
     state = get_state(model, required=False)
     if state is not None and adapter in state.adapters:
         raise ValueError(f"adapter {adapter!r} is already on the model; load with adapter='<another name>'")
+    fields, tensors, cfg = read_adapter(path, model, adapter)
+    cfg = _as_peft_resolves(model, resolve_config(model, cfg))
     tensors = _fold_wrapper_keys(model, cfg, tensors)
     expected, optional = _expected(model, cfg, adapter)
     tensors = _without_adapter_names(tensors, expected)
@@ -516,10 +548,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
                              "output head LoRA factors of its own; lorakit does not implement that option") from None
         raise
     modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    for key, loc in optional.items():  # base weights PEFT saved alongside: load only those that differ
-        if key in tensors and not torch.equal(tensors[key], _target_tensor(modules, params, loc).detach().to(tensors[key].dtype)):
+    params = all_params(model)
+    # base weights PEFT saved alongside (a resized embedding): load only those that differ from the model's own
+    # (unmerged) values; one another adapter already changed it cannot change again, one it brings alike it shares
+    held = {pname: n for n, r in (state.adapters.items() if state else ()) for pname in r.base_values}
+    alike: dict[str, str] = {}
+    for key, loc in optional.items():
+        if key not in tensors:
+            continue
+        if not torch.equal(tensors[key], _base_value(modules, params, loc).to(tensors[key].dtype)):
+            if _pname(loc) in held:
+                raise ValueError(
+                    f"adapter {path} changes the base model's {_pname(loc)!r}, which adapter {held[_pname(loc)]!r} "
+                    "already set to other values, and one base weight cannot hold both; delete_adapter(model, "
+                    f"{held[_pname(loc)]!r}) first, or load {adapter!r} on a model of its own; the model is unchanged")
             expected[key] = loc
+        elif _pname(loc) in held:
+            alike[_pname(loc)] = held[_pname(loc)]
     specs = {p.path: p.spec for p in plan(model, cfg, adapter, strict=False)}
     on_meta = [p for p in specs if any(t.is_meta for t in modules[p].parameters(recurse=False))]
     if on_meta:
@@ -536,7 +581,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
                 values[key] = compress_sliced_B(tensors[key], list(specs[mpath].enabled), specs[mpath].r)
             except ValueError as e:
                 raise ValueError(f"adapter {path}: {key}: {e}; the model is unchanged") from e
-    backup = {key: _target_tensor(modules, params, loc).detach().clone() for key, loc in expected.items() if _is_base(loc)}
+    backup = {key: _base_value(modules, params, loc).clone() for key, loc in expected.items() if _is_base(loc)}
     before_active = list(state.active) if state is not None else []
     before_merged = {p: list(layer.merged_adapters) for p, layer in lora_layers(model)}
     inject(model, cfg, adapter)  # unmerges a merged model; merged again below, with the loaded ΔW
@@ -565,10 +610,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
                 layer.merge_adapter(name)
         raise
     # saved again with the adapter, so that a resized vocabulary survives lorakit -> PEFT
-    record = get_state(model).adapters[adapter]
-    loaded_base = {key: f"{mpath}.{slot}" for key, (mpath, slot, _) in expected.items() if key in optional}
-    record.base_params = list(loaded_base.values())
+    state = get_state(model)
+    record = state.adapters[adapter]
+    loaded_base = {key: _pname(loc) for key, loc in expected.items() if key in optional}
+    record.base_params = [*loaded_base.values(), *alike]
     record.base_values.update({pname: backup[key] for key, pname in loaded_base.items()})  # put back on delete/unload
+    record.base_values.update({pname: state.adapters[owner].base_values[pname] for pname, owner in alike.items()})
     return model
 
 
@@ -634,8 +681,19 @@ def _is_base(loc: tuple) -> bool:
     return loc[1] not in LORA_SLOTS and not loc[1].startswith(SAVED)
 
 
+def _pname(loc: tuple) -> str:
+    """The model parameter a base entry at `loc` writes (a trained bias's loc names it whole)."""
+    path, slot, _ = loc
+    return path if slot == "bias" and path.endswith(".bias") else f"{path}.{slot}"
+
+
 def _target_tensor(modules: dict, params: dict, loc: tuple) -> Tensor:
     path, slot, _ = loc
     if slot == "bias" and path in params:
         return params[path]
     return modules[path].state_dict(keep_vars=True)[slot]
+
+
+def _base_value(modules: dict, params: dict, loc: tuple) -> Tensor:
+    """The value at `loc` without merged updates (a merged layer's exact W0 / b0 copy), detached."""
+    return _unmerged_value(modules, _pname(loc), _target_tensor(modules, params, loc))

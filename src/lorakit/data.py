@@ -349,8 +349,8 @@ def encode_causal(
     prefix = special_prefix(tokenizer)
     out, cut = [], 0
     for ex in examples:
-        prompt_ids = encode_prompt(tokenizer, format_prompt(tokenizer, ex["prompt"], use_chat_template), prefix)
-        completion_ids = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + eos
+        prompt_ids = encode_prompt(tokenizer, format_prompt(tokenizer, str(ex["prompt"]), use_chat_template), prefix)
+        completion_ids = tokenizer(str(ex["completion"]), add_special_tokens=False)["input_ids"] + eos  # as files: text
         cut += len(prompt_ids) + len(completion_ids) > max_length
         completion_ids = completion_ids[:max_length - 1]
         prompt_ids = prompt_ids[-(max_length - len(completion_ids)):]
@@ -395,10 +395,11 @@ def encode_classification(
                          f"{special} special tokens; raise it to at least {special + 1}")
     out, cut = [], 0
     for ex, label in zip(examples, labels):
-        enc = tokenizer(ex["text"], ex.get("text_pair"))
+        text, text_pair = str(ex["text"]), (str(ex["text_pair"]) if ex.get("text_pair") is not None else None)
+        enc = tokenizer(text, text_pair)
         if len(enc["input_ids"]) > max_length:  # tokenized again, cut as the tokenizer cuts pairs (longest first)
             cut += 1
-            enc = tokenizer(ex["text"], ex.get("text_pair"), truncation=True, max_length=max_length)
+            enc = tokenizer(text, text_pair, truncation=True, max_length=max_length)
         item = {"input_ids": enc["input_ids"], "labels": label}
         if "token_type_ids" in enc:
             item["token_type_ids"] = enc["token_type_ids"]

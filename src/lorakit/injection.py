@@ -20,6 +20,7 @@ from .state import (
     DEFAULT_ADAPTER,
     AdapterRecord,
     LoraState,
+    all_params,
     check_adapter_name,
     check_not_mixed,
     create_state,
@@ -28,14 +29,16 @@ from .state import (
     lora_layers,
 )
 
-#: The paper's default targets (Wq, Wv) for common architectures, by ``config.model_type``.
+#: The paper's default targets (Wq, Wv) for common architectures, by ``config.model_type``. transformers renames
+#: projections between versions (ViT's and DeiT's query/value became q_proj/v_proj): names a model lacks give way
+#: to `FALLBACK_TARGETS`.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     **{t: ["q_proj", "v_proj"] for t in (
         "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "opt",
         "bart", "mbart", "gptj", "gpt_neo", "olmo", "olmo2", "starcoder2", "stablelm", "whisper",
-        "granite", "cohere", "smollm3", "marian", "pegasus", "blenderbot", "m2m_100", "nllb_moe",
+        "granite", "cohere", "smollm3", "marian", "pegasus", "blenderbot", "m2m_100", "nllb-moe", "vit", "deit",
     )},
-    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "layoutlm", "vit", "deit")},
+    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "layoutlm")},
     **{t: ["q", "v"] for t in ("t5", "mt5", "umt5", "longt5", "mpnet")},
     "distilbert": ["q_lin", "v_lin"],
     "deberta": ["in_proj"],
@@ -53,7 +56,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 DEFAULT_ENABLE_LORA: dict[str, dict[str, list[bool]]] = {"gpt2": {"c_attn": [True, False, True]}}
 #: Top-level children that are a task's output head (sequence/token classification, QA): never "all-linear" targets.
 HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs")
-#: Name pairs tried, in order, on models of unknown type.
+#: Name pairs tried, in order, on models of unknown type or without their type's names.
 FALLBACK_TARGETS = (["q_proj", "v_proj"], ["query", "value"], ["q_lin", "v_lin"], ["q", "v"], ["wq", "wv"])
 
 
@@ -79,14 +82,14 @@ def resolve_config(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
     if model_type in DEFAULT_ENABLE_LORA:
         enable = {**DEFAULT_ENABLE_LORA[model_type], **cfg.enable_lora}
         return cfg.replace(target_modules=list(DEFAULT_ENABLE_LORA[model_type]), enable_lora=enable)
-    if model_type in DEFAULT_TARGETS:
-        return cfg.replace(target_modules=list(DEFAULT_TARGETS[model_type]))
     leaf_names = {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if supports(m)}
-    for pair in FALLBACK_TARGETS:
-        if set(pair) <= leaf_names:
-            return cfg.replace(target_modules=list(pair))
+    own = [DEFAULT_TARGETS[model_type]] if model_type in DEFAULT_TARGETS else []
+    for names in (*own, *FALLBACK_TARGETS):
+        if set(names) <= leaf_names:
+            return cfg.replace(target_modules=list(names))
+    lacks = f", which lacks its type's {own[0]}" if own else ""
     raise ValueError(
-        f"cannot pick default target modules for {type(model).__name__} (model_type={model_type!r}): "
+        f"cannot pick default target modules for {type(model).__name__} (model_type={model_type!r}{lacks}): "
         f"pass target_modules=[...], e.g. from its adaptable layers: {_adaptable_names(model)}"
     )
 
@@ -325,7 +328,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
         if created:
             drop_state(model)
         raise
-    params = dict(model.named_parameters())
+    params = all_params(model)
     state.adapters[adapter] = AdapterRecord(
         config=config,
         layers=[p.path for p in planned],

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import detach
+from .layers import LoraLayer, detach
 from .saved import SavedModule, unwrap
-from .state import AdapterRecord, check_not_mixed, drop_state, get_state, lora_layers
+from .state import AdapterRecord, all_params, check_not_mixed, drop_state, get_state, lora_layers
 
 
 def merge(model: nn.Module, adapter: str | list[str] | None = None) -> nn.Module:
@@ -82,18 +82,28 @@ def _strip(model: nn.Module, keep_merged: bool) -> nn.Module:
         detach(layer)
     if not keep_merged:
         for record in state.adapters.values():
-            restore_biases(model, record)
+            restore_base_values(model, record)
     unwrap(model, keep=state.active if keep_merged else [])
     drop_state(model)
     return model
 
 
 @torch.no_grad()
-def restore_biases(model: nn.Module, record: AdapterRecord) -> None:
-    """Put the base values back into the biases `record`'s adapter trained."""
-    params = dict(model.named_parameters())
+def restore_base_values(model: nn.Module, record: AdapterRecord, keep: frozenset[str] = frozenset()) -> None:
+    """Put back the base values of the parameters `record`'s adapter changed (trained biases, base weights loaded
+    from its file), except those in `keep` (still held by another adapter). In a merged layer the value goes into
+    its exact unmerged copy and the merge is redone, so unmerging later gives the base value too."""
+    params = all_params(model)
     for pname, value in record.base_values.items():
+        if pname in keep:
+            continue
+        layer = model.get_submodule(pname.rpartition(".")[0])
+        merged = list(layer.merged_adapters) if isinstance(layer, LoraLayer) else []
+        if merged:
+            layer.set_merged([])
         params[pname].copy_(value)
+        if merged:
+            layer.set_merged(merged)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

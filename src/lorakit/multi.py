@@ -246,12 +246,16 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
     unknown = sorted({n for n in rows if n is not None and n not in state.adapters})
     if unknown:
         raise ValueError(f"mixed_batch: no adapter named {unknown}; this model has {list(state.adapters)} (or None for the base)")
-    owners = [n for n, record in state.adapters.items() if record.bias_params]
-    if owners and any(n not in owners for n in rows):
-        raise ValueError(
-            f"adapter {owners[0]!r} trains the base model's biases, which rows cannot hold per row; "
-            f"give every row {owners[0]!r}, or use disable_adapters for base rows"
-        )
+    changed = {p: n for n, record in state.adapters.items() for p in record.base_values}
+    for row in dict.fromkeys(rows):
+        lacking = [p for p in changed if row is None or p not in state.adapters[row].base_values]
+        if lacking:
+            raise ValueError(
+                f"adapter {changed[lacking[0]]!r} changed the base model's {lacking[0]!r} (a trained bias, or a base "
+                f"weight loaded from its file), which rows cannot hold per row, so row adapter {row!r} would see it; "
+                f"give every row an adapter that holds it ({sorted({changed[p] for p in changed})}), or use "
+                "disable_adapters for base rows"
+            )
     paths = dict(lora_layers(model))
     layers = list(paths.values())
     in_generate, slot_tensors = [False], {}
@@ -305,9 +309,13 @@ def _combine_layer(
         A = torch.cat([factors[n][0] for n in names], dim=0)
         B = torch.cat([factors[n][1] * weights[n] for n in names], dim=1)
     elif method == "linear":  # PEFT's: c_i = w_i·s_i; A = Σ sign(c_i)·√|c_i|·A_i, B = Σ √|c_i|·B_i; same ranks only
-        ranks = {n: factors[n][0].shape[0] for n in names}
+        ranks = {n: layer.lora_specs[n].r for n in names}
         if len(set(ranks.values())) > 1:
             raise ValueError(f"method='linear' needs equal ranks, got {ranks}; use method='cat' (exact) or 'svd'")
+        slices = {n: layer.lora_specs[n].enabled for n in names}
+        if len(set(slices.values())) > 1:
+            raise ValueError(f"method='linear' needs the same fused slices on every adapter, got {slices}; "
+                             "use method='cat' (exact) or 'svd'")
         coef = {n: weights[n] * layer.lora_specs[n].scale for n in names}
         A = sum(math.copysign(math.sqrt(abs(coef[n])), coef[n]) * factors[n][0] for n in names)
         B = sum(math.sqrt(abs(coef[n])) / layer.lora_specs[n].scale * factors[n][1] for n in names)  # factors hold s·B

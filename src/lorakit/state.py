@@ -108,6 +108,11 @@ def get_state(model: nn.Module, required: bool = True) -> LoraState | None:
     return state
 
 
+def all_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter by every name it has: a tied weight under each of its names (``lm_head.weight`` too)."""
+    return dict(model.named_parameters(remove_duplicate=False))
+
+
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     """(path, layer) for every LoRA layer in the model, in module order."""
     return [(path, m) for path, m in model.named_modules() if isinstance(m, LoraLayer)]
