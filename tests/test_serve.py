@@ -23,6 +23,12 @@ tokenizers = pytest.importorskip("tokenizers")
 from lorakit.serve import Engine, Job, RequestError, create_app  # noqa: E402
 
 MAX_WAIT = 0.4  # seconds a batch waits for more requests: concurrent requests below arrive well within it
+#: A chat template in the character tokenizer's alphabet; like real ones, it refuses some conversations.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('the system message must come first') }}{% endif %}"
+    "{{ m['role'] }}: {{ m['content'] }}. {% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def offline(model, tokenizer, prompt: str, adapter: str | None, max_tokens: int) -> str:
@@ -62,9 +68,10 @@ def running(app):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """(base URL, model, tokenizer, folder of a third adapter) with the server running in a thread."""
+    """(base URL, model, tokenizer with a chat template, folder of a third adapter) with the server running in a thread."""
     tmp = tmp_path_factory.mktemp("serve")
     model, tok = tiny_llama(seed=3), char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8), adapter="sql")
     lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=8, target_modules="all-linear"), adapter="nli")
     lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, use_rslora=True), adapter="extra")
@@ -81,6 +88,15 @@ def post(url: str, path: str, **kwargs) -> httpx.Response:
 
 def complete(url: str, model: str, prompt, max_tokens: int = 8) -> httpx.Response:
     return post(url, "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens})
+
+
+def chat(url: str, model: str, messages: list[dict], max_tokens: int | None = 8, **fields) -> httpx.Response:
+    return post(url, "/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": max_tokens, **fields})
+
+
+def templated(tok, messages: list[dict]) -> str:
+    """The prompt text the chat endpoint should send: `messages` in the chat template, ending in the assistant's turn."""
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def metric(url: str, name: str) -> float:
@@ -371,7 +387,7 @@ def test_an_adapter_that_trains_base_biases_is_refused_and_leaves_the_model_as_i
     model = tiny_gpt2(seed=3)  # the first adapter on the server (with others there, load_adapter refuses it anyway)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     engine = Engine(model, char_tokenizer(), max_new_tokens=8)
-    with pytest.raises(RequestError, match="trains the base model's biases") as info:
+    with pytest.raises(RequestError, match="changes the base model.s own weights.*trained biases") as info:
         engine.load("gb", str(tmp_path))
     assert info.value.status == 400 and engine.adapters() == ["base"]
     assert before.keys() == model.state_dict().keys() and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -406,3 +422,143 @@ def test_the_default_max_tokens_fits_a_server_with_a_lower_limit():
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8, r.text
         r = complete(url, "base", "hi", 9)
         assert r.status_code == 400 and "max_tokens=9 exceeds this server's limit of 8" in r.json()["error"]["message"]
+
+
+def test_chat_completion_is_the_generation_on_the_templated_prompt(server):
+    url, model, tok, _ = server
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "select the"}]
+    prompt = templated(tok, messages)
+    assert prompt == "system: be brief. user: select the. assistant:"
+    for name in ("sql", "nli", None):
+        r = chat(url, name or "base", messages)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "chat.completion" and body["model"] == (name or "base") and body["id"].startswith("chatcmpl-")
+        [choice] = body["choices"]
+        assert choice["message"] == {"role": "assistant", "content": offline(model, tok, prompt, name, 8)}
+        assert choice["finish_reason"] in ("stop", "length") and choice["index"] == 0
+        assert body["usage"]["prompt_tokens"] == len(tok(prompt)["input_ids"])
+        assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    raw = complete(url, "sql", "select the").json()["choices"][0]["text"]  # /v1/completions: the text as it is
+    assert raw == offline(model, tok, "select the", "sql", 8) != chat(url, "sql", messages[1:]).json()["choices"][0]["message"]["content"]
+
+
+def test_chat_max_tokens_default_to_what_fits_and_max_completion_tokens_is_its_new_name(server):
+    url, model, tok, _ = server
+    messages = [{"role": "user", "content": "a long question that fills the context"}]
+    prompt = templated(tok, messages)
+    room = 64 - len(tok(prompt)["input_ids"])  # the tiny model's context is 64 tokens, the server's limit 32
+    assert 0 < room < 32
+    r = chat(url, "sql", messages, None)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= room, r.text
+    assert r.json()["choices"][0]["message"]["content"] == offline(model, tok, prompt, "sql", room)
+    r = chat(url, "sql", messages, None, max_completion_tokens=3)
+    assert r.json()["choices"][0]["message"]["content"] == offline(model, tok, prompt, "sql", 3), r.text
+
+
+def test_chat_and_completion_requests_share_a_batch(server):
+    url, model, tok, _ = server
+    messages = [{"role": "user", "content": "count rows"}]
+    expected = [offline(model, tok, templated(tok, messages), "nli", 6), offline(model, tok, "count rows", "sql", 6)]
+    batches, rows = metric(url, "lorakit_batches_total"), metric(url, "lorakit_batch_rows_total")
+    with ThreadPoolExecutor(2) as pool:
+        asked = pool.submit(chat, url, "nli", messages, 6), pool.submit(complete, url, "sql", "count rows", 6)
+        replies = [r.result().json()["choices"][0] for r in asked]
+    assert [replies[0]["message"]["content"], replies[1]["text"]] == expected
+    assert metric(url, "lorakit_batch_rows_total") - rows == 2
+    assert metric(url, "lorakit_batches_total") - batches == 1
+
+
+def test_chat_without_a_chat_template_is_a_400_that_names_the_fix(server, monkeypatch):
+    url, _, tok, _ = server
+    monkeypatch.setattr(tok, "chat_template", None)
+    r = chat(url, "sql", [{"role": "user", "content": "hi"}])
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert "has no chat template" in r.json()["error"]["message"] and "/v1/completions" in r.json()["error"]["message"]
+    assert complete(url, "sql", "hi").status_code == 200
+
+
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"model": "sql"}, 400, "messages: Field required"),
+        ({"model": "sql", "messages": None}, 400, "messages"),
+        ({"model": "sql", "messages": []}, 400, "messages: List should have at least 1 item"),
+        ({"model": "sql", "messages": "hi"}, 400, "messages: Input should be a valid list"),
+        ({"model": "sql", "messages": [{"role": "user"}]}, 400, "messages.0.content: Field required"),
+        ({"model": "sql", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role: Input should be"),
+        ({"model": "sql", "messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
+        ({"model": "sql", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, 400,
+         "messages.0.content"),
+        ({"model": "sql", "messages": [USER, {"role": "user", "content": "x", "name": "bob"}]}, 400,
+         "messages.1.name: Extra inputs are not permitted"),
+        ({"model": "sql", "messages": [USER, {"role": "system", "content": "late"}]}, 400,
+         "the chat template refuses these messages: the system message must come first"),
+        ({"model": "sql", "messages": [USER], "prompt": "hi"}, 400, "prompt: Extra inputs are not permitted"),
+        ({"model": "nope", "messages": [USER]}, 404, "does not exist"),
+        ({"model": "sql", "messages": [USER], "max_tokens": 1000}, 400, "exceeds this server's limit"),
+        ({"model": "sql", "messages": [USER], "max_tokens": 4, "max_completion_tokens": 4}, 400, "not both"),
+        ({"model": "sql", "messages": [{"role": "user", "content": "x" * 50}], "max_tokens": 8}, 400, "exceeds the context"),
+        ({"model": "sql", "messages": [USER], "stream": True}, 400, "stream"),
+        ({"model": "sql", "messages": [USER], "n": 2}, 400, "n"),
+        ({"model": "sql", "messages": [USER], "logprobs": True}, 400, "logprobs not supported"),
+        ({"model": "sql", "messages": [USER], "tools": [{"type": "function"}]}, 400, "tools not supported"),
+        ({"model": "sql", "messages": [USER], "response_format": {"type": "json_object"}}, 400, "response_format not supported"),
+    ],
+)
+def test_bad_chat_requests_get_4xx_and_the_server_stays_up(server, body, status, message):
+    url, *_ = server
+    r = post(url, "/v1/chat/completions", json=body)
+    assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    assert chat(url, "sql", [USER], 2).status_code == 200
+
+
+def test_chat_takes_openai_nulls_and_defaults(server):
+    url, model, tok, _ = server
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "stop", "seed", "logprobs", "top_logprobs", "tools",
+                           "tool_choice", "response_format", "max_completion_tokens", "stream_options"])
+    expected = offline(model, tok, templated(tok, [USER]), "sql", 4)
+    for fields in (nulls, {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "user": "x"}):
+        r = chat(url, "sql", [USER], 4, **fields)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected, r.text
+
+
+def test_usage_counts_the_eos_token_that_ended_the_completion(monkeypatch):
+    """OpenAI's usage counts every token generated, the stop token too; the text leaves it out."""
+    model, tok = tiny_llama(seed=5), char_tokenizer()
+    engine = Engine(model, tok, max_new_tokens=8)
+    made = {"ends": tok.convert_tokens_to_ids(list("xy")) + [2, 0, 0, 0], "runs on": tok.convert_tokens_to_ids(list("xyzwvu"))}
+    for row, expected in (("ends", ("xy", 3, "stop")), ("runs on", ("xyzwvu", 6, "length"))):
+        monkeypatch.setattr(model, "generate", lambda ids, row=row, **kwargs: torch.cat([ids, torch.tensor([made[row]])], 1))
+        assert engine.generate([Job("base", engine.encode(["ab"], 6), 6)]) == [[expected]]
+
+
+@pytest.mark.parametrize("use_chat_template", [None, False])
+def test_a_finetuned_adapter_records_its_chat_template_and_the_server_says_which_endpoint(
+    server, tmp_path, caplog, use_chat_template
+):
+    """None (the default) uses the tokenizer's template; the server warns that such an adapter wants /v1/chat/completions."""
+    import json
+
+    url, model, tok, _ = server
+    trained = tiny_llama(seed=3)  # the served base
+    data = [{"prompt": "name a color", "completion": " red"}, {"prompt": "name a fruit", "completion": " fig"}]
+    cfg = lorakit.TrainConfig(steps=2, batch_size=2, lr=1e-2, precision="fp32", use_chat_template=use_chat_template)
+    lorakit.finetune(trained, tok, data, config=cfg, out_dir=tmp_path)
+    used = json.loads((tmp_path / "run_finished.json").read_text())["used_chat_template"]
+    assert used is (use_chat_template is None)
+    caplog.set_level("WARNING", logger="lorakit.serve")
+    assert post(url, "/v1/adapters", json={"name": "tuned", "path": str(tmp_path)}).status_code == 201
+    try:
+        warned = [r.getMessage() for r in caplog.records if r.name == "lorakit.serve"]
+        assert warned == (["adapter 'tuned' was trained on prompts in the tokenizer's chat template: send its requests to "
+                           "/v1/chat/completions (/v1/completions passes the prompt to the model as it is)"] if used else [])
+        messages = [{"role": "user", "content": "name a color"}]
+        r = chat(url, "tuned", messages, 6)
+        assert r.json()["choices"][0]["message"]["content"] == offline(model, tok, templated(tok, messages), "tuned", 6)
+    finally:
+        assert httpx.delete(url + "/v1/adapters/tuned", timeout=10).status_code == 200

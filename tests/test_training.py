@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -562,29 +564,77 @@ def test_a_damaged_checkpoint_is_a_clear_error_on_resume(tmp_path):
         finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path, resume=True)
 
 
-def test_resume_sees_changed_data_given_as_any_sequence_and_columns_are_refused(tmp_path):
-    class Rows:  # like datasets.Dataset: indexable, iterable, its str() a summary of the columns only
-        def __init__(self, rows):
-            self.rows = rows
+class Rows:
+    """Like a datasets.Dataset: indexable, iterable, its str() a summary of the columns and row count only."""
 
-        def __len__(self):
-            return len(self.rows)
+    def __init__(self, rows: list[dict[str, str]]) -> None:
+        self.rows = rows
 
-        def __getitem__(self, i):
-            return self.rows[i]
+    def __len__(self) -> int:
+        return len(self.rows)
 
-        def __str__(self):
-            return "Dataset({features: ['prompt', 'completion'], num_rows: 20})"
+    def __getitem__(self, i: int) -> dict[str, str]:
+        return self.rows[i]
 
-    cfg = dataclasses.replace(config(), steps=4, save_every=2)
+    def __str__(self) -> str:
+        return f"Dataset({{features: ['prompt', 'completion'], num_rows: {len(self.rows)}}})"
+
+
+def _stopped_at_first_save(cfg: TrainConfig, out: Path, train: Rows) -> None:
+    """A run on `train` in `out` interrupted right after writing its first checkpoint."""
     with pytest.raises(KeyboardInterrupt):
-        finetune(tiny_llama(), TOK, Rows(examples()), None, cfg, out_dir=tmp_path,
+        finetune(tiny_llama(), TOK, train, None, cfg, out_dir=out,
                  callback=lambda e: (_ for _ in ()).throw(KeyboardInterrupt) if e["event"] == "save" else None)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-lorakit", "missing"])
+def test_a_damaged_state_json_of_the_newest_checkpoint_is_a_clear_error_not_skipped(tmp_path, damage):
+    cfg = dataclasses.replace(config(), save_every=2)
+    _stopped_at_step_5(cfg, tmp_path)  # checkpoint-2 and checkpoint-4
+    state_file = tmp_path / "checkpoint-4" / training.STATE_JSON
+    if damage == "truncated":
+        state_file.write_bytes(state_file.read_bytes()[:50])
+    elif damage == "not-lorakit":
+        state_file.write_text('{"global_step": 4, "log_history": []}')
+    else:
+        state_file.unlink()
+    files = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint-4 is damaged \(.*checkpoint-4/trainer_state.json: "
+                                         r".*\); delete that folder to resume from the checkpoint before it"):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, tmp_path, resume=True)
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-4\)"):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, tmp_path)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+    shutil.copytree(tmp_path / "checkpoint-2", tmp_path / "checkpoint-1")  # an older leftover, damaged too:
+    (tmp_path / "checkpoint-1" / training.STATE_JSON).write_text("{")  # not the one a resume takes, so ignored
+    shutil.rmtree(tmp_path / "checkpoint-4")  # the fix the message gives
+    result = finetune(tiny_llama(), TOK, examples(), None, cfg, tmp_path, resume=True)
+    assert (result.start_step, result.steps) == (2, 12)
+
+
+def test_resume_sees_changed_data_given_as_any_sequence_and_columns_are_refused(tmp_path):
+    cfg = dataclasses.replace(config(), steps=4, save_every=2)
+    _stopped_at_first_save(cfg, tmp_path, Rows(examples()))
     other = [{"prompt": f"m={i}", "completion": "x"} for i in range(20)]
     with pytest.raises(ValueError, match="the training data differ"):
         finetune(tiny_llama(), TOK, Rows(other), None, cfg, out_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="one dict per example"):
         finetune(tiny_llama(), TOK, {"prompt": ["a"], "completion": ["b"]}, None, cfg)
+
+
+def test_a_checkpoint_of_an_older_lorakit_that_hashed_the_data_argument_itself_resumes(tmp_path):
+    """Before the digest was taken over the examples, it was taken over the argument: a Dataset's str() summary."""
+    cfg = dataclasses.replace(config(), steps=4, save_every=2)
+    _stopped_at_first_save(cfg, tmp_path, Rows(examples()))
+    state_file = tmp_path / "checkpoint-2" / training.STATE_JSON
+    meta = json.loads(state_file.read_text())
+    legacy = hashlib.sha256(json.dumps(Rows(examples()), sort_keys=True, default=str).encode()).hexdigest()
+    assert meta["data_sha256"] != legacy
+    state_file.write_text(json.dumps({**meta, "data_sha256": legacy}))
+    with pytest.raises(ValueError, match="the training data differ"):  # another summary (19 rows) is still refused
+        finetune(tiny_llama(), TOK, Rows(examples()[:-1]), None, cfg, out_dir=tmp_path, resume=True)
+    result = finetune(tiny_llama(), TOK, Rows(examples()), None, cfg, out_dir=tmp_path, resume=True)
+    assert (result.start_step, result.steps) == (2, 4)
 
 
 def test_classification_max_length_must_leave_room_for_text_and_cut_examples_are_counted(caplog):

@@ -1,4 +1,4 @@
-"""Serve one frozen base model with many adapters over HTTP (OpenAI-style ``/v1/completions``).
+"""Serve one frozen base model with many adapters over HTTP (OpenAI-style ``/v1/completions``, ``/v1/chat/completions``).
 
 `Engine` is the model side: it tokenizes, runs one ``generate`` over a mixed batch (row i uses
 its own adapter, `lorakit.mixed_batch`) and loads or drops adapters, all under one lock.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import threading
@@ -18,7 +19,8 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,6 +31,7 @@ from .checkpoint import load_adapter
 from .data import encode_prompt, special_prefix
 from .multi import mixed_batch
 from .state import get_state
+from .training import FINISHED_JSON
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,22 @@ class Engine:
                 )
         return ids
 
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """`messages` in the tokenizer's chat template, ending in the assistant's header, as the trainer formats prompts."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise RequestError(400, "the model's tokenizer has no chat template, so messages cannot be formatted: send the "
+                                    "prompt text to /v1/completions (as adapters trained without a chat template saw it), "
+                                    "or serve a model whose tokenizer has one")
+        from jinja2 import TemplateError, TemplateSyntaxError
+
+        try:
+            with self.text_lock:
+                return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateSyntaxError:
+            raise  # the server's template is broken: a 500, not the client's error
+        except TemplateError as e:  # the template's raise_exception, e.g. roles that do not alternate
+            raise RequestError(400, f"the chat template refuses these messages: {e}") from e
+
     def generate(self, jobs: list[Job]) -> list[list[tuple[str, int, str]] | RequestError]:
         """Complete every prompt of `jobs` in one mixed batch: per job, per prompt (text, tokens, finish_reason).
 
@@ -195,9 +214,9 @@ class Engine:
             texts = []
             for _ in job.prompts:
                 tokens, finish = new[k][: job.max_tokens], "length"
-                if self.tokenizer.eos_token_id in tokens:
-                    tokens, finish = tokens[: tokens.index(self.tokenizer.eos_token_id)], "stop"
-                with self.text_lock:
+                if self.tokenizer.eos_token_id in tokens:  # kept: OpenAI's usage counts the stop token as generated
+                    tokens, finish = tokens[: tokens.index(self.tokenizer.eos_token_id) + 1], "stop"
+                with self.text_lock:  # a special token, EOS decodes to no text
                     text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                     if any(s in text for s in job.stop):
                         (text, tokens), finish = self._cut_at_stop(tokens, job.stop), "stop"
@@ -241,13 +260,27 @@ def load_servable(model: nn.Module, name: str, path: str) -> None:
     """Load an adapter that can share mixed batches; one that trains the base model's biases cannot (its biases
     are the base's own, not per row), so it is refused and the model left as it was."""
     load_adapter(model, path, adapter=name)
-    if get_state(model).adapters[name].bias_params:
+    changed = list(get_state(model).adapters[name].base_values)
+    if changed:
         delete_adapter(model, name)
         raise ValueError(
-            f"adapter {name!r} trains the base model's biases (bias='all' or 'lora_only'), which rows of a mixed "
+            f"adapter {name!r} changes the base model's own weights ({changed[0]!r}: trained biases, bias='all' or "
+            "'lora_only', or base weights saved in its file such as a resized embedding), which rows of a mixed "
             "batch cannot hold per row, so a multi-adapter server cannot serve it; train it with bias='none' "
             "(lora_bias=True gives B its own bias), or serve it on a server of its own after merging it"
         )
+    if trained_on_chat_template(path):
+        log.warning("adapter %r was trained on prompts in the tokenizer's chat template: send its requests to "
+                    "/v1/chat/completions (/v1/completions passes the prompt to the model as it is)", name)
+
+
+def trained_on_chat_template(path: str) -> bool:
+    """Whether the finetune run that wrote adapter folder `path` templated its prompts (its run_finished.json says so)."""
+    try:
+        record = json.loads((Path(path).expanduser() / FINISHED_JSON).read_text())
+    except (OSError, ValueError):  # no such file (another tool's adapter, a checkpoint's), or not JSON
+        return False
+    return isinstance(record, dict) and record.get("used_chat_template") is True
 
 
 class Batcher:
@@ -348,27 +381,25 @@ def prometheus_text(metrics: Metrics, engine: Engine, queue_depth: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-class CompletionRequest(BaseModel):
-    """Body of ``POST /v1/completions`` (OpenAI's fields; `model` names the adapter, ``base`` for none)."""
+class SamplingRequest(BaseModel):
+    """Fields ``/v1/completions`` and ``/v1/chat/completions`` share (OpenAI's; `model` names the adapter, ``base`` for none)."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt field ("temprature") is a 400, never silently the default
+    #: Fields whose null is an error, not their default.
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model",)
+    #: OpenAI fields lorakit does not implement and their defaults (a tuple: any of these values), the only values
+    #: accepted, so a client never gets silently other behaviour than it asked for.
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": (None, {}),
+                                             "seed": None, "stream_options": None}
 
     model: str = BASE
-    prompt: str | list[str]
-    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1, strict=True,
-                                   description="null means the default, as in OpenAI's API")
+    max_tokens: int | None = Field(None, ge=1, strict=True, description="null or left out: the endpoint's default")
     temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False,
                                description=f"below {MIN_TEMPERATURE:g}: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | list[str] | None = Field(None, description="up to 4 sequences; the text ends before the first one")
     stream: bool = Field(False, strict=True)
-    n: int = Field(1, ge=1, le=1, strict=True, description="choices per prompt: only 1 (send a list of prompts for more)")
-    # OpenAI fields lorakit does not implement: accepted at their defaults only, so a client never gets silently other
-    # behaviour than it asked for
-    echo: bool = Field(False, strict=True)
-    logprobs: int | None = Field(None, strict=True)
-    best_of: int | None = Field(None, strict=True)
-    suffix: str | None = None
+    n: int = Field(1, ge=1, le=1, strict=True, description="choices per prompt: only 1")
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -381,14 +412,12 @@ class CompletionRequest(BaseModel):
     def _nulls_are_defaults(cls, data: Any) -> Any:
         """OpenAI's API takes null for every optional field, meaning its default."""
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k in ("model", "prompt")}
+            return {k: v for k, v in data.items() if v is not None or k in cls.REQUIRED}
         return data
 
     def unsupported(self) -> list[str]:
         """The unimplemented fields this request sets to something other than their default."""
-        defaults = {"echo": False, "logprobs": None, "best_of": (None, 1), "suffix": None, "presence_penalty": 0.0,
-                    "frequency_penalty": 0.0, "logit_bias": (None, {}), "seed": None, "stream_options": None}
-        return [k for k, d in defaults.items() if getattr(self, k) not in (d if isinstance(d, tuple) else (d,))]
+        return [k for k, d in self.UNSUPPORTED.items() if getattr(self, k) not in (d if isinstance(d, tuple) else (d,))]
 
     def stops(self) -> tuple[str, ...]:
         """`stop` as a tuple of non-empty strings (OpenAI allows up to 4)."""
@@ -399,6 +428,63 @@ class CompletionRequest(BaseModel):
             raise RequestError(400, f"each stop string may have up to {MAX_STOP_CHARS} characters")
         return tuple(stops)
 
+    def checked_stops(self) -> tuple[str, ...]:
+        """`stops`, after refusing what lorakit does not implement (streaming, unsupported fields) with a 400."""
+        if self.stream:
+            raise RequestError(400, "stream=true is not supported; send stream=false")
+        unsupported = self.unsupported()
+        if unsupported:
+            raise RequestError(400, f"{', '.join(unsupported)} not supported by lorakit serve; leave them at "
+                                    "their defaults (or out)")
+        return self.stops()
+
+
+class CompletionRequest(SamplingRequest):
+    """Body of ``POST /v1/completions``: the prompt goes to the model as it is (OpenAI's semantics)."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "prompt")
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {"echo": False, "logprobs": None, "best_of": (None, 1), "suffix": None,
+                                             **SamplingRequest.UNSUPPORTED}
+
+    prompt: str | list[str]
+    n: int = Field(1, ge=1, le=1, strict=True, description="choices per prompt: only 1 (send a list of prompts for more)")
+    echo: bool = Field(False, strict=True)
+    logprobs: int | None = Field(None, strict=True)
+    best_of: int | None = Field(None, strict=True)
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat: its role and its text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """Body of ``POST /v1/chat/completions``: the messages go to the model in the tokenizer's chat template."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model", "messages")
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {"logprobs": False, "top_logprobs": None, "tools": (None, []),
+                                             "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}),
+                                             **SamplingRequest.UNSUPPORTED}
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True, description="max_tokens' newer name")
+    logprobs: bool = Field(False, strict=True)
+    top_logprobs: int | None = Field(None, strict=True)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def limit(self) -> int | None:
+        """The completion's token limit the request sets (`max_completion_tokens` or `max_tokens`), or None."""
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise RequestError(400, "send max_completion_tokens or max_tokens (its older name), not both")
+        return self.max_completion_tokens or self.max_tokens
+
 
 class AdapterRequest(BaseModel):
     """Body of ``POST /v1/adapters``: load the adapter folder at `path` (on the server) as `name`."""
@@ -408,7 +494,7 @@ class AdapterRequest(BaseModel):
 
 
 def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> Any:
-    """The FastAPI app: ``/v1/completions``, ``/v1/models``, ``/v1/adapters``, ``/health``, ``/metrics``."""
+    """The FastAPI app: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/v1/adapters``, ``/health``, ``/metrics``."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -471,24 +557,9 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
     async def models() -> dict:
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "lorakit"} for n in engine.adapters()]}
 
-    async def completions(req: CompletionRequest, request: Request) -> dict:
-        t0 = time.perf_counter()
-        if req.stream:
-            raise RequestError(400, "stream=true is not supported; send stream=false")
-        unsupported = req.unsupported()
-        if unsupported:
-            raise RequestError(400, f"{', '.join(unsupported)} not supported by lorakit serve; leave them at "
-                                    "their defaults (or out)")
-        stops = req.stops()
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        if not prompts or len(prompts) > max_batch:
-            raise RequestError(400, f"prompt must be a string or a list of 1..{max_batch} strings, got {len(prompts)}")
-        engine.check_adapter(req.model)
-        sent = "max_tokens" in req.model_fields_set and req.max_tokens is not None
-        max_tokens = req.max_tokens if sent else min(DEFAULT_MAX_TOKENS, engine.max_new_tokens)  # the default fits the server
-        ids = await asyncio.to_thread(engine.encode, prompts, max_tokens)  # a huge prompt must not stall the server
-        job = Job(req.model, ids, max_tokens, req.temperature, req.top_p, stops)
-        batcher.metrics.requests[req.model] += 1
+    async def answer(job: Job, request: Request, t0: float) -> tuple[list[tuple[str, int, str]], dict] | JSONResponse:
+        """`job` through the batcher: its (text, tokens, finish_reason) per prompt and its usage; 499 if the client left."""
+        batcher.metrics.requests[job.adapter] += 1
         waiter = asyncio.ensure_future(batcher.submit(job))
         while not (await asyncio.wait({waiter}, timeout=DISCONNECT_POLL))[0]:
             if await request.is_disconnected():  # a queued job is then skipped; a running batch finishes
@@ -499,6 +570,21 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
         n_prompt, n_done = sum(len(p) for p in job.prompts), sum(n for _, n, _ in result)
         m.prompt_tokens, m.completion_tokens = m.prompt_tokens + n_prompt, m.completion_tokens + n_done
         m.latency_sum, m.latency_count = m.latency_sum + time.perf_counter() - t0, m.latency_count + 1
+        return result, {"prompt_tokens": n_prompt, "completion_tokens": n_done, "total_tokens": n_prompt + n_done}
+
+    async def completions(req: CompletionRequest, request: Request) -> dict:
+        t0 = time.perf_counter()
+        stops = req.checked_stops()
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not prompts or len(prompts) > max_batch:
+            raise RequestError(400, f"prompt must be a string or a list of 1..{max_batch} strings, got {len(prompts)}")
+        engine.check_adapter(req.model)
+        max_tokens = req.max_tokens or min(DEFAULT_MAX_TOKENS, engine.max_new_tokens)  # the default fits the server
+        ids = await asyncio.to_thread(engine.encode, prompts, max_tokens)  # a huge prompt must not stall the server
+        done = await answer(Job(req.model, ids, max_tokens, req.temperature, req.top_p, stops), request, t0)
+        if isinstance(done, JSONResponse):
+            return done
+        result, usage = done
         return {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}",
             "object": "text_completion",
@@ -508,13 +594,37 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
                 {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
                 for i, (text, _, finish) in enumerate(result)
             ],
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_done, "total_tokens": n_prompt + n_done},
+            "usage": usage,
+        }
+
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> dict:
+        t0 = time.perf_counter()
+        stops = req.checked_stops()
+        limit = req.limit()
+        engine.check_adapter(req.model)
+        text = await asyncio.to_thread(engine.chat_prompt, [m.model_dump() for m in req.messages])
+        ids = await asyncio.to_thread(engine.encode, [text], limit or 1)
+        # OpenAI's chat default: no limit but the context's (here also the server's --max-tokens)
+        max_tokens = limit or min(engine.max_new_tokens, engine.max_context - len(ids[0]))
+        done = await answer(Job(req.model, ids, max_tokens, req.temperature, req.top_p, stops), request, t0)
+        if isinstance(done, JSONResponse):
+            return done
+        [(reply, _, finish)], usage = done
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": finish,
+                         "logprobs": None}],
+            "usage": usage,
         }
 
     # FastAPI reads the annotations as strings (`from __future__ import annotations`): the locally imported
     # Request must be given as the class, or it would be taken for a query parameter
-    completions.__annotations__["request"] = Request
-    app.post("/v1/completions")(completions)
+    for path, endpoint in (("/v1/completions", completions), ("/v1/chat/completions", chat_completions)):
+        endpoint.__annotations__["request"] = Request
+        app.post(path)(endpoint)
 
     @app.get("/v1/adapters")
     async def adapters() -> dict:

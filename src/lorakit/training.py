@@ -490,6 +490,7 @@ def finetune(
     weights are cast to bf16 in place; ``precision="fp32"`` leaves them exactly as loaded.
     """
     cfg = config or TrainConfig()
+    given = train  # as passed: what an older lorakit's checkpoints hashed (a datasets.Dataset's str())
     train = _as_records(train, "train")
     eval = _as_records(eval, "eval") if eval is not None else None
     out = Path(out_dir).expanduser() if out_dir is not None else None
@@ -497,7 +498,8 @@ def finetune(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     finished = out / FINISHED_JSON if out is not None else None
     done = json.loads(finished.read_text())["step"] if finished is not None and finished.is_file() else None
-    checkpoint = latest_checkpoint(out) if out is not None else None
+    folders = _checkpoint_folders(out) if out is not None and out.is_dir() else []
+    checkpoint, damage = folders[-1] if folders else (None, None)  # the newest: the one a resume continues from
     if done is not None and resume:
         raise ValueError(f"the run in {out} already finished at step {done}: nothing to resume (its result is kept); "
                          "to train again, use another output folder")
@@ -506,6 +508,9 @@ def finetune(
     if checkpoint is not None and not resume:
         raise ValueError(f"{out} holds checkpoints of an earlier run ({checkpoint.name}): resume it (--resume, "
                          "resume=True), or use another output folder, or delete them")
+    if damage is not None:
+        raise ValueError(f"checkpoint {checkpoint} is damaged ({checkpoint / STATE_JSON}: {damage}); delete that "
+                         "folder to resume from the checkpoint before it")
     found = [name for name in ARTEFACTS if out is not None and (out / name).exists()]
     if out is not None and checkpoint is None and _foreign_metrics(out / "metrics.jsonl"):
         found.append("metrics.jsonl")
@@ -528,8 +533,7 @@ def finetune(
     if cfg.eval_every and not eval_enc:
         log.warning("eval_every=%d but no eval data was given: nothing will be evaluated", cfg.eval_every)
     # checkpoints record which data and which base weights they were trained on: a resume on others is refused
-    identity = {"data_sha256": hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()
-                if out is not None else ""}
+    identity = {"data_sha256": _data_digest(train) if out is not None else ""}
 
     torch.manual_seed(cfg.seed)
     METHODS[cfg.method].prepare(model, cfg)  # raises for a method the model cannot take: no folder left behind
@@ -560,7 +564,7 @@ def finetune(
     named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     step = 0
     if checkpoint is not None:
-        step = _load_checkpoint(checkpoint, cfg, named_trainable, optimizer, scheduler, identity)
+        step = _load_checkpoint(checkpoint, cfg, named_trainable, optimizer, scheduler, identity, _data_digest(given))
         log.info("resumed from %s (step %d)", checkpoint, step)
     start_step = step
     if out is not None:
@@ -636,7 +640,10 @@ def finetune(
         try:
             METHODS[cfg.method].save(model, out)
             plot_loss(out / "metrics.jsonl", out / "loss.png")
-            atomic_write_bytes(finished, json.dumps({"step": step, "config": cfg.to_dict()}, indent=1).encode())
+            templated = cfg.task == "causal-lm" and (cfg.use_chat_template if cfg.use_chat_template is not None else
+                                                     getattr(tokenizer, "chat_template", None) is not None)  # as format_prompt
+            atomic_write_bytes(finished, json.dumps({"step": step, "config": cfg.to_dict(), "used_chat_template": templated},
+                                                    indent=1).encode())
         except OSError as e:
             raise TrainingError(f"could not write the final result to {out}: {e}; {_where(last_good)}") from e
     seconds = time.perf_counter() - t_start
@@ -679,19 +686,36 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def _own_checkpoints(out: Path) -> list[Path]:
-    """lorakit's complete ``checkpoint-<step>`` folders in `out`, oldest first. Hugging Face's Trainer uses the
-    same folder and file names: a folder counts only if its state JSON is a lorakit run's (step and config)."""
+    """lorakit's complete ``checkpoint-<step>`` folders in `out`, oldest first (those with an intact state JSON)."""
+    return [p for p, damage in _checkpoint_folders(out) if damage is None]
+
+
+def _checkpoint_folders(out: Path) -> list[tuple[Path, str | None]]:
+    """lorakit's ``checkpoint-<step>`` folders in `out`, oldest first, with why each state JSON is damaged (or None)."""
     found = []
     for p in out.glob(f"{CHECKPOINT_PREFIX}*"):
         suffix = p.name[len(CHECKPOINT_PREFIX):]
-        if suffix.isdigit() and (p / STATE_TENSORS).is_file() and (p / STATE_JSON).is_file():
-            try:
-                meta = json.loads((p / STATE_JSON).read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                continue
-            if isinstance(meta, dict) and meta.get("step") == int(suffix) and isinstance(meta.get("config"), dict):
-                found.append((int(suffix), p))
-    return [p for _, p in sorted(found)]
+        if suffix.isdigit() and (p / STATE_TENSORS).is_file():  # Hugging Face's Trainer never writes STATE_TENSORS
+            found.append((int(suffix), p, _state_damage(p, int(suffix))))
+    return [(p, damage) for _, p, damage in sorted(found)]
+
+
+def _state_damage(folder: Path, step: int) -> str | None:
+    """Why `folder`'s state JSON is not a lorakit run's (missing, unreadable, without its step and config), or None."""
+    try:
+        meta = json.loads((folder / STATE_JSON).read_text())
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"not readable JSON: {e}"
+    if not (isinstance(meta, dict) and meta.get("step") == step and isinstance(meta.get("config"), dict)):
+        return f"not a lorakit checkpoint's state (step {step} and a config)"
+    return None
+
+
+def _data_digest(data: Any) -> str:
+    """SHA-256 of `data` as sorted-key JSON: which training data a checkpoint was written on."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _check_finite(named: dict[str, nn.Parameter], step: int, last_good: Path | None) -> None:
@@ -743,17 +767,19 @@ def _save_checkpoint(
 
 def _load_checkpoint(
     path: Path, cfg: TrainConfig, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
-    identity: dict[str, str] | None = None,
+    identity: dict[str, str] | None = None, legacy_data_sha256: str = "",
 ) -> int:
     """Restore trainable weights, optimizer, scheduler and RNG from `path`; returns its step.
 
-    `identity` (data and base-weight fingerprints) must match what the checkpoint recorded, where it did."""
+    `identity` (data and base-weight fingerprints) must match what the checkpoint recorded, where it did; the data
+    may also match `legacy_data_sha256`, the digest an older lorakit took of the data argument as passed."""
     meta = json.loads((path / STATE_JSON).read_text())
     saved = {**TrainConfig().to_dict(), **meta["config"]}  # a field added since the checkpoint: its default
     changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in RESUME_FIELDS
                if json.loads(json.dumps(getattr(cfg, k))) != saved.get(k)]
     ident = identity or {}
-    if meta.get("data_sha256") and ident.get("data_sha256") and meta["data_sha256"] != ident["data_sha256"]:
+    recorded = meta.get("data_sha256")
+    if recorded and ident.get("data_sha256") and recorded not in (ident["data_sha256"], legacy_data_sha256):
         changed.append("the training data differ")
     if changed:
         raise ValueError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)}); "

@@ -15,7 +15,7 @@ def _named_path(text: str) -> tuple[str, str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a base model with named adapters over HTTP (/v1/completions)")
+    p = sub.add_parser("serve", help="serve a base model with named adapters over HTTP (/v1/completions, /v1/chat/completions)")
     p.add_argument("--model", default="smollm2-135m", help="bundled short name, local folder or hub id")
     p.add_argument("--adapter", action="append", type=_named_path, default=[], metavar="NAME=PATH",
                    help="an adapter folder to serve as model NAME (repeatable)")
