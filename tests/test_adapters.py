@@ -495,3 +495,24 @@ def test_saving_inside_disable_adapters_is_refused(tmp_path):
     with lorakit.disable_adapters(model), pytest.raises(ValueError, match="disable_adapters"):
         lorakit.save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_flags_a_user_set_outside_the_adapters_survive_set_adapter_combine_and_delete():
+    """As PEFT: set_adapter toggles only adapter tensors; inject freezes the base again; combine and delete touch
+    no other adapter's flags."""
+    model = _two_adapters()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["k_proj"]), adapter="c")
+    model.model.norm.weight.requires_grad_(True)
+    lorakit.set_adapter(model, "b")
+    assert model.model.norm.weight.requires_grad
+    frozen_b = list(lorakit.adapter_parameters(model, "b").values())
+    for p in frozen_b:
+        p.requires_grad_(False)
+    lorakit.combine_adapters(model, {"a": 0.5, "b": 0.5}, name="ab")
+    lorakit.delete_adapter(model, "c")
+    assert model.model.norm.weight.requires_grad and not any(p.requires_grad for p in frozen_b)
+    assert not any(p.requires_grad for p in lorakit.adapter_parameters(model, "ab").values())
+    assert lorakit.active_adapters(model) == ["b"]
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["o_proj"]), adapter="d")
+    assert not model.model.norm.weight.requires_grad
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lorakit.adapter_parameters(model, "d"))

@@ -407,6 +407,17 @@ def test_combine_svd_refits_to_the_target_rank():
         assert torch.isclose(err, best[3:].norm(), rtol=1e-4, atol=1e-6)  # Eckart–Young optimum
 
 
+def test_combine_svd_with_a_rank_beyond_the_sum_of_the_sources_gives_that_sum_and_says_so():
+    model = two_adapters("gpt2")
+    weights = {"a": 0.5, "b": 0.5}
+    want = explicit_sum(model, weights)
+    with pytest.warns(UserWarning, match="rank=1000 is more than the combined update has"):
+        lorakit.combine_adapters(model, weights, name="big", method="svd", rank=1000)
+    for path, layer in lora_layers(model):
+        assert layer.lora_specs["big"].r == layer.lora_A["a"].shape[0] + layer.lora_A["b"].shape[0]
+        assert torch.allclose(layer.delta_weight("big"), want[path], atol=1e-5)
+
+
 def test_combine_rejects_bad_input():
     model = two_adapters()
     for kwargs, msg in (
@@ -636,3 +647,22 @@ def test_a_layer_that_sees_flattened_tokens_is_named_in_the_mixed_batch_error():
     rows = pytest.raises(ValueError, match=r"layer 'expert' got a batch of 6 rows.*mixture-of-experts.*exclude_modules")
     with lorakit.mixed_batch(model, ["a", None]), torch.no_grad(), rows:
         model(torch.randn(2, 3, 4))
+
+
+def test_a_whole_block_saved_by_a_row_adapter_is_a_clear_error_in_a_mixed_batch(input_ids):
+    """A saved block takes the batch's masks and cache beside its input: its copies cannot run on a row subset."""
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], layers=[0], modules_to_save=["layers.1"]), adapter="blk")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["o_proj"]), adapter="o")
+    with pytest.raises(ValueError, match=r"\['blk'\].*set_adapter"), lorakit.mixed_batch(model, ["blk", "o"]):
+        model(input_ids, attention_mask=torch.ones_like(input_ids))
+    with lorakit.mixed_batch(model, ["o", None]):  # rows that do not use the block's copies run
+        model(input_ids)
+
+
+def test_merge_and_unload_leaves_no_lorakit_hook_on_a_saved_heads_copy():
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    plain = lorakit.merge_and_unload(model)
+    assert type(plain.lm_head) is torch.nn.Linear
+    assert not [m for m in plain.modules() if m._forward_pre_hooks]

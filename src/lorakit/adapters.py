@@ -49,9 +49,9 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
     activate(model, names)
 
 
-def activate(model: nn.Module, names: list[str], merged: bool | None = None) -> None:
+def activate(model: nn.Module, names: list[str], merged: bool | None = None, freeze_base: bool = False) -> None:
     """Make `names` the active adapters, merged into the base weights or not (None: merged if the model is
-    merged now); all checks before any change."""
+    merged now); all checks before any change. `freeze_base` (inject) also freezes every other parameter."""
     state = get_state(model)
     check_not_mixed(model, "change the active adapters")
     if merged is None:
@@ -75,27 +75,30 @@ def activate(model: nn.Module, names: list[str], merged: bool | None = None) -> 
     for module, owner in heads:
         module.active = owner
     state.active = names
-    _refresh_trainable(model)
+    _refresh_trainable(model, freeze_base)
 
 
-def _refresh_trainable(model: nn.Module) -> None:
-    """Only the active adapters' tensors, saved modules and chosen biases require grad."""
+def _refresh_trainable(model: nn.Module, freeze_base: bool = False) -> None:
+    """Of lorakit's tensors (every adapter's A, B, saved copies and trained biases) only the active adapters'
+    require grad. Other parameters keep the flags their owner set, as in PEFT's set_adapter; `freeze_base`
+    (inject, as PEFT's) freezes them."""
     state = get_state(model)
-    trainable: set[int] = set()
     modules = dict(model.named_modules())
     params = all_params(model)
-    for name in state.active:
-        record = state.adapters[name]
+    owned: dict[str, set[int]] = {}
+    for name, record in state.adapters.items():
+        ids = owned[name] = set()
         for path in record.layers:
             layer = modules[path]
-            for store in (layer.lora_A, layer.lora_B, layer.lora_B_bias):
-                if name in store:
-                    trainable.add(id(store[name]))
+            ids.update(id(store[name]) for store in (layer.lora_A, layer.lora_B, layer.lora_B_bias) if name in store)
         for path in record.saved_modules:
-            trainable.update(id(p) for p in saved_copy(model, path, name).parameters())
-        trainable.update(id(params[n]) for n in record.bias_params)
+            ids.update(id(p) for p in saved_copy(model, path, name).parameters())
+        ids.update(id(params[n]) for n in record.bias_params)
+    managed = set().union(*owned.values())
+    trainable = set().union(*(owned[n] for n in state.active))
     for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
+        if id(p) in managed or freeze_base:
+            p.requires_grad_(id(p) in trainable)
 
 
 def adapter_parameters(model: nn.Module, adapter: str | None = None) -> dict[str, nn.Parameter]:
@@ -192,12 +195,13 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
         remove_copy(model, path, name)
     del state.adapters[name]
     restore_base_values(model, record, keep=frozenset(p for r in state.adapters.values() for p in r.base_values))
+    params = all_params(model)
+    for pname in record.bias_params:  # base parameters again, frozen as inject left them
+        params[pname].requires_grad_(False)
     state.active = [n for n in state.active if n != name]
     _drop_empty_layers(model)
     if not state.adapters:
-        drop_state(model)
-    else:
-        _refresh_trainable(model)
+        drop_state(model)  # every flag as before injection
 
 
 @contextlib.contextmanager

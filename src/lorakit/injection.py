@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import LoraConfig
+from .config import LoraConfig, match_pattern_key, pattern_matches
 from .layers import LoraLayer, LoraSpec, adapter_shapes, attach, base_shape, is_conv1d_gpt2, supports
 from .saved import SavedModule, add_copy, inner_paths, remove_copy
 from .state import (
@@ -158,23 +158,27 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
     layers = [cfg.layers] if isinstance(cfg.layers, int) else cfg.layers
     planned: list[Planned] = []
     hit: set[str] = set()
+    named: list[str] = []  # what the targets name before exclude_modules, layers and modules_to_save filter it
+    in_saved: list[str] = []  # targets left out only because they sit inside modules_to_save
     wrapped = inner_paths(model)  # other adapters' saved modules and the base modules behind them
     for path, module in model.named_modules():
         if not path or path in wrapped:
             continue
         if isinstance(targets, list):  # a name that matches only excluded modules is no typo
             hit.update(n for n in targets if path == n or path.endswith("." + n))
-        if cfg.exclude_modules and _name_match(cfg.exclude_modules, path):
-            continue
-        if is_saved_module(path, cfg.modules_to_save):
-            continue
         if all_linear:
             if not _is_linear(module) or path in heads:
                 continue
         elif not _name_match(targets, path):
             continue
+        named.append(path)
+        if cfg.exclude_modules and _name_match(cfg.exclude_modules, path):
+            continue
         exact = isinstance(targets, list) and path in targets  # a full path is taken as named (PEFT: no layer filter)
         if layers is not None and not exact and _layer_index(path, cfg.layers_pattern) not in layers:
+            continue
+        if is_saved_module(path, cfg.modules_to_save):
+            in_saved.append(path)
             continue
         if isinstance(module, SavedModule):
             raise ValueError(
@@ -199,10 +203,26 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
                 f"adapter {adapter!r} is already injected (at {path!r}); pick another name with "
                 f"adapter=..., or lorakit.delete_adapter(model, {adapter!r}) first"
             )
-        planned.append(Planned(path, module, _spec_for(module, path, cfg)))
+        spec = _spec_for(path, cfg)
+        if spec.enabled is not None and not _is_linear(module):
+            raise ValueError(
+                f"enable_lora[{match_pattern_key(cfg.enable_lora, path)!r}] matches {path!r} ({type(module).__name__}): "
+                "enable_lora (fused-projection slices) applies to linear layers (nn.Linear, GPT-2 Conv1D) only; "
+                "narrow the key to the fused projections"
+            )
+        planned.append(Planned(path, module, spec))
     missing = [n for n in targets if n not in hit] if isinstance(targets, list) else []
+    if not planned and in_saved and not (strict and missing):
+        raise ValueError(
+            f"target_modules {targets!r} matched only modules inside modules_to_save {cfg.modules_to_save} (e.g. "
+            f"{in_saved[0]!r}), which the adapter trains and saves whole, so they cannot also get LoRA; drop them from "
+            "target_modules or from modules_to_save"
+        )
     if not planned or (strict and missing):
         raise ValueError(_no_match_message(model, cfg, missing or targets, layers))
+    unknown = [k for k in cfg.enable_lora if not any(pattern_matches(k, p) for p in named)]
+    if strict and unknown:
+        raise ValueError(_unknown_enable_lora_message(model, cfg, unknown[0], named))
     for p in planned:
         d_out, d_in = base_shape(p.module)
         d_upd = d_out // len(p.spec.enabled) if p.spec.enabled else d_out  # a fused slice's update is d_slice×d_in
@@ -238,14 +258,14 @@ def _unadaptable(model: nn.Module, path: str, module: nn.Module) -> str | None:
     return None
 
 
-def _spec_for(module: nn.Module, path: str, cfg: LoraConfig) -> LoraSpec:
+def _spec_for(path: str, cfg: LoraConfig) -> LoraSpec:
     enabled = cfg.slices_for(path)
     return LoraSpec(
         r=cfg.rank_for(path),
         alpha=cfg.alpha_for(path),
         dropout=float(cfg.dropout),
         use_rslora=cfg.use_rslora,
-        enabled=tuple(enabled) if enabled is not None and _is_linear(module) else None,
+        enabled=tuple(enabled) if enabled is not None else None,
         lora_bias=cfg.lora_bias,
     )
 
@@ -282,6 +302,20 @@ def _no_match_message(model: nn.Module, cfg: LoraConfig, missing, layers) -> str
         msg += f" Closest names that exist: {close}."
     msg += f" Adaptable layers here are named: {names[:30]}"
     return msg
+
+
+def _unknown_enable_lora_message(model: nn.Module, cfg: LoraConfig, key: str, named: list[str]) -> str:
+    """Why enable_lora key `key` is refused: it matches none of the modules `named` by the targets, with close names."""
+    leaves = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in named))
+    plain = key.replace("\\.", ".")
+    close = difflib.get_close_matches(plain.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.4)
+    close = list(dict.fromkeys(close + difflib.get_close_matches(plain, named, n=2, cutoff=0.6)))
+    hint = f" Closest targeted names: {close}." if close else ""
+    return (
+        f"enable_lora key {key!r} matches none of the modules target_modules {cfg.target_modules!r} names in "
+        f"{type(model).__name__}, so its slices would be silently ignored (keys are regexes matched against the end "
+        f"of the module path).{hint} Targeted modules are named: {leaves[:30]}"
+    )
 
 
 def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
@@ -338,7 +372,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
     )
     from .adapters import activate
 
-    activate(model, [adapter], merged=False)
+    activate(model, [adapter], merged=False, freeze_base=True)
     return model
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .adapters import activate
 from .config import LoraConfig
 from .functional import expand_sliced_B
 from .layers import LoraLayer, LoraSpec, lora_math_dtype, skinny, tensor_fingerprint
@@ -323,7 +323,8 @@ def _combine_layer(
         A0 = factors[names[0]][0]
         delta = sum(weights[n] * (factors[n][1].flatten(1) @ factors[n][0].flatten(1)) for n in names)
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        r = min(rank or max(factors[n][0].shape[0] for n in names), S.shape[0])
+        # Σ w_i ΔW_i has rank ≤ Σ r_i (and the layer's size): a larger rank would only add zero singular values
+        r = min(rank or max(factors[n][0].shape[0] for n in names), S.shape[0], sum(factors[n][0].shape[0] for n in names))
         root = S[:r].sqrt()
         A = (root[:, None] * Vh[:r]).reshape(r, *A0.shape[1:])
         B = (U[:, :r] * root).reshape(U.shape[0], r, *factors[names[0]][1].shape[2:])
@@ -385,6 +386,11 @@ def combine_adapters(
     for path, layer in lora_layers(model):
         if any(n in layer.lora_specs for n in weights):
             computed.append((path, layer, *_combine_layer(layer, weights, method, rank)))
+    short = [(path, A.shape[0]) for path, _, A, _, _ in computed if rank is not None and A.shape[0] < rank]
+    if short:
+        warnings.warn(f"rank={rank} is more than the combined update has on {len(short)} layer(s) (e.g. {short[0][0]}: "
+                      f"{short[0][1]}, the sources' ranks added up or the layer's size); they get that rank, which is "
+                      "exact", stacklevel=2)
     lora_bias = any(bias is not None for *_, bias in computed)
     ranks = [A.shape[0] for _, _, A, _, _ in computed]
     r0 = max(set(ranks), key=ranks.count)
@@ -410,6 +416,9 @@ def combine_adapters(
             layer.remove_adapter(name)
         raise
     state.adapters[name] = AdapterRecord(config=config, layers=[path for path, *_ in computed])
-    # keep the active set as it was (add_adapter activated `name`), even when it is empty
-    activate(model, list(state.active))
+    for layer in added:  # not active, not trained (add_adapter made it both); every other flag as it was
+        layer.active_adapters = [n for n in layer.active_adapters if n != name]
+        for store in (layer.lora_A, layer.lora_B, layer.lora_B_bias):
+            if name in store:
+                store[name].requires_grad_(False)
     return model

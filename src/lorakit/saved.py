@@ -54,6 +54,13 @@ class SavedModule(nn.Module):
     def _mixed(self, x: Tensor, *args, **kwargs) -> Tensor:
         """Row i through its adapter's copy: the base module over all rows, each copy over its own rows."""
         rows = self.rows
+        if any(r in self.modules_to_save for r in rows) and any(
+                v is not None and not isinstance(v, (bool, int, float, str)) for v in (*args, *kwargs.values())):
+            raise ValueError(
+                f"mixed_batch: a module saved whole by adapters {list(self.modules_to_save)} takes inputs besides its "
+                "input (attention masks, caches, position embeddings: a whole block?), which its rows' copies cannot "
+                "split; mixed batches run saved heads, embeddings and norms per row. Use set_adapter for these adapters"
+            )
         out = self.original_module(x, *args, **kwargs)
         if not any(r in self.modules_to_save for r in rows):
             return out

@@ -95,6 +95,9 @@ def drop_state(model: nn.Module) -> None:
             p.requires_grad_(state.requires_grad[name])
     for handle in state.hooks:
         handle.remove()
+    for module in model.modules():  # copies of a hooked head (modules_to_save) carry the hook too
+        for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _contiguous_input]:
+            del module._forward_pre_hooks[key]
 
 
 def get_state(model: nn.Module, required: bool = True) -> LoraState | None:
