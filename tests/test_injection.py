@@ -392,6 +392,56 @@ def test_unknown_modules_to_save_is_refused_before_any_change():
     _assert_same(before, _snapshot(model))
 
 
+def test_targets_all_inside_modules_to_save_name_modules_to_save():
+    model = tiny_llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"\['q_proj'\] matched only modules inside modules_to_save \['self_attn'\] \(e\.g\. "
+                                         r"'model\.layers\.0\.self_attn\.q_proj'\), which the adapter trains and saves whole, "
+                                         r"so they cannot also get LoRA; drop them from target_modules or from modules_to_save"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["self_attn"]))
+    _assert_same(before, _snapshot(model))
+    with pytest.raises(ValueError, match=r"\['q_prj'\] matched no module"):  # a typo is still named as such
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_prj", "v_proj"], modules_to_save=["self_attn"]))
+
+
+def test_enable_lora_on_an_embedding_or_conv_is_refused_naming_the_layer():
+    """Fused slices exist on linear layers only; they were dropped silently and the whole layer adapted."""
+    model = tiny_llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"enable_lora\['embed_tokens'\] matches 'model\.embed_tokens' \(Embedding\): "
+                                         r"enable_lora .* applies to linear layers \(nn\.Linear, GPT-2 Conv1D\) only"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["embed_tokens"], enable_lora={"embed_tokens": [True, False]}))
+    _assert_same(before, _snapshot(model))
+    net = nn.Sequential(nn.Conv1d(4, 8, 3))
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match=r"enable_lora\['0'\] matches '0' \(Conv1d\)"):
+        lorakit.inject(net, lorakit.LoraConfig(r=2, target_modules=["0"], enable_lora={"0": [True, False]}))
+    _assert_same(before, _snapshot(net))
+
+
+def test_enable_lora_key_matching_no_targeted_module_is_refused_with_close_names():
+    """A typo in an enable_lora key gave dense LoRA on the real c_attn; so did a key on a module not targeted."""
+    model = tiny_gpt2()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"enable_lora key 'c_atn' matches none of the modules target_modules \['c_attn'\] "
+                                         r"names in GPT2LMHeadModel.*Closest targeted names: \['c_attn'\]"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["c_attn"], enable_lora={"c_atn": [True, False, True]}))
+    with pytest.raises(ValueError, match=r"enable_lora key 'c_proj' matches none .*\['c_attn'\]"):  # defaults + a user key
+        lorakit.inject(model, lorakit.LoraConfig(r=2, enable_lora={"c_proj": [True, False]}))
+    _assert_same(before, _snapshot(model))
+
+
+def test_enable_lora_keys_for_modules_filtered_out_by_layers_or_exclude_modules_are_accepted():
+    """Only keys matching nothing the targets name are typos: the layers / exclude_modules filters come after."""
+    fused = [True, False, True]
+    model = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=2, target_modules=["c_attn"], layers=[0],
+                                                           enable_lora={"c_attn": fused, r"h\.1\.attn\.c_attn": fused}))
+    assert list(_adapted(model)) == ["transformer.h.0.attn.c_attn"]
+    model = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=2, target_modules="all-linear", exclude_modules=["c_attn"],
+                                                           enable_lora={"c_attn": fused}))
+    assert "transformer.h.0.attn.c_attn" not in _adapted(model) and _adapted(model)
+
+
 def test_injecting_twice_under_one_name_is_refused_and_another_name_works(input_ids):
     model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
     randomize_adapters(model)

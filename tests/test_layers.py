@@ -13,7 +13,7 @@ from torch import nn
 
 import lorakit
 from lorakit.adapters import randomize_adapters
-from lorakit.layers import LoraLayer, adapter_shapes, attach, detach, supports
+from lorakit.layers import LoraLayer, LoraSpec, adapter_shapes, attach, detach, supports
 
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
 
@@ -278,6 +278,16 @@ def test_fused_slices_leave_the_k_outputs_untouched():
     torch.testing.assert_close(out[..., 8:16], base[..., 8:16], atol=1e-6, rtol=0)  # k slice
     assert not torch.allclose(out[..., :8], base[..., :8], atol=1e-3)
     assert not torch.allclose(out[..., 16:], base[..., 16:], atol=1e-3)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Embedding(10, 8), lambda: nn.Conv1d(4, 8, 3)], ids=["embedding", "conv1d"])
+def test_fused_slices_on_a_non_linear_layer_are_refused(make):
+    """A fused-slice spec gives no valid layout on an embedding or conv (the embedding got sliced shapes silently)."""
+    spec = LoraSpec(r=2, alpha=2, enabled=(True, False))
+    with pytest.raises(ValueError, match=r"applies to linear layers \(nn.Linear, GPT-2 Conv1D\) only, not to (Embedding|Conv1d)"):
+        adapter_shapes(make(), spec)
+    with pytest.raises(ValueError, match="applies to linear layers"):
+        attach(make()).add_adapter("default", spec)
 
 
 def test_attach_keeps_the_object_and_detach_restores_the_class():

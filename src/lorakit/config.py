@@ -35,7 +35,10 @@ class LoraConfig:
       the end of the module path.
     - `enable_lora`: fused projections adapted slice by slice (loralib's ``MergedLinear``):
       ``{"c_attn": [True, False, True]}`` splits c_attn's outputs in 3 equal parts and adapts
-      q and v only.
+      q and v only. Keys are regexes matched against the end of the module path, like
+      `rank_pattern`; they apply to linear layers (``nn.Linear``, GPT-2 ``Conv1D``) only. `inject`
+      refuses a key that matches none of the modules `target_modules` names (a typo), counted
+      before `exclude_modules`, `modules_to_save` and `layers` filter them.
     - `bias`: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted
       layers train). `lora_bias` gives B a trainable bias of its own (PEFT's ``lora_bias``).
     - `init`: ``"kaiming"`` (loralib/PEFT) or ``"gaussian"`` (the paper, std 1/r); B starts at 0.
@@ -142,9 +145,14 @@ class LoraConfig:
 def match_pattern_key(patterns: dict[str, Any], path: str) -> str | None:
     """First key of `patterns` that matches the end of `path` as a regex (PEFT's rule)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", path):
+        if pattern_matches(key, path):
             return key
     return None
+
+
+def pattern_matches(key: str, path: str) -> bool:
+    """Whether the pattern key `key` (a regex) matches the end of `path` at a dot boundary."""
+    return re.match(rf"(.*\.)?({key})$", path) is not None
 
 
 def _check_regex(name: str, pattern: str) -> None:

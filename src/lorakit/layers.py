@@ -459,9 +459,10 @@ def adapter_shapes(module: nn.Module, spec: LoraSpec) -> dict[str, tuple[int, ..
     Fused slices: A (n_on·r, d_in), B (n_on, d_out/n_slices, r). Conv: A carries the kernel.
     """
     d_out, d_in = base_shape(module)
+    if spec.enabled is not None and not (isinstance(module, nn.Linear) or is_conv1d_gpt2(module)):
+        kind = module.__dict__.get("_lora_base_class", type(module)).__name__
+        raise ValueError(f"enable_lora (fused slices) applies to linear layers (nn.Linear, GPT-2 Conv1D) only, not to {kind}")
     if isinstance(module, nn.modules.conv._ConvNd):
-        if spec.enabled is not None:
-            raise ValueError("enable_lora (fused slices) applies to linear layers only, not convolutions")
         if module.groups != 1:
             raise ValueError(f"LoRA on grouped convolutions (groups={module.groups}) is not supported")
         ones = (1,) * len(module.kernel_size)
