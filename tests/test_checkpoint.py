@@ -160,8 +160,27 @@ def test_missing_module_names_the_key_and_leaves_model_unchanged(tmp_path):
     lorakit.save_adapter(_trained("llama"), tmp_path)
     model = tiny_llama(layers=1)  # the adapter also has layer 1
     before = _snapshot(model)
-    with pytest.raises(ValueError, match=r"unexpected key base_model\.model\.model\.layers\.1\.self_attn\.q_proj\.lora_A\.weight \(shape \[4, 32\]\)"):
+    with pytest.raises(ValueError, match=r"unexpected key base_model\.model\.model\.layers\.1\.self_attn\.q_proj\.lora_A\.weight "
+                                         r"\(shape \[4, 32\]\): no such module in this model"):
         lorakit.load_adapter(model, tmp_path)
+    _assert_same(before, _snapshot(model))
+
+
+def test_unexpected_key_of_a_module_the_config_leaves_alone_says_the_module_exists(tmp_path):
+    lorakit.save_adapter(_trained("llama"), tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    tensors["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 32)
+    tensors["base_model.model.model.norm.weight"] = torch.ones(32)
+    save_file(tensors, file, metadata=safe_open(file, "pt").metadata())
+    model = tiny_llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError) as info:
+        lorakit.load_adapter(model, tmp_path)
+    for module in ("model.layers.0.mlp.up_proj", "model.norm"):
+        assert (f"module {module!r} exists in this model, but the adapter config neither targets nor saves it "
+                "(target_modules / modules_to_save)") in str(info.value)
+    assert "no such module" not in str(info.value)
     _assert_same(before, _snapshot(model))
 
 
@@ -538,3 +557,83 @@ def test_a_listed_config_is_recovered_when_loaded_beside_an_adapter_on_the_same_
     model = lorakit.load_adapter(_trained("llama", cfg=cfg), folder, adapter="b")
     assert get_state(model).adapters["b"].config == get_state(model).adapters["default"].config == cfg
     assert "differs" not in caplog.text
+
+
+def _with_plain_embeddings(folder: Path, arch: str, shifts: dict[str, float]) -> Path:
+    """`folder`'s adapter plus base weights of `arch`'s embedding layers under their plain names (PEFT's
+    save_embedding_layers for modules without LoRA): `shifts` maps a parameter name to the shift from the model's."""
+    tensors = load_file(folder / ckpt.WEIGHTS_NAME)
+    params = dict(BUILDERS[arch]().named_parameters(remove_duplicate=False))
+    for pname, shift in shifts.items():
+        tensors[f"base_model.model.{pname}"] = params[pname].detach() + shift
+    save_file(tensors, folder / ckpt.WEIGHTS_NAME)
+    return folder
+
+
+@pytest.mark.parametrize("how", ["delete", "unload", "disable"])
+def test_plain_named_embedding_weights_from_a_file_are_loaded_and_put_back(tmp_path, how, input_ids):
+    """q,v only; the file also holds model.embed_tokens.weight (changed) and lm_head.weight (as the model's)."""
+    source = _trained("llama", cfg=lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    folder = _with_plain_embeddings(lorakit.save_adapter(source, tmp_path / "a"), "llama",
+                                    {"model.embed_tokens.weight": 0.5, "lm_head.weight": 0.0})
+    model, base = tiny_llama(), tiny_llama()
+    lorakit.load_adapter(model, folder)
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight + 0.5)
+    assert get_state(model).adapters["default"].base_params == ["model.embed_tokens.weight"]
+    assert set(lorakit.adapter_state_dict(model)) - set(lorakit.adapter_state_dict(source)) == {
+        "base_model.model.model.embed_tokens.weight"}
+    if how == "disable":
+        with lorakit.disable_adapters(model):
+            torch.testing.assert_close(logits(model, input_ids), logits(base, input_ids), rtol=0, atol=0)
+        return
+    model = lorakit.unload(model) if how == "unload" else model
+    if how == "delete":
+        lorakit.delete_adapter(model, "default")
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_a_tied_embedding_is_one_weight_under_either_name(tmp_path):
+    """GPT-2 ties lm_head to transformer.wte: a file's two names for it must agree, and a weight another adapter
+    set under one name is held under the other too (refused with other values, shared with the same)."""
+    cfg = lorakit.LoraConfig(r=2, target_modules=["c_attn"])
+    def folder(name: str, **shifts: float) -> Path:
+        return _with_plain_embeddings(lorakit.save_adapter(_trained("gpt2", cfg=cfg), tmp_path / name), "gpt2", shifts)
+
+    model, base = tiny_gpt2(), tiny_gpt2()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"give different values to one tensor of this model \(tied as "
+                                         r"\['transformer\.wte\.weight', 'lm_head\.weight'\]\)"):
+        lorakit.load_adapter(model, folder("both", **{"transformer.wte.weight": 0.5, "lm_head.weight": 1.0}))
+    _assert_same(before, _snapshot(model))
+    lorakit.load_adapter(model, folder("a", **{"transformer.wte.weight": 0.5}), adapter="a")
+    assert torch.equal(model.lm_head.weight, base.lm_head.weight + 0.5) and model.lm_head.weight is model.transformer.wte.weight
+    with pytest.raises(ValueError, match=r"changes the base model's 'lm_head\.weight', which adapter 'a' already set"):
+        lorakit.load_adapter(model, folder("b", **{"lm_head.weight": 1.0}), adapter="b")
+    lorakit.load_adapter(model, folder("c", **{"lm_head.weight": 0.5}), adapter="c")
+    assert get_state(model).adapters["c"].base_params == ["transformer.wte.weight"]  # shared as "a" holds it
+    lorakit.delete_adapter(model, "a")
+    assert torch.equal(model.lm_head.weight, base.lm_head.weight + 0.5)  # "c" was trained on it too
+    lorakit.delete_adapter(model, "c")
+    assert torch.equal(model.transformer.wte.weight, base.transformer.wte.weight)
+
+
+def test_per_layer_rank_keys_read_back_from_adapter_config_json_alone(tmp_path):
+    """The exact-path keys written for module names with regex characters match only their own module in lorakit
+    too (read from adapter_config.json, without lorakit's copy of the config in the weights' header)."""
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.blocks = nn.ModuleDict({"q+v": nn.Linear(8, 8), "qqv": nn.Linear(8, 8)})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blocks["qqv"](self.blocks["q+v"](x))
+
+    model = lorakit.inject(Odd(), lorakit.LoraConfig(r=4, alpha=8, target_modules=["q+v", "qqv"], rank_pattern={r"q\+v": 2}))
+    randomize_adapters(model, std=0.1)
+    file = lorakit.save_adapter(model, tmp_path) / ckpt.WEIGHTS_NAME
+    save_file(load_file(file), file, metadata={"format": "pt"})  # no lorakit config: adapter_config.json only
+    loaded = lorakit.load_adapter(Odd(), tmp_path)
+    assert [loaded.blocks[n].lora_specs["default"].r for n in ("q+v", "qqv")] == [2, 4]
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-6)

@@ -548,3 +548,92 @@ def test_lorakit_all_linear_on_a_classifier_loads_in_peft_on_the_same_modules(tm
     again = lorakit.load_adapter(tiny_bert(), tmp_path)
     assert get_state(again).adapters["default"].config == config
     assert _max_diff(logits(again, input_ids), want) <= TOL
+
+
+def _resized_llama(folder: Path) -> nn.Module:
+    """The tiny LLaMA saved at `folder` with 8 added tokens (vocabulary 128 -> 136), their rows fixed."""
+    model = type(tiny_llama()).from_pretrained(folder).eval()
+    model.resize_token_embeddings(136, mean_resizing=False)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[128:] = torch.randn(8, 32, generator=gen) * 0.02
+        model.lm_head.weight[128:] = torch.randn(8, 32, generator=gen) * 0.02
+    return model
+
+
+def test_peft_adapter_on_a_resized_vocabulary_loads_with_its_embedding_layers(tmp_path: Path) -> None:
+    """LoRA on q,v of a model with added tokens: PEFT's default save also writes the resized embed_tokens and
+    lm_head under their plain names (no LoRA there); lorakit loads them as PEFT does, and writes them back."""
+    tiny_llama().save_pretrained(tmp_path / "base")  # PEFT compares the vocabulary with the base's config.json
+    pm = peft.get_peft_model(_resized_llama(tmp_path / "base"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV))
+    _randomize([p for p in pm.parameters() if p.requires_grad])
+    with torch.no_grad():
+        pm.base_model.model.model.embed_tokens.weight[128:] += 0.5  # the new tokens' rows, trained
+    pm.save_pretrained(tmp_path / "peft")
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= set(keys)
+    ids = torch.tensor([[3, 130, 7, 135, 9], [4, 128, 131, 8, 2]])  # added tokens among them
+    want = logits(peft.PeftModel.from_pretrained(_resized_llama(tmp_path / "base"), tmp_path / "peft"), ids)
+    model = lorakit.load_adapter(_resized_llama(tmp_path / "base"), tmp_path / "peft")
+    assert _max_diff(logits(model, ids), want) <= TOL
+    assert get_state(model).adapters["default"].base_params == ["model.embed_tokens.weight"]  # lm_head: as the model's
+    lorakit.save_adapter(model, tmp_path / "again")
+    theirs = peft.PeftModel.from_pretrained(_resized_llama(tmp_path / "base"), tmp_path / "again")
+    assert _max_diff(logits(theirs, ids), want) <= TOL
+    lorakit.delete_adapter(model, "default")  # the model's own embedding comes back
+    own = _resized_llama(tmp_path / "base")
+    assert torch.equal(model.model.embed_tokens.weight, own.model.embed_tokens.weight)
+    assert _max_diff(logits(model, ids), logits(own, ids)) == 0
+
+
+@pytest.mark.parametrize("targets", [["c_attn"], ["c_attn", "wte"]])
+def test_peft_save_embedding_layers_on_tied_gpt2_loads_and_round_trips(targets: list[str], tmp_path: Path, input_ids) -> None:
+    """save_embedding_layers=True on GPT-2 writes transformer.wte's weight (base_layer when wte has LoRA) and the
+    tied lm_head.weight: one tensor in the model, loaded once, tied still, and put back on delete."""
+    pm = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=True))
+    _randomize([p for p in pm.parameters() if p.requires_grad])
+    wte = pm.base_model.model.transformer.wte
+    with torch.no_grad():
+        getattr(wte, "base_layer", wte).weight[100:] += 0.5
+    pm.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    want = logits(peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "peft"), input_ids)
+    model = lorakit.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert _max_diff(logits(model, input_ids), want) <= TOL
+    assert model.lm_head.weight is model.transformer.wte.weight
+    lorakit.save_adapter(model, tmp_path / "again")
+    assert _max_diff(logits(peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "again"), input_ids), want) <= TOL
+    lorakit.delete_adapter(model, "default")
+    assert torch.equal(model.lm_head.weight, tiny_gpt2().lm_head.weight)
+
+
+class _OddNames(nn.Module):
+    """Layers under nn.ModuleDict keys with regex characters in them (legal module names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleDict({"q+v": nn.Linear(8, 8), "o": nn.Linear(8, 8), "qqv": nn.Linear(8, 8)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks["qqv"](self.blocks["o"](self.blocks["q+v"](x)))
+
+
+def test_per_layer_rank_keys_of_module_names_with_regex_characters_load_in_peft(tmp_path: Path) -> None:
+    """Each layer's rank/alpha key is its path regex-escaped: `blocks\\.q+v` would match neither "q+v" in PEFT nor
+    only it ("qqv")."""
+    cfg = lorakit.LoraConfig(r=4, alpha=8, target_modules=["q+v", "o", "qqv"], rank_pattern={r"q\+v": 2},
+                             alpha_pattern={r"q\+v": 3})
+    model = lorakit.inject(_OddNames(), cfg)
+    _randomize(list(lorakit.adapter_parameters(model).values()))
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    lorakit.save_adapter(model, tmp_path)
+    fields = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert fields["rank_pattern"] == {r"blocks\.q\+v": 2} and fields["alpha_pattern"] == {r"blocks\.q\+v": 3}
+    theirs = peft.PeftModel.from_pretrained(_OddNames(), tmp_path).eval()
+    with torch.no_grad():
+        assert _max_diff(theirs(x), want) <= TOL
+        assert _max_diff(lorakit.load_adapter(_OddNames(), tmp_path)(x), want) <= TOL

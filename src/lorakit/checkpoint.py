@@ -80,8 +80,9 @@ def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
     record = get_state(model).adapters[name]
     cfg = record.config
     modules = dict(model.named_modules())
-    # Per-layer ranks and alphas go in as one exact-path key per layer that differs from r / lora_alpha: PEFT takes
-    # the first matching key and re-sorts keys when it saves, so overlapping patterns would change meaning there.
+    # Per-layer ranks and alphas go in as one exact-path key (the path, regex-escaped) per layer that differs from r /
+    # lora_alpha: PEFT takes the first matching key and re-sorts keys when it saves, so overlapping patterns would
+    # change meaning there.
     # A fused layer adapted on n slices is stored as the equivalent dense rank-(n·r) LoRA.
     rank_pattern, alpha_pattern = {}, {}
     for path in record.layers:
@@ -90,9 +91,9 @@ def to_peft_config(model: nn.Module, adapter: str | None = None) -> dict[str, An
         # a fused layer's alpha for PEFT: the one that gives the same scale at the dense rank
         alpha_file = spec.alpha if spec.enabled is None else spec.scale * (r_file**0.5 if spec.use_rslora else r_file)
         if r_file != cfg.r:
-            rank_pattern[_exact(path)] = r_file
+            rank_pattern[re.escape(path)] = r_file
         if not math.isclose(alpha_file, float(cfg.alpha), rel_tol=1e-9):
-            alpha_pattern[_exact(path)] = alpha_file
+            alpha_pattern[re.escape(path)] = alpha_file
     base = cfg.base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     targets, layers, layers_pattern = cfg.target_modules, cfg.layers, cfg.layers_pattern
     if _written_as_list(cfg):
@@ -131,11 +132,6 @@ def _written_as_list(cfg: LoraConfig) -> bool:
     leaves alone (classifier, score) unless the task type is SEQ_CLS.
     """
     return cfg.layers is not None or bool(cfg.layers_pattern) or cfg.target_modules == "all-linear"
-
-
-def _exact(path: str) -> str:
-    """A PEFT pattern key that matches exactly this module path."""
-    return path.replace(".", r"\.")
 
 
 def _flag(fields: dict[str, Any], key: str) -> bool:
@@ -466,12 +462,22 @@ Expected = dict[str, tuple[str, str, tuple[int, ...]]]
 def _expected(model: nn.Module, cfg: LoraConfig, adapter: str) -> tuple[Expected, Expected]:
     """file key -> (module path, slot, shape): what the adapter must contain, and what it may contain.
 
-    The optional keys are the adapted layers' own base weights (``<layer>.base_layer.weight``), which
-    PEFT writes for embeddings (``save_embedding_layers``, e.g. after resizing the vocabulary).
+    The optional keys are the base weights PEFT writes with an adapter (``save_embedding_layers``, e.g. after
+    resizing the vocabulary): an adapted layer's own (``<layer>.base_layer.weight``, for embeddings) and those of
+    the model's input and output embeddings that carry no LoRA, under their plain names (``lm_head.weight``).
     """
     expected: Expected = {}
     optional: Expected = {}
     planned = plan(model, cfg, adapter, strict=False)
+    layers = [p.path for p in planned]
+    modules = dict(model.named_modules())
+    from .injection import _bias_params, _find_saved_modules
+
+    saved = _find_saved_modules(model, cfg.modules_to_save)
+    for path in _embedding_paths(model):
+        if path not in layers and path not in saved:  # adapted: `…base_layer.weight` below; saved: the adapter's copy
+            for leaf, t in modules[path].named_parameters(recurse=False):
+                optional[f"{PREFIX}{path}.{leaf}"] = (path, leaf, tuple(t.shape))
     for p in planned:
         for leaf, t in p.module.named_parameters(recurse=False):
             optional[f"{PREFIX}{p.path}.base_layer.{leaf}"] = (p.path, leaf, tuple(t.shape))
@@ -488,14 +494,9 @@ def _expected(model: nn.Module, cfg: LoraConfig, adapter: str) -> tuple[Expected
             expected[f"{PREFIX}{p.path}.lora_B.weight"] = (p.path, "lora_B", b_shape)
         if "lora_B_bias" in shapes:
             expected[f"{PREFIX}{p.path}.lora_B.bias"] = (p.path, "lora_B_bias", shapes["lora_B_bias"])
-    modules = dict(model.named_modules())
-    from .injection import _bias_params, _find_saved_modules
-
-    saved = _find_saved_modules(model, cfg.modules_to_save)
     for path in saved:  # loaded into the adapter's own copy, made by inject
         for key, t in base_of(modules[path]).state_dict().items():
             expected[f"{PREFIX}{path}.{key}"] = (path, SAVED + key, tuple(t.shape))
-    layers = [p.path for p in planned]
     params = all_params(model)
     for pname in _bias_params(model, cfg, layers):
         key = f"{PREFIX}{peft_param_name(pname, layers)}"
@@ -504,7 +505,37 @@ def _expected(model: nn.Module, cfg: LoraConfig, adapter: str) -> tuple[Expected
     return expected, optional
 
 
-def _check_fit(expected: Expected, optional: Expected, tensors: dict[str, Tensor], source: str) -> None:
+def _embedding_paths(model: nn.Module) -> list[str]:
+    """Paths of the model's input and output embedding modules (transformers' get_input/output_embeddings)."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            module = get() if callable(get) else None
+        except NotImplementedError:  # a transformers model without embeddings of that kind
+            module = None
+        if isinstance(module, nn.Module):
+            found.append(module)
+    return [path for path, m in model.named_modules() if any(m is f for f in found)]
+
+
+#: a key's segment that follows the module path it belongs to: LoRA tensors, PEFT's wrapper internals
+_MODULE_END = re.compile(r"\.(?:lora_[A-Za-z_]+|base_layer|modules_to_save|original_module)(?:\.|$)")
+
+
+def _module_of(key: str) -> str | None:
+    """The module path a file key belongs to (``…q_proj.lora_A.weight`` -> ``…q_proj``); None without PEFT's prefix."""
+    if not key.startswith(PREFIX):
+        return None
+    rest = key.removeprefix(PREFIX)
+    end = _MODULE_END.search(rest)
+    return rest[: end.start()] if end else rest.rpartition(".")[0]
+
+
+def _check_fit(
+    expected: Expected, optional: Expected, tensors: dict[str, Tensor], source: str, paths: set[str]
+) -> None:
+    """Raise, naming every problem, unless `tensors` fit the keys and shapes expected (`paths`: the model's modules)."""
     problems = []
     for key, (_, _, shape) in optional.items():
         if key in tensors and tuple(tensors[key].shape) != tuple(shape):
@@ -517,9 +548,17 @@ def _check_fit(expected: Expected, optional: Expected, tensors: dict[str, Tensor
             problems.append(f"missing key {key} (the model expects shape {list(shape)})")
         elif tuple(tensors[key].shape) != tuple(shape):
             problems.append(f"{key}: file has shape {list(tensors[key].shape)}, model expects {list(shape)}")
-    extra = [k for k in tensors if k not in expected and k not in optional]
-    for key in extra:
-        problems.append(f"unexpected key {key} (shape {list(tensors[key].shape)}): no such module in this model")
+    covered = {loc[0] for loc in expected.values() if not _is_base(loc)}  # the targeted and the saved modules
+    for key in (k for k in tensors if k not in expected and k not in optional):
+        module = _module_of(key)
+        if module in covered:
+            why = f"the adapter config targets or saves {module!r} but gives it no such tensor"
+        elif module in paths:
+            why = (f"module {module!r} exists in this model, but the adapter config neither targets nor saves it "
+                   "(target_modules / modules_to_save)")
+        else:
+            why = "no such module in this model"
+        problems.append(f"unexpected key {key} (shape {list(tensors[key].shape)}): {why}")
     if problems:
         head = "\n  ".join(problems[:12]) + (f"\n  … and {len(problems) - 12} more" if len(problems) > 12 else "")
         raise ValueError(f"adapter {source} does not fit this model; the model is unchanged:\n  {head}")
@@ -540,31 +579,42 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     tensors = _fold_wrapper_keys(model, cfg, tensors)
     expected, optional = _expected(model, cfg, adapter)
     tensors = _without_adapter_names(tensors, expected)
+    modules = dict(model.named_modules())
     try:
-        _check_fit(expected, optional, tensors, str(path))
+        _check_fit(expected, optional, tensors, str(path), set(modules))
     except ValueError as e:
         if fields.get("ensure_weight_tying") is True:
             raise ValueError(f"{e}\n  The file was saved by PEFT with ensure_weight_tying=True, which can give a tied "
                              "output head LoRA factors of its own; lorakit does not implement that option") from None
         raise
-    modules = dict(model.named_modules())
     params = all_params(model)
-    # base weights PEFT saved alongside (a resized embedding): load only those that differ from the model's own
-    # (unmerged) values; one another adapter already changed it cannot change again, one it brings alike it shares
-    held = {pname: n for n, r in (state.adapters.items() if state else ()) for pname in r.base_values}
+    # base weights PEFT saved alongside (a resized vocabulary): load only those that differ from the model's own
+    # (unmerged) values; one another adapter already changed it cannot change again, one it brings alike it shares.
+    # A tied weight (input embeddings and output head) is one tensor under several names: held under any of them,
+    # and shared under its holder's name for it (the file's own name where the holder has that one too).
+    names = _tied_names(params)
+    holders = [(n, pname) for n, r in (state.adapters.items() if state else ()) for pname in r.base_values]
+    held = {alias: (n, pname) for n, pname in holders for alias in names.get(pname, [pname])}
+    held.update({pname: (n, pname) for n, pname in holders})
     alike: dict[str, str] = {}
+    first: dict[int, str] = {}  # tensor -> the first file key that writes it
     for key, loc in optional.items():
         if key not in tensors:
             continue
+        pname, other = _pname(loc), first.setdefault(id(_target_tensor(modules, params, loc)), key)
+        if other != key and not torch.equal(tensors[key], tensors[other]):
+            raise ValueError(f"adapter {path}: {other} and {key} give different values to one tensor of this model "
+                             f"(tied as {names.get(pname, [pname])}); the model is unchanged")
         if not torch.equal(tensors[key], _base_value(modules, params, loc).to(tensors[key].dtype)):
-            if _pname(loc) in held:
+            if pname in held:
                 raise ValueError(
-                    f"adapter {path} changes the base model's {_pname(loc)!r}, which adapter {held[_pname(loc)]!r} "
+                    f"adapter {path} changes the base model's {pname!r}, which adapter {held[pname][0]!r} "
                     "already set to other values, and one base weight cannot hold both; delete_adapter(model, "
-                    f"{held[_pname(loc)]!r}) first, or load {adapter!r} on a model of its own; the model is unchanged")
+                    f"{held[pname][0]!r}) first, or load {adapter!r} on a model of its own; the model is unchanged")
             expected[key] = loc
-        elif _pname(loc) in held:
-            alike[_pname(loc)] = held[_pname(loc)]
+        elif pname in held:
+            owner, owned = held[pname]
+            alike[owned] = owner
     specs = {p.path: p.spec for p in plan(model, cfg, adapter, strict=False)}
     on_meta = [p for p in specs if any(t.is_meta for t in modules[p].parameters(recurse=False))]
     if on_meta:
@@ -674,6 +724,14 @@ def _as_peft_resolves(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
         if names:
             log.debug("adapter %s %s match no module of %s: ignored, as PEFT does", key, names, type(model).__name__)
     return cfg.replace(**changes) if changes else cfg
+
+
+def _tied_names(params: dict[str, nn.Parameter]) -> dict[str, list[str]]:
+    """Every name of a parameter's tensor, by each of its names (a tied head: the embedding's and ``lm_head.weight``)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, p in params.items():
+        by_tensor.setdefault(id(p), []).append(name)
+    return {name: by_tensor[id(p)] for name, p in params.items()}
 
 
 def _is_base(loc: tuple) -> bool:
