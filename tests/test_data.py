@@ -49,7 +49,7 @@ def test_csv_classification():
 
 def test_label_the_head_cannot_take():
     ex = load_data(DATA / "badlabel.csv", "classification")
-    with pytest.raises(ValueError, match=r"labels \[7\] do not fit a head with 2 classes"):
+    with pytest.raises(ValueError, match=r"labels \[7\] \(e.g. example \d+\) do not fit a head with 2 classes"):
         encode_classification(ByteTokenizer(), ex, 16, num_labels=2)
 
 
@@ -198,9 +198,16 @@ def test_a_negative_label_is_named_with_its_example_not_a_num_labels_hint(tmp_pa
 def test_a_null_field_is_called_null_not_missing(tmp_path):
     file = tmp_path / "null.jsonl"
     file.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": null}\n')
-    with pytest.raises(ValueError, match=r"field 'completion' is null/empty in example 1 \(the completion\)") as err:
+    with pytest.raises(ValueError, match=r"field 'completion' is null in example 1 \(the completion\)") as err:
         load_data(file, "causal-lm")
     assert "has no field" not in str(err.value)
+
+
+def test_an_empty_completion_is_an_error_naming_the_example(tmp_path):
+    file = tmp_path / "empty.csv"
+    file.write_text("prompt,completion\nhello,world\nhi,\n")
+    with pytest.raises(ValueError, match=r"field 'completion' is empty in example 1 \(the completion\)"):
+        load_data(file, "causal-lm")
 
 
 def test_no_completion_token_left_after_truncation_is_an_error(caplog):
@@ -209,9 +216,11 @@ def test_no_completion_token_left_after_truncation_is_an_error(caplog):
     with pytest.raises(ValueError, match=r"no completion tokens survive max_length=1 \(--max-length\) in any of the 2 "
                                          r"examples.*raise it"):
         encode_causal(tok, data, max_length=1, use_chat_template=False)
-    # some examples without a token to predict (an empty prompt and completion): a warning, and they add nothing
+    # some examples without a token to predict (an empty prompt, one completion token, no EOS): a warning, and
+    # they add nothing
+    tok.eos_token_id = None
     with caplog.at_level("WARNING", logger="lorakit.data"):
-        encode_causal(tok, [*data, {"prompt": "", "completion": ""}], max_length=8, use_chat_template=False)
+        encode_causal(tok, [*data, {"prompt": "", "completion": "z"}], max_length=8, use_chat_template=False)
     assert "1 of 3 examples have no completion token to predict (e.g. example 2)" in caplog.text
 
 

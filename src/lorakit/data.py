@@ -120,8 +120,12 @@ def _require(rows: Sequence[Mapping], fields: dict[str, str], source: str) -> No
                     f"--{role.replace('_', '-')}-field in the CLI, {role}_field= in lorakit.load_data(){hint}"
                 )
             if row[name] is None:
-                raise ValueError(f"{source}: field {name!r} is null/empty in example {i} (the {role}); fill it in or "
+                raise ValueError(f"{source}: field {name!r} is null in example {i} (the {role}); fill it in or "
                                  "remove that example")
+            if role == "completion" and isinstance(row[name], str) and not row[name].strip():
+                raise ValueError(f"{source}: field {name!r} is empty in example {i} (the completion), which would teach "
+                                 "the model to answer with nothing (an empty cell in a CSV?); fill it in or remove that "
+                                 "example")
             if isinstance(row[name], (dict, list)):
                 raise ValueError(f"{source}: field {name!r} of example {i} (the {role}) is a JSON "
                                  f"{'object' if isinstance(row[name], dict) else 'list'}, not text or a number")
@@ -384,8 +388,10 @@ def encode_classification(
     labels = [class_id(ex["label"], i, source) for i, ex in enumerate(examples)]
     bad = sorted({label for label in labels if label >= num_labels})
     if bad:
+        first = next(i for i, label in enumerate(labels) if label >= num_labels)
         raise ValueError(
-            f"{source}: labels {bad[:10]} do not fit a head with {num_labels} classes (ids 0..{num_labels - 1}); "
+            f"{source}: labels {bad[:10]} (e.g. example {first}) do not fit a head with {num_labels} classes "
+            f"(ids 0..{num_labels - 1}); "
             f"pass --num-labels {max(bad) + 1} (num_labels= of load_model) or fix the data"
         )
     pair = "" if any(ex.get("text_pair") is not None for ex in examples) else None

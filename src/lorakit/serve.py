@@ -392,7 +392,7 @@ class SamplingRequest(BaseModel):
     UNSUPPORTED: ClassVar[dict[str, Any]] = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": (None, {}),
                                              "seed": None, "stream_options": None}
 
-    model: str = BASE
+    model: str = Field(description=f"the adapter's name, {BASE!r} for the base model; required, as in OpenAI's API")
     max_tokens: int | None = Field(None, ge=1, strict=True, description="null or left out: the endpoint's default")
     temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False,
                                description=f"below {MIN_TEMPERATURE:g}: greedy")
@@ -488,6 +488,8 @@ class ChatCompletionRequest(SamplingRequest):
 
 class AdapterRequest(BaseModel):
     """Body of ``POST /v1/adapters``: load the adapter folder at `path` (on the server) as `name`."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 400, as on the completion endpoints
 
     name: str
     path: str
