@@ -422,10 +422,14 @@ def test_metadata_order_is_stable_across_saves(tmp_path):
 
 
 def test_adapter_of_another_architecture_is_refused_and_model_unchanged(tmp_path):
-    lorakit.save_adapter(_trained("llama", cfg=lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])), tmp_path)
+    source = _trained("llama", cfg=lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    source.config._name_or_path = "org/tiny-llama"
+    lorakit.save_adapter(source, tmp_path)
     model = tiny_gpt2()
+    model.config._name_or_path = "org/tiny-gpt2"
     before = _snapshot(model)
-    with pytest.raises(ValueError, match="matched no module"):
+    with pytest.raises(ValueError, match=r"(?s)matched no module.*trained on 'org/tiny-llama'; this model is "
+                                         r"GPT2LMHeadModel from 'org/tiny-gpt2': if that is another model, load the adapter onto its own"):
         lorakit.load_adapter(model, tmp_path)
     _assert_same(before, _snapshot(model))
     assert "_lorakit" not in model.__dict__

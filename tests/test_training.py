@@ -123,6 +123,10 @@ def test_classification_trains_and_saves_the_head(tmp_path):
     ids = collate([{"input_ids": [1, 5, 6], "labels": 0}], 0)["input_ids"]
     model.eval()
     torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
+    record = json.loads((tmp_path / training.FINISHED_JSON).read_text())
+    assert record["num_labels"] == 2 and record["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
+    with pytest.raises(ValueError, match=r"a head for 2 classes: load the model with num_labels=2"):
+        lorakit.load_adapter(tiny_bert(num_labels=3), tmp_path)
 
 
 def test_full_method_trains_every_parameter():

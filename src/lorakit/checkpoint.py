@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .adapters import PREFIX, _unmerged_value, activate, adapter_state_dict, peft_param_name
 from .config import LoraConfig
 from .functional import compress_sliced_B, lora_scale
-from .injection import inject, plan, resolve_config, saved_name_matches
+from .injection import HEAD_NAMES, inject, plan, resolve_config, saved_name_matches
 from .layers import adapter_shapes, is_conv1d_gpt2
 from .saved import base_of, saved_copy
 from .state import DEFAULT_ADAPTER, all_params, check_adapter_name, get_state, lora_layers, resolve_adapter
@@ -543,11 +543,16 @@ def _check_fit(
                 f"{key}: file has shape {list(tensors[key].shape)}, model expects {list(shape)} "
                 "(resize the model's embeddings to the adapter's vocabulary first)"
             )
-    for key, (_, _, shape) in expected.items():
+    for key, (path, slot, shape) in expected.items():
         if key not in tensors:
             problems.append(f"missing key {key} (the model expects shape {list(shape)})")
         elif tuple(tensors[key].shape) != tuple(shape):
-            problems.append(f"{key}: file has shape {list(tensors[key].shape)}, model expects {list(shape)}")
+            got = list(tensors[key].shape)
+            head = (slot.startswith(SAVED) and path.rpartition(".")[2] in HEAD_NAMES and len(got) == len(shape)
+                    and got[1:] == list(shape[1:]))  # a classification head trained with another class count
+            problems.append(f"{key}: file has shape {got}, model expects {list(shape)}" + (
+                f" (a head for {got[0]} classes: load the model with num_labels={got[0]}, --num-labels in the CLI; "
+                "the run's run_finished.json records it)" if head else ""))
     covered = {loc[0] for loc in expected.values() if not _is_base(loc)}  # the targeted and the saved modules
     for key in (k for k in tensors if k not in expected and k not in optional):
         module = _module_of(key)
@@ -575,18 +580,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     if state is not None and adapter in state.adapters:
         raise ValueError(f"adapter {adapter!r} is already on the model; load with adapter='<another name>'")
     fields, tensors, cfg = read_adapter(path, model, adapter)
-    cfg = _as_peft_resolves(model, resolve_config(model, cfg))
-    tensors = _fold_wrapper_keys(model, cfg, tensors)
-    expected, optional = _expected(model, cfg, adapter)
-    tensors = _without_adapter_names(tensors, expected)
     modules = dict(model.named_modules())
     try:
+        cfg = _as_peft_resolves(model, resolve_config(model, cfg))
+        tensors = _fold_wrapper_keys(model, cfg, tensors)
+        expected, optional = _expected(model, cfg, adapter)
+        tensors = _without_adapter_names(tensors, expected)
         _check_fit(expected, optional, tensors, str(path), set(modules))
     except ValueError as e:
         if fields.get("ensure_weight_tying") is True:
             raise ValueError(f"{e}\n  The file was saved by PEFT with ensure_weight_tying=True, which can give a tied "
                              "output head LoRA factors of its own; lorakit does not implement that option") from None
-        raise
+        raise ValueError(f"{e}{_other_base_hint(model, cfg)}") from None
     params = all_params(model)
     # base weights PEFT saved alongside (a resized vocabulary): load only those that differ from the model's own
     # (unmerged) values; one another adapter already changed it cannot change again, one it brings alike it shares.
@@ -737,6 +742,16 @@ def _tied_names(params: dict[str, nn.Parameter]) -> dict[str, list[str]]:
 def _is_base(loc: tuple) -> bool:
     """Whether a file entry at `loc` writes into the base model (a bias, an embedding), not the adapter's own tensors."""
     return loc[1] not in LORA_SLOTS and not loc[1].startswith(SAVED)
+
+
+def _other_base_hint(model: nn.Module, cfg: LoraConfig) -> str:
+    """Why an adapter may not fit: it names another base model than `model`'s (empty if it does not say, or the same)."""
+    base = cfg.base_model_name_or_path
+    mine = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not base or base == mine or Path(str(base)).name == Path(str(mine)).name:
+        return ""
+    return (f"\n  The adapter was trained on {base!r}; this model is {type(model).__name__}"
+            f"{f' from {mine!r}' if mine else ''}: if that is another model, load the adapter onto its own")
 
 
 def _pname(loc: tuple) -> str:

@@ -642,8 +642,11 @@ def finetune(
             plot_loss(out / "metrics.jsonl", out / "loss.png")
             templated = cfg.task == "causal-lm" and (cfg.use_chat_template if cfg.use_chat_template is not None else
                                                      getattr(tokenizer, "chat_template", None) is not None)  # as format_prompt
-            atomic_write_bytes(finished, json.dumps({"step": step, "config": cfg.to_dict(), "used_chat_template": templated},
-                                                    indent=1).encode())
+            record = {"step": step, "config": cfg.to_dict(), "used_chat_template": templated}
+            if cfg.task == "classification":  # what a reload needs: load_model(..., num_labels=, label_names=)
+                record["num_labels"] = model.config.num_labels
+                record["id2label"] = {str(k): v for k, v in getattr(model.config, "id2label", {}).items()}
+            atomic_write_bytes(finished, json.dumps(record, indent=1).encode())
         except OSError as e:
             raise TrainingError(f"could not write the final result to {out}: {e}; {_where(last_good)}") from e
     seconds = time.perf_counter() - t_start
