@@ -14,6 +14,7 @@ embeddings, so the embedding case unties them before merging (lorakit refuses to
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 import time
@@ -54,7 +55,9 @@ def logits(model, ids) -> torch.Tensor:
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " (about 2 minutes on 2 cores)")
+    p.add_argument("--threads", type=int, default=2)
+    torch.set_num_threads(p.parse_args().threads)
     _, tok = load_model("smollm2-135m")
     ids = tok(["The quick brown fox jumps over the lazy dog.", "LoRA adapters are small: only A and B train."],
               return_tensors="pt", padding=True).input_ids
