@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -174,18 +175,6 @@ def test_analyze_refuses_adapters_without_shared_layers(tmp_path, capsys):
     assert main(["analyze", a, b, "--out", str(out)]) == 1
     assert "share no adapted layer" in capsys.readouterr().err
     assert not out.exists()
-
-
-def test_analyze_refuses_different_bases(tmp_path):
-    a = _trained_adapter(tmp_path, "a", 2, 0)
-    model = tiny_llama()
-    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], base_model_name_or_path="other/model"))
-    model2 = tiny_llama()
-    lorakit.inject(model2, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], base_model_name_or_path="some/base"))
-    b, c = lorakit.save_adapter(model, tmp_path / "b"), lorakit.save_adapter(model2, tmp_path / "c")
-    with pytest.raises(ValueError, match="different base models"):
-        analyze([b, c])
-    analyze([a, b])  # an unknown base on one side is not a conflict
 
 
 def test_analyze_refuses_adapter_of_another_model(tmp_path):
@@ -416,3 +405,149 @@ def test_stacks_whose_short_names_would_collide_keep_their_full_paths():
     groups = weight_groups(paths)
     assert sorted(p for ps in groups.values() for p in ps) == sorted(paths)
     assert groups["q (a.b)"] == ["a.b.0.q", "a.b.1.q"] and groups["q (a.b.b)"] == ["a.b.b.0.q", "a.b.b.1.q"]
+
+
+# ---- review round 4 ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("d", "k", "dtype", "decay"), [(64, 64, torch.bfloat16, 0.3), (576, 576, torch.bfloat16, 1.0),
+                                                        (2048, 256, torch.bfloat16, 0.05), (2048, 256, torch.float16, 0.05)])
+def test_amplification_default_rank_of_a_low_precision_update(d, k, dtype, decay):
+    """A rank-8 ΔW rounded to bf16/fp16: 8 directions (σ₈ down to σ₁/20), none of the rounding noise.
+
+    The tolerance σ₁·max(d, k)·eps(dtype) was above σ₁ for bf16 at 576 ("ΔW is zero") and gave r = 7 at 64.
+    """
+    from lorakit.analysis import numerical_rank
+
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(d, 8, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(k, 8, generator=g, dtype=torch.float64)).Q
+    exact = (U * 0.01 * decay ** (torch.arange(8) / 7)) @ V.T
+    delta = exact.to(dtype)
+    W = (torch.randn(d, k, generator=g) / d**0.5).to(dtype)
+    S = torch.linalg.svdvals(delta.double())
+    assert numerical_rank(S, (d, k), dtype) == 8
+    if d == k:  # the full amplification (two dense SVDs) where it is cheap
+        amp = amplification(W, delta)
+        assert amp.r == 8 and amp.factor == pytest.approx(amplification(W, delta, r=8).factor)
+    assert numerical_rank(torch.linalg.svdvals(exact.float().double()), (d, k), torch.float32) == 8  # fp32 as before
+    assert numerical_rank(torch.zeros(8, dtype=torch.float64), (d, k), dtype) == 0
+
+
+def _rank_one_adapter(tmp_path, name: str = "rank1") -> str:
+    """An r = 4 adapter whose B has one non-zero column: ΔW has rank 1 in every layer."""
+    model = lorakit.load_adapter(tiny_llama(), _adapter(tmp_path, tiny_llama, f"{name}_src", target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p[:, 1:] = 0
+    return str(lorakit.save_adapter(model, tmp_path / name))
+
+
+def test_a_rank_deficient_update_is_analysed_at_its_rank_everywhere(tmp_path):
+    """analyze() used r = 4 (three arbitrary null directions: factor 76 vs 485) where amplification() used 1."""
+    from lorakit.analysis import adapter_updates, base_weight
+
+    one, full = _rank_one_adapter(tmp_path), _adapter(tmp_path, tiny_llama, "full", 1, target_modules=["q_proj", "v_proj"])
+    model = tiny_llama()
+    result = analyze([one, full], model)
+    p = "model.layers.0.self_attn.q_proj"
+    u = adapter_updates(one).layers[p]
+    assert u.rank == 4 and u.delta_rank == 1 and u.row_space.shape == (1, 32)
+    direct = amplification(base_weight(model, p), u.delta)
+    assert direct.r == 1 and result.amplification[p][0].r == 1 and result.amplification[p][1].r == 4
+    assert result.amplification[p][0].factor == pytest.approx(direct.factor, rel=1e-6)
+    assert result.delta_similarity[p].shape == (1, 4)  # only ΔW's non-zero direction, not 3 arbitrary ones
+    out = tmp_path / "out"
+    assert main(["analyze", one, full, "--model", _saved_base(tmp_path), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert f"| {p} | " in report and "1 < r = 4" in report
+    assert "ΔW has lower rank than its adapter's r in 4 layer(s)" in report and f"{p} (rank1)" in report
+
+
+def _saved_base(tmp_path) -> str:
+    folder = tmp_path / "base"
+    if not folder.exists():
+        tiny_llama().save_pretrained(folder)
+    return str(folder)
+
+
+def test_adapters_naming_different_bases_are_compared_with_a_warning(tmp_path, caplog):
+    """One model goes by many names (a cache path, a hub id): the shapes decide, the names only warn."""
+    a = _adapter(tmp_path, tiny_llama, "a", 0, target_modules=["q_proj"], base_model_name_or_path="/cache/models/llama")
+    b = _adapter(tmp_path, tiny_llama, "b", 1, target_modules=["q_proj"], base_model_name_or_path="someorg/tiny-llama")
+    warning = ("the adapters name different base models ('/cache/models/llama' vs 'someorg/tiny-llama'); "
+               "compared anyway: their layers' shapes agree")
+    with caplog.at_level("WARNING", logger="lorakit.analysis"):
+        result = analyze([a, b])
+    assert result.similarity and result.notes == [warning] and warning in caplog.text
+    caplog.clear()
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="lorakit.analysis"):
+        assert main(["analyze", a, b, "--out", str(out)]) == 0
+    assert warning in caplog.text and f"- warning: {warning}" in (out / "report.md").read_text()
+    assert not analyze([a, _adapter(tmp_path, tiny_llama, "c", 2, target_modules=["q_proj"])]).notes  # one unnamed base
+
+
+def test_adapters_naming_different_bases_whose_shapes_differ_are_refused(tmp_path):
+    a = _adapter(tmp_path, tiny_llama, "a", target_modules=["q_proj"], base_model_name_or_path="org/small")
+    wide = functools.partial(transformers_llama_with_hidden, 48)
+    b = _adapter(tmp_path, wide, "b", target_modules=["q_proj"], base_model_name_or_path="org/wide")
+    with pytest.raises(ValueError, match=r"input size 32 .* but 48 .*not the same base model \(the adapters name 'org/small' and 'org/wide'\)"):
+        analyze([a, b])
+
+
+def test_untrained_adapter_gets_no_empty_spectrum_figure(tmp_path):
+    zero = _adapter(tmp_path, tiny_llama, "zero", randomize=False, target_modules=["q_proj", "v_proj"])
+    out = tmp_path / "out"
+    assert main(["analyze", zero, "--model", _saved_base(tmp_path), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert not list(out.glob("*.png")) and "![spectrum" not in report
+    assert ("(spectrum not drawn for zero, ΔW = 0 (untrained): model.layers.0.self_attn.q_proj, "
+            "model.layers.1.self_attn.q_proj)") in report
+
+
+def test_a_partly_trained_adapter_draws_its_trained_layers_only(tmp_path):
+    model = lorakit.load_adapter(tiny_llama(), _adapter(tmp_path, tiny_llama, "src", target_modules=["q_proj"]))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.lora_B["default"].zero_()
+    half = str(lorakit.save_adapter(model, tmp_path / "half"))
+    out = tmp_path / "out"
+    assert main(["analyze", half, "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "![spectrum q_proj half](spectrum_q_proj_0.png)" in report
+    assert "(spectrum not drawn for half, ΔW = 0 (untrained): model.layers.1.self_attn.q_proj)" in report
+
+
+def test_a_peft_wrapped_base_model_is_unwrapped(tmp_path):
+    """PeftModel's paths start base_model.model.: it was "no weight at 'model.layers.0…'"; merged, its W is W0 + ΔW."""
+    peft = pytest.importorskip("peft")
+    a = _adapter(tmp_path, tiny_llama, "a", target_modules=["q_proj", "v_proj"])
+    plain = analyze([a], tiny_llama()).amplification
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), a)
+    wrapped = analyze([a], pm).amplification
+    for p in plain:
+        assert wrapped[p][0] == plain[p][0]
+    pm.merge_adapter()
+    with pytest.raises(ValueError, match=r"PEFT model has an adapter merged into 'model.layers.0.self_attn.q_proj'.*unmerge_adapter\(\)"):
+        analyze([a], pm)
+
+
+def test_cli_reads_the_classification_task_from_the_adapter(tmp_path, capsys):
+    """An encoder's adapter trained for classification: `--model` loads without `--task classification`."""
+    import json
+
+    from conftest import tiny_bert
+
+    a = _adapter(tmp_path, tiny_bert, "a", target_modules=["query", "value"])
+    tiny_bert().save_pretrained(tmp_path / "bert")
+    out = tmp_path / "out"
+    assert main(["analyze", a, "--model", str(tmp_path / "bert"), "--out", str(out)]) == 0
+    assert "mplification" in (out / "report.md").read_text()
+    config = tmp_path / "a" / "adapter_config.json"
+    fields = json.loads(config.read_text())
+    config.write_text(json.dumps({**fields, "auto_mapping": None, "modules_to_save": None}))  # a config that does not say
+    assert main(["analyze", a, "--model", str(tmp_path / "bert"), "--out", str(tmp_path / "o2")]) == 1
+    assert "pass --task classification" in capsys.readouterr().err
+    assert main(["analyze", a, "--model", str(tmp_path / "bert"), "--task", "classification", "--out", str(tmp_path / "o3")]) == 0
+    config.write_text(json.dumps({**fields, "auto_mapping": None, "task_type": "SEQ_CLS"}))  # PEFT's way of saying it
+    assert main(["analyze", a, "--model", str(tmp_path / "bert"), "--out", str(tmp_path / "o4")]) == 0

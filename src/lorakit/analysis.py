@@ -3,7 +3,7 @@
 - `subspace_similarity`: φ(A1, A2, i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j) over the right-singular
   vectors of two A matrices (Sec. 7.2, Figures 3 and 4); 1 = one subspace contains the other, 0 = orthogonal.
 - `amplification`: how much ΔW amplifies directions of W (Sec. 7.3, Table 7).
-- `singular_spectrum`, `effective_rank`: how many directions ΔW really uses.
+- `singular_spectrum`, `effective_rank`, `numerical_rank`: how many directions ΔW really uses.
 
 `adapter_updates` reads these per layer from an adapter folder; `analyze` / `write_report` turn one or
 two folders (and optionally the base model) into tables and PNG figures (``lorakit analyze``).
@@ -12,6 +12,7 @@ two folders (and optionally the base model) into tables and PNG figures (``lorak
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import re
@@ -25,6 +26,8 @@ from .adapters import PREFIX
 from .checkpoint import atomic_write_bytes, read_adapter
 from .functional import lora_scale
 from .layers import is_conv1d_gpt2
+
+log = logging.getLogger(__name__)
 
 # ---- the math ----------------------------------------------------------------------------------------
 
@@ -130,20 +133,36 @@ def _project(W: Tensor, U: Tensor, Vh: Tensor) -> float:
     return float(torch.linalg.matrix_norm(U.T @ W @ Vh.T))
 
 
+def numerical_rank(S: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> int:
+    """How many singular values `S` (all of them, largest first) of a (d, k) matrix given in `dtype` exceed round-off.
+
+    Round-off is the larger of two bounds: the SVD's own, σ₁·max(d, k)·eps (`torch.linalg.matrix_rank`'s, with
+    eps at most fp32's: the SVD runs in fp64), and the rounding of the matrix's entries to `dtype`, which moves
+    every singular value by at most ‖E‖₂ ≤ ‖E‖_F ≤ ‖·‖_F·eps/2 (Weyl). So a bf16 rank-8 update B·A has rank 8
+    unless a direction is weaker than ‖ΔW‖_F·2⁻⁷; a matrix formed in low precision some other way (merged −
+    base weights) carries more rounding than that, and needs its rank given. 0 only for the zero matrix.
+    """
+    if S.numel() == 0 or S[0] <= 0:
+        return 0
+    eps = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps
+    tol = max(float(S[0]) * max(shape) * min(eps, torch.finfo(torch.float32).eps), float(S.norm()) * eps)
+    return max(1, int((tol < S).sum()))
+
+
 def amplification(W: Tensor, delta: Tensor, r: int | None = None, seed: int = 0) -> Amplification:
     """Project W onto ΔW's top-r singular subspaces, W's own and a random one (Sec. 7.3, Table 7).
 
-    W, ΔW: (d, k) in the same orientation (conv weights are flattened). `r` defaults to rank(ΔW), with
-    the tolerance of ΔW's own dtype (as `torch.linalg.matrix_rank` would use on it).
+    W, ΔW: (d, k) in the same orientation (conv weights are flattened), any dtype (computed in fp64). `r`
+    defaults to ΔW's `numerical_rank` at the precision of ΔW's dtype; pass it for a low-precision ΔW formed
+    as the difference of two weights (its rounding error is W's, far above ΔW's own).
     """
     W, delta = _matrix(W, "W"), _matrix(delta, "ΔW")
     W64, D64 = W.detach().flatten(1).double(), delta.detach().flatten(1).double()
     if W64.shape != D64.shape:
         raise ValueError(f"W has shape {tuple(W64.shape)} but ΔW has {tuple(D64.shape)}: pass the matching base weight")
     svd = torch.linalg.svd(D64, full_matrices=False)
-    if r is None:  # rank at the precision ΔW was given in: fp32 round-off must not count as rank
-        eps = torch.finfo(delta.dtype if delta.is_floating_point() else torch.float32).eps
-        r = int((svd.S[0] * max(D64.shape) * eps < svd.S).sum())
+    if r is None:
+        r = numerical_rank(svd.S, D64.shape, delta.dtype)
         if r == 0:
             raise ValueError("ΔW is zero (B = 0: an untrained adapter), so it amplifies nothing")
     return _amplification(W64, svd, r, seed)
@@ -201,10 +220,16 @@ class LayerUpdate:
         return factored_svd(self.B, self.A, self.scale)
 
     @property
+    def delta_rank(self) -> int:
+        """ΔW's `numerical_rank`: at most `rank`, below it when B·A is rank-deficient, 0 when ΔW = 0."""
+        return numerical_rank(self.svd[1], self.shape)
+
+    @property
     def row_space(self) -> Tensor:
-        """`row_space` (ΔW, rank) from the factored SVD: right-singular directions scaled by σ, (r, k)."""
+        """`row_space` (ΔW, delta_rank) from the factored SVD: ΔW's non-zero right-singular directions scaled by σ."""
         _, S, Vh = self.svd
-        return S[:, None] * Vh
+        r = self.delta_rank
+        return S[:r, None] * Vh[:r]
 
 
 @dataclass
@@ -295,10 +320,15 @@ def base_weight(model: nn.Module, mpath: str) -> Tensor:
     """The base weight W0 at `mpath` in the paper's orientation (d_out, d_in), matching `LayerUpdate.delta`.
 
     ``<path>[q]`` is a slice of a fused projection (see `adapter_updates`). On a merged lorakit model this is
-    the exact W0 it keeps while merged, not W0 + ΔW.
+    the exact W0 it keeps while merged, not W0 + ΔW; a PEFT `PeftModel` is read through its base layers (unmerged only).
     """
     module_path, part = split_slice(mpath)
-    module = dict(model.named_modules()).get(module_path)
+    module = dict(_unwrap_peft(model).named_modules()).get(module_path)
+    if _is_peft(module) and callable(getattr(module, "get_base_layer", None)):  # a PEFT LoRA layer around W0
+        if getattr(module, "merged", False):
+            raise ValueError(f"the PEFT model has an adapter merged into {module_path!r}, so its weight is W0 + ΔW, not W0: "
+                             "call unmerge_adapter() on it first, or pass the base model itself")
+        module = module.get_base_layer()
     if module is None or not isinstance(getattr(module, "weight", None), Tensor):
         raise ValueError(f"the base model has no weight at {module_path!r}: the adapter was trained on another model")
     W = module._buffers.get("lora_w0", module.weight).detach()
@@ -308,6 +338,16 @@ def base_weight(model: nn.Module, mpath: str) -> Tensor:
         d = W.shape[0] // n
         W = W[i * d : (i + 1) * d]
     return W
+
+
+def _is_peft(obj: object) -> bool:
+    """Whether `obj` is one of PEFT's classes (a PeftModel, a LoRA layer)."""
+    return type(obj).__module__.split(".")[0] == "peft"
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The model inside a PEFT `PeftModel` (whose module paths start ``base_model.model.``), else `model` itself."""
+    return model.get_base_model() if _is_peft(model) and callable(getattr(model, "get_base_model", None)) else model
 
 
 # ---- reports --------------------------------------------------------------------------------------
@@ -320,18 +360,19 @@ class Analysis:
     adapters: list[AdapterInfo]
     spectra: dict[str, list[Tensor]]  # path -> singular values of ΔW, one per adapter
     similarity: dict[str, Tensor] = field(default_factory=dict)  # path -> φ (r1, r2) of the A's, two adapters
-    delta_similarity: dict[str, Tensor] = field(default_factory=dict)  # path -> φ of ΔW's top right-singular vectors (both ΔW ≠ 0)
+    delta_similarity: dict[str, Tensor] = field(default_factory=dict)  # path -> φ of ΔW's non-zero right-singular vectors (both ΔW ≠ 0)
     amplification: dict[str, list[Amplification | None]] = field(default_factory=dict)  # path -> one per adapter, None: ΔW = 0
     skipped: list[str] = field(default_factory=list)  # layers in only one of the two adapters
+    notes: list[str] = field(default_factory=list)  # warnings for the report (two adapters naming different bases)
 
 
 def check_comparable(a: AdapterInfo, b: AdapterInfo) -> list[str]:
-    """The layers two adapters share; raises if they come from different bases or share no layer."""
-    if a.base and b.base and _same_place(a.base) != _same_place(b.base):
-        raise ValueError(
-            f"the adapters were trained on different base models ({a.base!r} vs {b.base!r}); "
-            "subspace similarity only means something for the same base"
-        )
+    """The layers two adapters share; raises if they share none or a shared layer's shapes differ.
+
+    The base models' names are not compared: one model goes by many (a local folder, a cache path, a hub id);
+    see `base_names_differ`.
+    """
+    named = f" (the adapters name {a.base!r} and {b.base!r})" if base_names_differ(a, b) else ""
     common = [p for p in a.layers if p in b.layers]
     whole = {split_slice(p)[0] for p in a.layers} & {split_slice(p)[0] for p in b.layers}
     if not common and whole:
@@ -347,11 +388,16 @@ def check_comparable(a: AdapterInfo, b: AdapterInfo) -> list[str]:
     for p in common:
         ka, kb = a.layers[p].A.flatten(1).shape[1], b.layers[p].A.flatten(1).shape[1]
         if ka != kb:
-            raise ValueError(f"layer {p} has input size {ka} in {a.path} but {kb} in {b.path}: not the same base model")
+            raise ValueError(f"layer {p} has input size {ka} in {a.path} but {kb} in {b.path}: not the same base model{named}")
         da, db = a.layers[p].shape[0], b.layers[p].shape[0]
         if da != db:
-            raise ValueError(f"layer {p} has output size {da} in {a.path} but {db} in {b.path}: not the same base model")
+            raise ValueError(f"layer {p} has output size {da} in {a.path} but {db} in {b.path}: not the same base model{named}")
     return common
+
+
+def base_names_differ(a: AdapterInfo, b: AdapterInfo) -> bool:
+    """Whether both adapters name their base model and the names differ (a folder spelled two ways is one name)."""
+    return bool(a.base and b.base and _same_place(a.base) != _same_place(b.base))
 
 
 def _same_place(base: str) -> str:
@@ -360,7 +406,11 @@ def _same_place(base: str) -> str:
 
 
 def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> Analysis:
-    """Spectra of ΔW for one or two adapters, φ between two, and amplification when the base `model` is given."""
+    """Spectra of ΔW for one or two adapters, φ between two, and amplification when the base `model` is given.
+
+    `model` may be the base model, the base with these adapters injected (merged or not) or a PEFT `PeftModel`
+    (unmerged). Every ΔW is analysed at its `numerical_rank` (below the adapter's r when B·A is rank-deficient).
+    """
     if isinstance(paths, (str, os.PathLike)):
         raise ValueError(f"analyze takes a list of one or two adapter folders, e.g. [{str(paths)!r}]; got one path")
     if not 1 <= len(paths) <= 2:
@@ -368,14 +418,18 @@ def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> A
     infos = [adapter_updates(p) for p in paths]
     layers = check_comparable(*infos) if len(infos) == 2 else list(infos[0].layers)
     result = Analysis(infos, {})
+    if len(infos) == 2 and base_names_differ(*infos):
+        result.notes.append(f"the adapters name different base models ({infos[0].base!r} vs {infos[1].base!r}); "
+                            "compared anyway: their layers' shapes agree")
+        log.warning("%s", result.notes[-1])
     result.skipped = sorted({p for info in infos for p in info.layers} - set(layers), key=_natural_key)
     for p in layers:  # every decomposition of ΔW goes through its factors (r×r work), never the dense d×k matrix
         updates = [info.layers[p] for info in infos]
         result.spectra[p] = [u.svd[1].float() for u in updates]
-        trained = [bool(u.svd[1].max() > 0) for u in updates]  # ΔW = 0 (B = 0): no directions to compare or project on
+        ranks = [u.delta_rank for u in updates]  # 0: ΔW = 0 (B = 0), no directions to compare or project on
         if len(updates) == 2 and all(bool(u.A.abs().max() > 0) for u in updates):  # A = 0 has no row space
             result.similarity[p] = subspace_similarity(updates[0].A, updates[1].A)
-            if all(trained):
+            if all(ranks):
                 result.delta_similarity[p] = subspace_similarity(*(u.row_space for u in updates))
         if model is not None:
             W = base_weight(model, p)
@@ -386,7 +440,7 @@ def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> A
                         f"{tuple(W.shape)}: the adapter was trained on another model"
                     )
             W64 = W.double()
-            result.amplification[p] = [_amplification(W64, u.svd, r=u.rank) if t else None for u, t in zip(updates, trained)]
+            result.amplification[p] = [_amplification(W64, u.svd, r) if r else None for u, r in zip(updates, ranks)]
     return result
 
 
@@ -518,21 +572,38 @@ def write_report(result: Analysis, out_dir: str | os.PathLike) -> Path:
         lines.append(f"- `{a.path}`: {len(a.layers)} adapted layers, r = {ranks}, base `{a.base}`")
     if result.skipped:
         lines.append(f"- layers in only one adapter (not compared): {', '.join(result.skipped)}")
+    lines += [f"- warning: {note}" for note in result.notes]
     lines += ["", "## Singular spectrum of ΔW", "",
-              "Effective rank = exp(entropy of σ/Σσ) (Roy & Vetterli 2007); σ₁/‖ΔW‖_F near 1: one direction dominates (its share of ‖ΔW‖²_F is the square).", ""]
-    header = "| layer | " + " | ".join(f"‖ΔW‖_F ({n}) | eff. rank ({n}) | σ₁/‖ΔW‖_F ({n})" for n in names) + " |"
-    lines += [header, "|" + "---|" * (1 + 3 * len(names))]
+              "Effective rank = exp(entropy of σ/Σσ) (Roy & Vetterli 2007); σ₁/‖ΔW‖_F near 1: one direction dominates (its share of ‖ΔW‖²_F is the square). "
+              "Rank = ΔW's numerical rank (`numerical_rank`).", ""]
+    header = "| layer | " + " | ".join(f"‖ΔW‖_F ({n}) | rank ({n}) | eff. rank ({n}) | σ₁/‖ΔW‖_F ({n})" for n in names) + " |"
+    lines += [header, "|" + "---|" * (1 + 4 * len(names))]
+    deficient = []  # "layer (adapter)" where 0 < rank(ΔW) < r
     for p, spectra in result.spectra.items():
         cells = []
-        for s in spectra:
-            norm = float(s.norm())
-            cells += [f"{norm:.3g}", f"{effective_rank(s):.2f}", f"{float(s[0]) / norm:.2f}" if norm > 0 else "–"]
+        for a, n, s in zip(result.adapters, names, spectra):
+            norm, u = float(s.norm()), a.layers[p]
+            k = u.delta_rank
+            if 0 < k < u.rank:
+                deficient.append(f"{p} ({n})")
+            rank = f"{k} < r = {u.rank}" if 0 < k < u.rank else str(k)
+            cells += [f"{norm:.3g}", rank, f"{effective_rank(s):.2f}", f"{float(s[0]) / norm:.2f}" if norm > 0 else "–"]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    if deficient:
+        lines += ["", f"ΔW has lower rank than its adapter's r in {len(deficient)} layer(s): {', '.join(deficient)}. B·A is "
+                  "rank-deficient there (e.g. columns of B still 0); the amplification's r, the ΔW φ columns and the "
+                  "spectrum figures count only its directions with non-zero singular values."]
     for wt, paths in weight_groups(list(result.spectra)).items():
         for a, n in enumerate(names):
-            fname = f"spectrum_{_file_label(wt)}_{a}.png"
-            plot_spectra({_short(p, wt): result.spectra[p][a] for p in paths}, out / fname, f"ΔW spectrum, {wt}, {n}")
-            lines += ["", f"![spectrum {wt} {n}]({fname})"]
+            rank_of = {p: result.adapters[a].layers[p].delta_rank for p in paths}
+            have = [p for p in paths if rank_of[p]]  # ΔW = 0 (B = 0) has no spectrum to draw
+            if have:
+                fname = f"spectrum_{_file_label(wt)}_{a}.png"
+                plot_spectra({_short(p, wt): result.spectra[p][a][: rank_of[p]] for p in have}, out / fname,
+                             f"ΔW spectrum, {wt}, {n}")
+                lines += ["", f"![spectrum {wt} {n}]({fname})"]
+            if len(have) < len(paths):
+                lines += ["", f"(spectrum not drawn for {n}, ΔW = 0 (untrained): {', '.join(p for p in paths if p not in have)})"]
     if len(result.adapters) == 2:
         lines += ["", f"## Subspace similarity φ({names[0]}, {names[1]}) (paper Sec. 7.2, Figures 3-4)", "",
                   "φ(i, j) = ‖U₁[:, :i]ᵀU₂[:, :j]‖²_F / min(i, j) over the right-singular vectors of A; "
@@ -549,7 +620,8 @@ def write_report(result: Analysis, out_dir: str | os.PathLike) -> Path:
             m = min(phi.shape)
             dphi = result.delta_similarity.get(p)
             k = result.adapters[0].layers[p].A.flatten(1).shape[1]
-            delta = f"{dphi[0, 0]:.3f} | {dphi[:m, :m].mean():.3f}" if dphi is not None else "ΔW = 0 | ΔW = 0"
+            dm = min(dphi.shape) if dphi is not None else 0  # ΔW φ spans each ΔW's numerical rank, not r
+            delta = f"{dphi[0, 0]:.3f} | {dphi[:dm, :dm].mean():.3f}" if dphi is not None else "ΔW = 0 | ΔW = 0"
             lines.append(f"| {p} | {phi.shape[0]} | {phi.shape[1]} | {phi[0, 0]:.3f} | {phi[0, -1]:.3f} | "
                          f"{phi[:m, :m].mean():.3f} | {delta} | {1 / k:.4f} |")
         for wt, paths in weight_groups(list(result.spectra)).items():

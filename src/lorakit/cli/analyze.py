@@ -7,16 +7,42 @@ weights when ``--model`` is given) and PNG figures.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+CLASSIFIER_HEADS = ("classifier", "score")  # the heads of transformers' ...ForSequenceClassification models
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="subspace similarity, amplification and ΔW spectra of saved adapters")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="one or two adapter folders")
     p.add_argument("--model", help="base model (bundled name, folder or hub id) for the amplification table")
-    p.add_argument("--task", default="causal-lm", choices=["causal-lm", "classification"])
+    p.add_argument("--task", choices=["causal-lm", "classification"],
+                   help="how to load --model (default: the adapters' task, from their adapter_config.json: a "
+                        "classification head or task_type SEQ_CLS gives classification; else causal-lm)")
     p.add_argument("--out", required=True, help="folder for report.md and the figures")
     p.set_defaults(func=run)
+
+
+def adapter_task(path: str) -> str | None:
+    """'classification' if adapter folder `path`'s config says it was trained with a classification head, else None.
+
+    Read from adapter_config.json: PEFT's ``task_type`` SEQ_CLS, a ``...ForSequenceClassification`` base class
+    (``auto_mapping``, as lorakit writes it) or a classifier head in ``modules_to_save``. An unreadable config
+    says nothing here (`analyze` reports it).
+    """
+    try:
+        fields = json.loads((Path(path).expanduser() / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(fields, dict):
+        return None
+    base_class = (fields.get("auto_mapping") or {}).get("base_model_class") or ""
+    saved = fields.get("modules_to_save") or []
+    if (fields.get("task_type") == "SEQ_CLS" or str(base_class).endswith("ForSequenceClassification")
+            or any(str(m).rsplit(".", 1)[-1] in CLASSIFIER_HEADS for m in saved)):
+        return "classification"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +57,14 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         from lorakit.models import load_model
 
-        model, _ = load_model(args.model, args.task, tokenizer=False)  # the weights are all the analysis reads
+        task = args.task or next(filter(None, map(adapter_task, args.adapters)), "causal-lm")
+        try:
+            model, _ = load_model(args.model, task, tokenizer=False)  # the weights are all the analysis reads
+        except ValueError as e:
+            if args.task is None:  # an encoder loaded as a causal LM: say which flag loads it
+                raise ValueError(f"{e}. The adapters' config names no classification head; for `lorakit analyze` "
+                                 "pass --task classification (only the base weights are read)") from e
+            raise
     report = write_report(analyze(args.adapters, model), args.out)
     print(f"wrote {report} and its figures")
     return 0
