@@ -641,3 +641,25 @@ def test_per_layer_rank_keys_read_back_from_adapter_config_json_alone(tmp_path):
     assert [loaded.blocks[n].lora_specs["default"].r for n in ("q+v", "qqv")] == [2, 4]
     x = torch.randn(3, 8)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_a_load_that_fails_after_injecting_puts_back_every_requires_grad_flag(tmp_path):
+    """Re-merging onto a merged model is refused for a tied embedding adapter: the rollback restores the flags a user
+    set outside the adapters too (set_adapter keeps them, so a failed load must not lose them)."""
+    def tied() -> nn.Module:
+        model = tiny_llama()
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.config.tie_word_embeddings = True
+        return model
+
+    source = lorakit.inject(tied(), lorakit.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    randomize_adapters(source, std=0.1)
+    lorakit.save_adapter(source, tmp_path)
+    model = lorakit.inject(tied(), lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter="a")
+    randomize_adapters(model, std=0.1)
+    model.model.norm.weight.requires_grad_(True)
+    lorakit.merge(model)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="tied"):
+        lorakit.load_adapter(model, tmp_path, adapter="b")
+    _assert_same(before, _snapshot(model))

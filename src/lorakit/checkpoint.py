@@ -639,6 +639,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     backup = {key: _base_value(modules, params, loc).clone() for key, loc in expected.items() if _is_base(loc)}
     before_active = list(state.active) if state is not None else []
     before_merged = {p: list(layer.merged_adapters) for p, layer in lora_layers(model)}
+    before_flags = {id(p): p.requires_grad for p in model.parameters()}  # inject freezes the base, set_adapter won't thaw it
     inject(model, cfg, adapter)  # unmerges a merged model; merged again below, with the loaded ΔW
     try:
         with torch.no_grad():
@@ -663,6 +664,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
         for p, layer in lora_layers(model):
             for name in before_merged.get(p, []):
                 layer.merge_adapter(name)
+        for p in model.parameters():
+            if id(p) in before_flags:
+                p.requires_grad_(before_flags[id(p)])
         raise
     # saved again with the adapter, so that a resized vocabulary survives lorakit -> PEFT
     state = get_state(model)
