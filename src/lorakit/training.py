@@ -510,7 +510,7 @@ def finetune(
                          "resume=True), or use another output folder, or delete them")
     if damage is not None:
         raise ValueError(f"checkpoint {checkpoint} is damaged ({checkpoint / STATE_JSON}: {damage}); delete that "
-                         "folder to resume from the checkpoint before it")
+                         "folder to resume from the checkpoint before it (from step 0 if it is the only one)")
     found = [name for name in ARTEFACTS if out is not None and (out / name).exists()]
     if out is not None and checkpoint is None and _foreign_metrics(out / "metrics.jsonl"):
         found.append("metrics.jsonl")
@@ -791,7 +791,7 @@ def _load_checkpoint(
         tensors = st_load((path / STATE_TENSORS).read_bytes())
     except Exception as e:  # safetensors raises its own SafetensorError for a damaged file
         raise ValueError(f"checkpoint {path} is damaged ({path / STATE_TENSORS}: {e}); delete that folder to resume "
-                         "from the checkpoint before it") from None
+                         "from the checkpoint before it (from step 0 if it is the only one)") from None
     missing = [n for n in named if f"param.{n}" not in tensors]
     if missing:
         raise ValueError(f"checkpoint {path} lacks trainable tensors {missing[:5]}: it belongs to another model or method")
