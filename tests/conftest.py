@@ -19,15 +19,17 @@ def _one_thread(request: pytest.FixtureRequest):
     torch.set_num_threads(threads)
 
 
-def tiny_llama(seed: int = 0, vocab: int = 128, layers: int = 2) -> torch.nn.Module:
-    """A 2-layer LLaMA (GQA: 4 query heads, 2 key/value heads), fp32, eval mode."""
+def tiny_llama(seed: int = 0, vocab: int = 128, layers: int = 2, tie: bool = False) -> torch.nn.Module:
+    """A 2-layer LLaMA (GQA: 4 query heads, 2 key/value heads), fp32, eval mode; `tie`: lm_head is the embedding."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie,
     )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    return model
 
 
 def tiny_gpt2(seed: int = 0, vocab: int = 128, layers: int = 2) -> torch.nn.Module:

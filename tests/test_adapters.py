@@ -460,19 +460,13 @@ def test_a_base_weight_of_a_tied_head_is_saved_and_put_back(tmp_path, input_ids)
 
     import lorakit.checkpoint as ckpt
 
-    def tied() -> nn.Module:
-        model = tiny_llama()
-        model.config.tie_word_embeddings = True
-        model.lm_head.weight = model.model.embed_tokens.weight
-        return model
-
-    source = lorakit.inject(tied(), lorakit.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    source = lorakit.inject(tiny_llama(tie=True), lorakit.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
     randomize_adapters(source, std=0.1)
     folder = lorakit.save_adapter(source, tmp_path / "a")
     tensors = load_file(folder / ckpt.WEIGHTS_NAME)
-    tensors["base_model.model.lm_head.base_layer.weight"] = tied().lm_head.weight.detach() + 0.5
+    tensors["base_model.model.lm_head.base_layer.weight"] = tiny_llama(tie=True).lm_head.weight.detach() + 0.5
     save_file(tensors, folder / ckpt.WEIGHTS_NAME)
-    model, base = lorakit.load_adapter(tied(), folder), tied()
+    model, base = lorakit.load_adapter(tiny_llama(tie=True), folder), tiny_llama(tie=True)
     saved = lorakit.adapter_state_dict(model)
     assert torch.equal(saved["base_model.model.lm_head.base_layer.weight"], tensors["base_model.model.lm_head.base_layer.weight"])
     with lorakit.disable_adapters(model):

@@ -515,14 +515,8 @@ def _with_base_embedding(model: nn.Module, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("how", ["delete", "unload", "disable"])
-def test_a_base_embedding_loaded_from_a_file_is_put_back_on_delete_unload_and_inside_disable(tmp_path, how, input_ids):
-    source = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
-    randomize_adapters(source, std=0.1, seed=0)
-    folder = _with_base_embedding(tiny_llama(), lorakit.save_adapter(source, tmp_path / "a"))
-    model, base = tiny_llama(), tiny_llama()
-    lorakit.load_adapter(model, folder)
-    assert not torch.equal(logits(model, input_ids), logits(base, input_ids))
+def _assert_put_back(model: nn.Module, base: nn.Module, how: str, input_ids: torch.Tensor) -> None:
+    """The base embedding is back: inside disable_adapters, after unload, or after delete_adapter (`how`)."""
     if how == "disable":
         with lorakit.disable_adapters(model):
             torch.testing.assert_close(logits(model, input_ids), logits(base, input_ids), rtol=0, atol=0)
@@ -531,6 +525,17 @@ def test_a_base_embedding_loaded_from_a_file_is_put_back_on_delete_unload_and_in
     if how == "delete":
         lorakit.delete_adapter(model, "default")
     assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("how", ["delete", "unload", "disable"])
+def test_a_base_embedding_loaded_from_a_file_is_put_back_on_delete_unload_and_inside_disable(tmp_path, how, input_ids):
+    source = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    randomize_adapters(source, std=0.1, seed=0)
+    folder = _with_base_embedding(tiny_llama(), lorakit.save_adapter(source, tmp_path / "a"))
+    model, base = tiny_llama(), tiny_llama()
+    lorakit.load_adapter(model, folder)
+    assert not torch.equal(logits(model, input_ids), logits(base, input_ids))
+    _assert_put_back(model, base, how, input_ids)
 
 
 def test_layers_empty_means_every_block_and_a_full_path_target_ignores_layers():
@@ -586,14 +591,7 @@ def test_plain_named_embedding_weights_from_a_file_are_loaded_and_put_back(tmp_p
     assert get_state(model).adapters["default"].base_params == ["model.embed_tokens.weight"]
     assert set(lorakit.adapter_state_dict(model)) - set(lorakit.adapter_state_dict(source)) == {
         "base_model.model.model.embed_tokens.weight"}
-    if how == "disable":
-        with lorakit.disable_adapters(model):
-            torch.testing.assert_close(logits(model, input_ids), logits(base, input_ids), rtol=0, atol=0)
-        return
-    model = lorakit.unload(model) if how == "unload" else model
-    if how == "delete":
-        lorakit.delete_adapter(model, "default")
-    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    _assert_put_back(model, base, how, input_ids)
 
 
 def test_a_tied_embedding_is_one_weight_under_either_name(tmp_path):
@@ -646,16 +644,10 @@ def test_per_layer_rank_keys_read_back_from_adapter_config_json_alone(tmp_path):
 def test_a_load_that_fails_after_injecting_puts_back_every_requires_grad_flag(tmp_path):
     """Re-merging onto a merged model is refused for a tied embedding adapter: the rollback restores the flags a user
     set outside the adapters too (set_adapter keeps them, so a failed load must not lose them)."""
-    def tied() -> nn.Module:
-        model = tiny_llama()
-        model.lm_head.weight = model.model.embed_tokens.weight
-        model.config.tie_word_embeddings = True
-        return model
-
-    source = lorakit.inject(tied(), lorakit.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    source = lorakit.inject(tiny_llama(tie=True), lorakit.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
     randomize_adapters(source, std=0.1)
     lorakit.save_adapter(source, tmp_path)
-    model = lorakit.inject(tied(), lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter="a")
+    model = lorakit.inject(tiny_llama(tie=True), lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter="a")
     randomize_adapters(model, std=0.1)
     model.model.norm.weight.requires_grad_(True)
     lorakit.merge(model)
