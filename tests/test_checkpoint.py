@@ -467,6 +467,24 @@ def test_unreadable_or_newer_lorakit_header_copy_falls_back_to_adapter_config_js
     assert "lorakit config" in caplog.text
 
 
+def test_a_header_copy_whose_fused_slices_no_longer_plan_gives_way_to_adapter_config_json(tmp_path, caplog):
+    """An older lorakit accepted an enable_lora key matching no module (its layer trained dense): now refused by
+    inject, so the header copy gives way to the JSON, which describes the dense LoRA the file holds."""
+    model = _trained("gpt2", cfg=lorakit.LoraConfig(r=2, target_modules=["c_attn"]))  # dense, as that layer trained
+    lorakit.save_adapter(model, tmp_path)
+    file = tmp_path / ckpt.WEIGHTS_NAME
+    with safe_open(file, framework="pt") as f:
+        metadata = f.metadata()
+    stored = json.loads(metadata[ckpt.METADATA_KEY])
+    stored["enable_lora"] = {"c_atn": [True, False, True]}  # the typo an older version let through
+    save_file(load_file(file), file, metadata={**metadata, ckpt.METADATA_KEY: json.dumps(stored)})
+    ids = torch.tensor([[1, 5, 9, 3]])
+    loaded = lorakit.load_adapter(tiny_gpt2(), tmp_path)
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids))
+    assert loaded.transformer.h[0].attn.c_attn.lora_specs["default"].enabled is None
+    assert "differs from the config lorakit saved" in caplog.text
+
+
 def test_save_adapter_bad_dtype_or_file_path_is_a_clear_error_and_home_is_expanded(saved, tmp_path, monkeypatch):
     model = _trained("llama")
     with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):

@@ -361,19 +361,23 @@ def _same_for_peft(
     if any(getattr(saved, k) != getattr(from_json, k) for k in plain) or float(saved.alpha) != float(from_json.alpha):
         return False
     where = ("target_modules", "layers", "layers_pattern")
-    as_written = all(getattr(saved, k) == getattr(from_json, k) for k in where)
+    as_written = all(getattr(saved, k) == getattr(from_json, k) for k in where) and (
+        # fused slices come from the stored copy alone: one an older lorakit wrote may no longer plan (a key matching
+        # no module, slices on an embedding); the file holds dense LoRA then, which the JSON describes
+        model is None or not saved.enable_lora or _plans_exactly(model, saved, adapter, modules, strict=True))
     as_list = (_written_as_list(saved) and from_json.layers is None and not from_json.layers_pattern
                and sorted(from_json.target_modules or []) == sorted(modules)
                and (model is None or _plans_exactly(model, saved, adapter, modules)))
     return (as_written or as_list) and all(_file_values(saved, m) == _file_values(from_json, m) for m in modules)
 
 
-def _plans_exactly(model: nn.Module, cfg: LoraConfig, adapter: str, modules: list[str]) -> bool:
-    """Whether injecting `cfg` into `model` as `adapter` would adapt exactly the module paths `modules`."""
+def _plans_exactly(model: nn.Module, cfg: LoraConfig, adapter: str, modules: list[str], strict: bool = False) -> bool:
+    """Whether injecting `cfg` into `model` as `adapter` would adapt exactly the module paths `modules` (`strict`: as
+    `inject` plans, which also refuses names that match nothing, e.g. an enable_lora typo)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the rank warnings come once more when the adapter is injected
-            planned = plan(model, cfg, adapter, strict=False)
+            planned = plan(model, cfg, adapter, strict=strict)
     except ValueError:
         return False
     return sorted(p.path for p in planned) == sorted(modules)
