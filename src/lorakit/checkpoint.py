@@ -610,7 +610,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     for key, loc in optional.items():
         if key not in tensors:
             continue
-        pname, other = _pname(loc), first.setdefault(id(_target_tensor(modules, params, loc)), key)
+        pname = _pname(loc)
+        other = first.setdefault(id(params[pname]), key)
         if other != key and not torch.equal(tensors[key], tensors[other]):
             raise ValueError(f"adapter {path}: {other} and {key} give different values to one tensor of this model "
                              f"(tied as {names.get(pname, [pname])}); the model is unchanged")
@@ -653,7 +654,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
                 elif slot.startswith(SAVED):
                     saved_copy(model, mpath, adapter).state_dict(keep_vars=True)[slot.removeprefix(SAVED)].copy_(values[key])
                 else:
-                    _target_tensor(modules, params, (mpath, slot, None)).copy_(values[key])
+                    params[_pname((mpath, slot, None))].copy_(values[key])
         if any(before_merged.values()):
             activate(model, [adapter], merged=True)
     except Exception:
@@ -662,7 +663,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
         delete_adapter(model, adapter)
         with torch.no_grad():
             for key, t in backup.items():
-                _target_tensor(modules, params, expected[key]).copy_(t)
+                params[_pname(expected[key])].copy_(t)
         if before_active:
             set_adapter(model, before_active)
         for p, layer in lora_layers(model):
@@ -768,13 +769,6 @@ def _pname(loc: tuple) -> str:
     return path if slot == "bias" and path.endswith(".bias") else f"{path}.{slot}"
 
 
-def _target_tensor(modules: dict, params: dict, loc: tuple) -> Tensor:
-    path, slot, _ = loc
-    if slot == "bias" and path in params:
-        return params[path]
-    return modules[path].state_dict(keep_vars=True)[slot]
-
-
 def _base_value(modules: dict, params: dict, loc: tuple) -> Tensor:
     """The value at `loc` without merged updates (a merged layer's exact W0 / b0 copy), detached."""
-    return _unmerged_value(modules, _pname(loc), _target_tensor(modules, params, loc))
+    return _unmerged_value(modules, _pname(loc), params[_pname(loc)])
