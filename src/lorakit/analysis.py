@@ -531,9 +531,9 @@ def weight_groups(paths: list[str]) -> dict[str, list[str]]:
                 break
         labels[key] = label
     stacks = {t: [s for s, t2 in by_key if t2 == t] for t in types}
-    short = {t: [_stack_name(s, stacks[t]) for s in stacks[t]] for t in types}
-    return {labels[t] if len(stacks[t]) == 1 else
-            f"{labels[t]} ({_stack_name(s, stacks[t]) if len(set(short[t])) == len(short[t]) else s})": ps
+    short = {t: {s: _stack_name(s, stacks[t]) for s in stacks[t]} for t in types}
+    unique = {t: len(set(short[t].values())) == len(short[t]) for t in types}  # else stacks go by their full paths
+    return {labels[t] if len(stacks[t]) == 1 else f"{labels[t]} ({short[t][s] if unique[t] else s})": ps
             for (s, t), ps in by_key.items()}
 
 
