@@ -3,13 +3,16 @@ Embedding, Conv1d, Conv2d. Invariants: equal to the base at init, counts, grads,
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import lorakit
 from lorakit.adapters import randomize_adapters
@@ -437,3 +440,87 @@ def test_meta_device_model_gets_real_adapters_from_init_adapters():
         assert torch.equal(model(ids).logits, base(ids).logits)  # B = 0 again, so the base model's output
     A = model.model.layers[0].self_attn.q_proj.lora_A["default"]
     assert A.abs().sum() > 0 and torch.isfinite(A).all()
+
+
+class _GatedNorm(nn.Module):
+    """An fp32 RMSNorm (weight·(h·rsqrt(var))) feeding q, and a gated product act(gate)·up feeding down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm_weight = nn.Parameter(torch.rand(8) + 0.5, requires_grad=False)
+        self.q, self.gate, self.up, self.down = nn.Linear(8, 8), nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(12, 8)
+
+    def forward(self, h: torch.Tensor, copy_inputs: bool = False) -> torch.Tensor:
+        keep = (lambda t: t.clone()) if copy_inputs else (lambda t: t)  # a clone is no product: the layer keeps it
+        x = keep(self.norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)))
+        x = x + self.q(x)
+        return self.down(keep(nn.functional.silu(self.gate(x)) * self.up(x)))
+
+
+def test_products_autograd_keeps_are_rebuilt_bit_for_bit_and_not_kept_twice():
+    """A layer input that is a product of saved factors is rebuilt in backward: same gradients to the bit, x not kept."""
+    torch.manual_seed(0)
+    model = _GatedNorm()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q", "gate", "up", "down"]))
+    randomize_adapters(model, std=0.3)
+    h = torch.randn(3, 5, 8, requires_grad=True)
+    grads = []
+    for copy_inputs in (False, True):
+        model.zero_grad()
+        h.grad = None
+        model(h, copy_inputs).square().sum().backward()
+        grads.append([h.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for rebuilt, kept in zip(*grads):
+        assert torch.equal(rebuilt, kept)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    vec = [torch.randn_like(p) for p in params]
+    hvps = []
+    for copy_inputs in (False, True):  # create_graph=True: the rebuilt x carries the factors' graph
+        g = torch.autograd.grad(model(h, copy_inputs).square().sum(), [h, *params], create_graph=True)
+        hvps.append(torch.autograd.grad(sum((gi * v).sum() for gi, v in zip(g[1:], vec)), [h, *params]))
+    for rebuilt, kept in zip(*hvps):
+        torch.testing.assert_close(rebuilt, kept, atol=1e-5, rtol=1e-5)
+
+    seen: list[torch.Tensor] = []
+    hook = model.down.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    out = model(h)
+    hook.remove()
+    ref = weakref.ref(seen.pop())
+    gc.collect()
+    assert ref() is None, "the down projection kept its input alive although autograd keeps act(gate) and up"
+    out.sum().backward()
+    assert model.down.lora_A["default"].grad is not None
+
+
+def test_a_product_changed_in_place_or_under_checkpointing_is_kept_as_is():
+    """x = a·b changed in place without autograd, or under activation checkpointing (saved-tensor hooks): the layer keeps x, gradients as for a plain x."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
+    randomize_adapters(model, std=0.3)
+    a, b = torch.randn(3, 6, requires_grad=True), torch.randn(3, 6, requires_grad=True)
+
+    def adapter_grads(x: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return [model[0].lora_A["default"].grad.clone(), model[0].lora_B["default"].grad.clone()]
+
+    changed = a * b
+    with torch.no_grad():
+        changed.add_(1.0)  # not recorded: the value is no longer a·b
+    want = adapter_grads((a * b + 1.0).detach())
+    for got, expected in zip(adapter_grads(changed), want):
+        assert torch.equal(got, expected)
+    calls = []
+
+    def block(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return model(a * b)
+
+    model.zero_grad()
+    checkpoint(block, a, b, use_reentrant=False).square().sum().backward()
+    assert len(calls) == 2, "unpacking a checkpointed factor during forward re-ran the block"  # forward + backward's recompute
+    for got, expected in zip([model[0].lora_A["default"].grad.clone(), model[0].lora_B["default"].grad.clone()],
+                             adapter_grads((a * b).detach())):
+        assert torch.equal(got, expected)

@@ -275,7 +275,8 @@ class _FrozenLinearLora(torch.autograd.Function):
 
     The tiny A, B are cast to x's dtype (never the activations); the LoRA term goes into the base
     GEMM's output in place, and backward adds scale·(g·B)·A into g·W0 in place, so no second (N, d)
-    output and no (N, k) gradient sum. Saves x (A's gradient needs it), h = x·Aᵀ (N, r), A and scale·Bᵀ.
+    output and no (N, k) gradient sum. Saves h = x·Aᵀ (N, r), A, scale·Bᵀ and x (A's gradient needs it),
+    or, when x is a product autograd can rebuild (`_product_tree`), the factors it keeps anyway.
     A backward that is itself recorded (``create_graph=True``) replays the layer in plain ops instead.
     """
 
@@ -286,13 +287,16 @@ class _FrozenLinearLora(torch.autograd.Function):
         h = skinny(x2, Ac)  # (N, r)
         out = F.linear(x, weight, bias)  # the base layer's own call: bit-equal to it for any input layout
         out.view(-1, out.shape[-1]).addmm_(h, Bs)  # (N, d)
-        ctx.save_for_backward(x, weight, bias, A, B, h, Ac, Bs)
+        factors: list[Tensor] = []
+        ctx.tree = _product_tree(x, factors)
+        ctx.save_for_backward(weight, bias, A, B, h, Ac, Bs, *(factors if ctx.tree is not None else [x]))
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, bias, A, B, h, Ac, Bs = ctx.saved_tensors
+        weight, bias, A, B, h, Ac, Bs, *factors = ctx.saved_tensors
+        x = factors[0] if ctx.tree is None else _rebuild(ctx.tree, factors)
         if torch.is_grad_enabled():  # create_graph=True: second derivatives must see x, A and B themselves
             return _replay_backward(ctx, grad, x, weight, bias, A, B)
         x2 = x.reshape(-1, x.shape[-1])
@@ -304,6 +308,52 @@ class _FrozenLinearLora(torch.autograd.Function):
         if ctx.needs_input_grad[4]:  # (d, r): scale·gᵀ·h as (hᵀ·g)ᵀ (2x faster in both dtypes), scaled and cast in one pass
             gB = torch.mul((h.t() @ g).t(), ctx.scale, out=torch.empty(g.shape[1], h.shape[1], dtype=B.dtype, device=g.device))
         return gx, None, None, gA, gB, None
+
+
+def _product_tree(x: Tensor, factors: list[Tensor], depth: int = 2) -> tuple | None:
+    """How to rebuild `x` in backward from tensors autograd keeps anyway, instead of keeping x too.
+
+    A layer input that is a product of saved factors (a gated MLP's act(gate)·up; an fp32 RMSNorm's
+    weight·(h·rsqrt(var)), one level down) is rebuilt by the same ``torch.mul`` calls, bit for bit:
+    all-linear LLaMA training then keeps no copy of the inputs of gate/up/down and q/k/v (~1/3 of
+    its LoRA activation memory). Returns a tree of indices into `factors` (which it fills), or None
+    (keep x): x is not such a product, was changed in place, or saved-tensor hooks (checkpointing,
+    ``save_on_cpu``) are on, whose packed tensors must not be unpacked during forward.
+    """
+    fn = x.grad_fn
+    if fn is None or x._version or fn.name() != "MulBackward0" or _saved_tensor_hooks_on():
+        return None
+    return _mul_tree(fn, factors, depth)
+
+
+def _mul_tree(fn, factors: list[Tensor], depth: int) -> tuple | None:
+    """(left, right) of the product node `fn`: each a saved factor's index, or the tree of the product it came from."""
+    if depth == 0 or fn is None or fn.name() != "MulBackward0":
+        return None
+    tree: list = []
+    for saved, (child, _) in zip((fn._saved_self, fn._saved_other), fn.next_functions):
+        if saved is None:  # a factor autograd did not keep (the other one needs no gradient): one level down
+            sub = _mul_tree(child, factors, depth - 1)
+            if sub is None:
+                return None
+            tree.append(sub)
+        else:
+            factors.append(saved)
+            tree.append(len(factors) - 1)
+    return tuple(tree)
+
+
+def _rebuild(tree: tuple | int, factors: list[Tensor]) -> Tensor:
+    """The tensor `_product_tree` described, from its factors."""
+    if isinstance(tree, int):
+        return factors[tree]
+    return torch.mul(_rebuild(tree[0], factors), _rebuild(tree[1], factors))
+
+
+def _saved_tensor_hooks_on() -> bool:
+    """Whether saved-tensor hooks are active (unknown on a torch without the probe: assume they are)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
 
 
 def _replay_backward(ctx, grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> tuple:
