@@ -317,13 +317,17 @@ def _product_tree(x: Tensor, factors: list[Tensor], depth: int = 2) -> tuple | N
     weight·(h·rsqrt(var)), one level down) is rebuilt by the same ``torch.mul`` calls, bit for bit:
     all-linear LLaMA training then keeps no copy of the inputs of gate/up/down and q/k/v (~1/3 of
     its LoRA activation memory). Returns a tree of indices into `factors` (which it fills), or None
-    (keep x): x is not such a product, was changed in place, or saved-tensor hooks (checkpointing,
-    ``save_on_cpu``) are on, whose packed tensors must not be unpacked during forward.
+    (keep x): x is not such a product, x or a factor was changed in place, or saved-tensor hooks
+    (checkpointing, ``save_on_cpu``) are on, whose packed tensors must not be unpacked during forward.
     """
     fn = x.grad_fn
     if fn is None or x._version or fn.name() != "MulBackward0" or _saved_tensor_hooks_on():
         return None
-    return _mul_tree(fn, factors, depth)
+    try:
+        return _mul_tree(fn, factors, depth)
+    except RuntimeError:  # a factor changed in place since: plain autograd fails only in backward, so keep x
+        factors.clear()
+        return None
 
 
 def _mul_tree(fn, factors: list[Tensor], depth: int) -> tuple | None:
