@@ -530,3 +530,41 @@ def test_a_product_changed_in_place_or_under_checkpointing_is_kept_as_is():
     for got, expected in zip([model[0].lora_A["default"].grad.clone(), model[0].lora_B["default"].grad.clone()],
                              adapter_grads((a * b).detach())):
         assert torch.equal(got, expected)
+
+
+def test_factors_packed_by_saved_tensor_hooks_are_not_unpacked_in_forward():
+    """Hooks that covered only the product (compression, one-shot offload, a checkpointed SwiGLU): x is kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
+    randomize_adapters(model, std=0.3)
+    g, u = torch.randn(5, 12, requires_grad=True), torch.randn(5, 12, requires_grad=True)
+
+    def grad_A(product: Callable[[], torch.Tensor], copy: bool = False) -> torch.Tensor:
+        model.zero_grad()
+        x = product()
+        model(x.clone() if copy else x).square().sum().backward()
+        return model[0].lora_A["default"].grad.clone()
+
+    def lossy() -> torch.Tensor:  # activation compression: bf16 copies of what the product saves
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.to(torch.bfloat16), lambda t: t.float()):
+            return nn.functional.silu(g) * u
+    assert torch.equal(grad_A(lossy), grad_A(lossy, copy=True))
+
+    def one_shot() -> torch.Tensor:  # offload-style: the stored copy is freed when unpacked
+        store: dict[int, torch.Tensor] = {}
+
+        def pack(t: torch.Tensor) -> int:
+            store[len(store)] = t
+            return len(store) - 1
+        with torch.autograd.graph.saved_tensors_hooks(pack, store.pop):
+            return nn.functional.silu(g) * u
+    assert torch.equal(grad_A(one_shot), grad_A(one_shot, copy=True))
+
+    calls = []
+
+    def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return nn.functional.silu(a) * b
+    grad_A(lambda: checkpoint(swiglu, g, u, use_reentrant=False))
+    assert len(calls) == 2, "reading the checkpointed factors in forward re-ran the checkpointed function"

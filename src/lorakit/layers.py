@@ -318,7 +318,8 @@ def _product_tree(x: Tensor, factors: list[Tensor], depth: int = 2) -> tuple | N
     all-linear LLaMA training then keeps no copy of the inputs of gate/up/down and q/k/v (~1/3 of
     its LoRA activation memory). Returns a tree of indices into `factors` (which it fills), or None
     (keep x): x is not such a product, x or a factor was changed in place, or saved-tensor hooks
-    (checkpointing, ``save_on_cpu``) are on, whose packed tensors must not be unpacked during forward.
+    (checkpointing, ``save_on_cpu``, activation compression) are on now or packed the factors, which
+    must then not be unpacked during forward.
     """
     fn = x.grad_fn
     if fn is None or x._version or fn.name() != "MulBackward0" or _saved_tensor_hooks_on():
@@ -334,6 +335,9 @@ def _mul_tree(fn, factors: list[Tensor], depth: int) -> tuple | None:
     """(left, right) of the product node `fn`: each a saved factor's index, or the tree of the product it came from."""
     if depth == 0 or fn is None or fn.name() != "MulBackward0":
         return None
+    raw = (getattr(fn, "_raw_saved_self", None), getattr(fn, "_raw_saved_other", None))
+    if any(getattr(r, "unpack_hook", True) is not None for r in raw):  # packed by hooks: unpacking them here could
+        return None  # run a checkpoint's recompute, pop an offloaded copy, or give back a lossy one
     tree: list = []
     for saved, (child, _) in zip((fn._saved_self, fn._saved_other), fn.next_functions):
         if saved is None:  # a factor autograd did not keep (the other one needs no gradient): one level down
