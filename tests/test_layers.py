@@ -443,7 +443,8 @@ def test_meta_device_model_gets_real_adapters_from_init_adapters():
 
 
 class _GatedNorm(nn.Module):
-    """An fp32 RMSNorm (weight·(h·rsqrt(var))) feeding q, and a gated product act(gate)·up feeding down."""
+    """An fp32 RMSNorm (frozen weight·(h·rsqrt(var)): autograd keeps only the weight) feeding q, and a gated
+    product act(gate)·up (both factors kept) feeding down."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -568,3 +569,41 @@ def test_factors_packed_by_saved_tensor_hooks_are_not_unpacked_in_forward():
         return nn.functional.silu(a) * b
     grad_A(lambda: checkpoint(swiglu, g, u, use_reentrant=False))
     assert len(calls) == 2, "reading the checkpointed factors in forward re-ran the checkpointed function"
+
+
+def test_products_whose_factor_autograd_cannot_vouch_for_keep_x():
+    """A factor autograd did not keep (changed under no_grad before the product), or a trained leaf factor
+    updated without a version bump (fused optimizers, ``.data``) between two backwards: x is kept, grads as plain."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
+    randomize_adapters(model, std=0.3)
+    h = torch.randn(3, 8, requires_grad=True)
+    norm_weight = torch.rand(8) + 0.5
+
+    def clamped_norm() -> torch.Tensor:
+        n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        with torch.no_grad():
+            n.clamp_(-0.5, 0.5)  # unseen by autograd; the product below keeps only norm_weight
+        return norm_weight * n
+
+    def grad_A(x: torch.Tensor, backwards: int = 1, between: Callable[[], None] = lambda: None) -> torch.Tensor:
+        model.zero_grad()
+        y = model(x).square().sum()
+        for i in range(backwards):
+            if i:
+                between()
+            y.backward(retain_graph=True)
+        return model[0].lora_A["default"].grad.clone()
+
+    assert torch.equal(grad_A(clamped_norm()), grad_A(clamped_norm().clone()))
+
+    trained = nn.Parameter(torch.rand(8) + 0.5)
+    n = h * 2.0
+
+    def step() -> None:
+        trained.data.add_(1.0)  # what a fused AdamW step looks like to autograd: no version bump
+    start = trained.detach().clone()
+    rebuilt = grad_A(trained * n, 2, step)
+    trained.data.copy_(start)
+    assert torch.equal(rebuilt, grad_A((trained * n).clone(), 2, step))

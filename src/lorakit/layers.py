@@ -276,7 +276,7 @@ class _FrozenLinearLora(torch.autograd.Function):
     The tiny A, B are cast to x's dtype (never the activations); the LoRA term goes into the base
     GEMM's output in place, and backward adds scale·(g·B)·A into g·W0 in place, so no second (N, d)
     output and no (N, k) gradient sum. Saves h = x·Aᵀ (N, r), A, scale·Bᵀ and x (A's gradient needs it),
-    or, when x is a product autograd can rebuild (`_product_tree`), the factors it keeps anyway.
+    or, when x is a product autograd can rebuild (`_product_factors`), the factors it keeps anyway.
     A backward that is itself recorded (``create_graph=True``) replays the layer in plain ops instead.
     """
 
@@ -287,16 +287,16 @@ class _FrozenLinearLora(torch.autograd.Function):
         h = skinny(x2, Ac)  # (N, r)
         out = F.linear(x, weight, bias)  # the base layer's own call: bit-equal to it for any input layout
         out.view(-1, out.shape[-1]).addmm_(h, Bs)  # (N, d)
-        factors: list[Tensor] = []
-        ctx.tree = _product_tree(x, factors)
-        ctx.save_for_backward(weight, bias, A, B, h, Ac, Bs, *(factors if ctx.tree is not None else [x]))
+        factors = _product_factors(x)
+        ctx.rebuild = factors is not None
+        ctx.save_for_backward(weight, bias, A, B, h, Ac, Bs, *(factors or (x,)))
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         weight, bias, A, B, h, Ac, Bs, *factors = ctx.saved_tensors
-        x = factors[0] if ctx.tree is None else _rebuild(ctx.tree, factors)
+        x = torch.mul(*factors) if ctx.rebuild else factors[0]
         if torch.is_grad_enabled():  # create_graph=True: second derivatives must see x, A and B themselves
             return _replay_backward(ctx, grad, x, weight, bias, A, B)
         x2 = x.reshape(-1, x.shape[-1])
@@ -310,52 +310,30 @@ class _FrozenLinearLora(torch.autograd.Function):
         return gx, None, None, gA, gB, None
 
 
-def _product_tree(x: Tensor, factors: list[Tensor], depth: int = 2) -> tuple | None:
-    """How to rebuild `x` in backward from tensors autograd keeps anyway, instead of keeping x too.
+def _product_factors(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The two factors of `x` = a·b when autograd keeps both anyway, so backward can rebuild x instead of keeping it.
 
-    A layer input that is a product of saved factors (a gated MLP's act(gate)·up; an fp32 RMSNorm's
-    weight·(h·rsqrt(var)), one level down) is rebuilt by the same ``torch.mul`` calls, bit for bit:
-    all-linear LLaMA training then keeps no copy of the inputs of gate/up/down and q/k/v (~1/3 of
-    its LoRA activation memory). Returns a tree of indices into `factors` (which it fills), or None
-    (keep x): x is not such a product, x or a factor was changed in place, or saved-tensor hooks
-    (checkpointing, ``save_on_cpu``, activation compression) are on now or packed the factors, which
-    must then not be unpacked during forward.
+    A gated MLP's down-projection input act(gate)·up is such a product: rebuilt with the same
+    ``torch.mul``, bit for bit, it costs all-linear LLaMA training no second copy (~1/3 of its LoRA
+    activation memory in fp32). None (keep x) when x is no such product, x or a factor was changed in
+    place, a factor is a trained leaf (a fused optimizer updates it without a version bump), or
+    saved-tensor hooks (checkpointing, ``save_on_cpu``, compression) are on or packed the factors:
+    those must not be unpacked during forward. Factors autograd did not keep are not rebuilt in turn:
+    a write under ``torch.no_grad`` into them would go unseen.
     """
     fn = x.grad_fn
     if fn is None or x._version or fn.name() != "MulBackward0" or _saved_tensor_hooks_on():
         return None
-    try:
-        return _mul_tree(fn, factors, depth)
-    except RuntimeError:  # a factor changed in place since: plain autograd fails only in backward, so keep x
-        factors.clear()
-        return None
-
-
-def _mul_tree(fn, factors: list[Tensor], depth: int) -> tuple | None:
-    """(left, right) of the product node `fn`: each a saved factor's index, or the tree of the product it came from."""
-    if depth == 0 or fn is None or fn.name() != "MulBackward0":
-        return None
     raw = (getattr(fn, "_raw_saved_self", None), getattr(fn, "_raw_saved_other", None))
-    if any(getattr(r, "unpack_hook", True) is not None for r in raw):  # packed by hooks: unpacking them here could
-        return None  # run a checkpoint's recompute, pop an offloaded copy, or give back a lossy one
-    tree: list = []
-    for saved, (child, _) in zip((fn._saved_self, fn._saved_other), fn.next_functions):
-        if saved is None:  # a factor autograd did not keep (the other one needs no gradient): one level down
-            sub = _mul_tree(child, factors, depth - 1)
-            if sub is None:
-                return None
-            tree.append(sub)
-        else:
-            factors.append(saved)
-            tree.append(len(factors) - 1)
-    return tuple(tree)
-
-
-def _rebuild(tree: tuple | int, factors: list[Tensor]) -> Tensor:
-    """The tensor `_product_tree` described, from its factors."""
-    if isinstance(tree, int):
-        return factors[tree]
-    return torch.mul(_rebuild(tree[0], factors), _rebuild(tree[1], factors))
+    if any(getattr(r, "unpack_hook", True) is not None for r in raw):
+        return None
+    try:
+        a, b = fn._saved_self, fn._saved_other
+    except RuntimeError:  # a factor changed in place since (plain autograd fails only in backward): keep x
+        return None
+    if a is None or b is None or any(t.is_leaf and t.requires_grad for t in (a, b)):
+        return None
+    return a, b
 
 
 def _saved_tensor_hooks_on() -> bool:
