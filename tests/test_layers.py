@@ -603,7 +603,9 @@ def test_products_whose_factor_autograd_cannot_vouch_for_keep_x():
 
     def step() -> None:
         trained.data.add_(1.0)  # what a fused AdamW step looks like to autograd: no version bump
-    start = trained.detach().clone()
-    rebuilt = grad_A(trained * n, 2, step)
-    trained.data.copy_(start)
-    assert torch.equal(rebuilt, grad_A((trained * n).clone(), 2, step))
+    for factor in (lambda: trained, lambda: trained.view(1, 8)):  # the leaf itself, or a view of it
+        start = trained.detach().clone()
+        rebuilt = grad_A(factor() * n, 2, step)
+        trained.data.copy_(start)
+        assert torch.equal(rebuilt, grad_A((factor() * n).clone(), 2, step))
+        trained.data.copy_(start)

@@ -314,9 +314,9 @@ def _product_factors(x: Tensor) -> tuple[Tensor, Tensor] | None:
     """The two factors of `x` = a·b when autograd keeps both anyway, so backward can rebuild x instead of keeping it.
 
     A gated MLP's down-projection input act(gate)·up is such a product: rebuilt with the same
-    ``torch.mul``, bit for bit, it costs all-linear LLaMA training no second copy (~1/3 of its LoRA
-    activation memory in fp32). None (keep x) when x is no such product, x or a factor was changed in
-    place, a factor is a trained leaf (a fused optimizer updates it without a version bump), or
+    ``torch.mul``, bit for bit, it costs all-linear LLaMA training no second copy (about half the
+    layer inputs LoRA would keep). None (keep x) when x is no such product, x or a factor was changed in
+    place, a factor is (a view of) a trained leaf (a fused optimizer updates it without a version bump), or
     saved-tensor hooks (checkpointing, ``save_on_cpu``, compression) are on or packed the factors:
     those must not be unpacked during forward. Factors autograd did not keep are not rebuilt in turn:
     a write under ``torch.no_grad`` into them would go unseen.
@@ -331,9 +331,15 @@ def _product_factors(x: Tensor) -> tuple[Tensor, Tensor] | None:
         a, b = fn._saved_self, fn._saved_other
     except RuntimeError:  # a factor changed in place since (plain autograd fails only in backward): keep x
         return None
-    if a is None or b is None or any(t.is_leaf and t.requires_grad for t in (a, b)):
+    if a is None or b is None or any(_trained_leaf(t) for t in (a, b)):
         return None
     return a, b
+
+
+def _trained_leaf(t: Tensor) -> bool:
+    """Whether `t` is (a view of) a leaf that requires grad: an optimizer may rewrite it without a version bump."""
+    base = t if t._base is None else t._base
+    return base.is_leaf and base.requires_grad
 
 
 def _saved_tensor_hooks_on() -> bool:
