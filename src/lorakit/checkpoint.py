@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .adapters import PREFIX, _unmerged_value, activate, adapter_state_dict, peft_param_name
 from .config import LoraConfig
 from .functional import compress_sliced_B, lora_scale
-from .injection import HEAD_NAMES, inject, plan, resolve_config, saved_name_matches
+from .injection import HEAD_NAMES, _bias_params, _find_saved_modules, inject, plan, resolve_config, saved_name_matches
 from .layers import adapter_shapes, is_conv1d_gpt2
 from .saved import base_of, saved_copy
 from .state import DEFAULT_ADAPTER, all_params, check_adapter_name, get_state, lora_layers, resolve_adapter
@@ -475,8 +475,6 @@ def _expected(model: nn.Module, cfg: LoraConfig, adapter: str) -> tuple[Expected
     planned = plan(model, cfg, adapter, strict=False)
     layers = [p.path for p in planned]
     modules = dict(model.named_modules())
-    from .injection import _bias_params, _find_saved_modules
-
     saved = _find_saved_modules(model, cfg.modules_to_save)
     for path in _embedding_paths(model):
         if path not in layers and path not in saved:  # adapted: `…base_layer.weight` below; saved: the adapter's copy

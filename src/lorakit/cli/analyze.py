@@ -10,8 +10,6 @@ import argparse
 import json
 from pathlib import Path
 
-CLASSIFIER_HEADS = ("classifier", "score")  # the heads of transformers' ...ForSequenceClassification models
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="subspace similarity, amplification and ΔW spectra of saved adapters")
@@ -37,10 +35,13 @@ def adapter_task(path: str) -> str | None:
         return None
     if not isinstance(fields, dict):
         return None
+    from lorakit.injection import HEAD_NAMES
+
+    heads = [n for n in HEAD_NAMES if n != "qa_outputs"]  # a question-answering head is no classifier
     base_class = (fields.get("auto_mapping") or {}).get("base_model_class") or ""
     saved = fields.get("modules_to_save") or []
     if (fields.get("task_type") == "SEQ_CLS" or str(base_class).endswith("ForSequenceClassification")
-            or any(str(m).rsplit(".", 1)[-1] in CLASSIFIER_HEADS for m in saved)):
+            or any(str(m).rsplit(".", 1)[-1] in heads for m in saved)):
         return "classification"
     return None
 
