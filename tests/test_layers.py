@@ -494,25 +494,43 @@ def test_products_autograd_keeps_are_rebuilt_bit_for_bit_and_not_kept_twice():
     assert model.down.lora_A["default"].grad is not None
 
 
+def _one_lora_linear(d_in: int, d_out: int) -> nn.Sequential:
+    """nn.Linear(d_in, d_out) with a rank-2 adapter whose B is not zero (seeded: the tests' tensors follow it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, d_out))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
+    randomize_adapters(model, std=0.3)
+    return model
+
+
+def _grads(model: nn.Sequential) -> list[torch.Tensor]:
+    """[A.grad, B.grad] of `_one_lora_linear`'s adapter."""
+    return [model[0].lora_A["default"].grad.clone(), model[0].lora_B["default"].grad.clone()]
+
+
+def _adapter_grads(model: nn.Sequential, x: torch.Tensor, backwards: int = 1,
+                   between: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
+    """`_grads` after `backwards` backward passes of ‖model(x)‖² through one retained graph, `between` before each next."""
+    model.zero_grad()
+    y = model(x).square().sum()
+    for i in range(backwards):
+        if i:
+            between()
+        y.backward(retain_graph=True)
+    return _grads(model)
+
+
 def test_a_product_changed_in_place_or_under_checkpointing_is_kept_as_is():
     """x = a·b changed in place without autograd, a factor changed in place, or activation checkpointing
     (saved-tensor hooks): the layer keeps x; gradients as for a plain x, the forward as without the rebuild."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 4))
-    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
-    randomize_adapters(model, std=0.3)
+    model = _one_lora_linear(6, 4)
     a, b = torch.randn(3, 6, requires_grad=True), torch.randn(3, 6, requires_grad=True)
-
-    def adapter_grads(x: torch.Tensor) -> list[torch.Tensor]:
-        model.zero_grad()
-        model(x).square().sum().backward()
-        return [model[0].lora_A["default"].grad.clone(), model[0].lora_B["default"].grad.clone()]
 
     changed = a * b
     with torch.no_grad():
         changed.add_(1.0)  # not recorded: the value is no longer a·b
-    want = adapter_grads((a * b + 1.0).detach())
-    for got, expected in zip(adapter_grads(changed), want):
+    want = _adapter_grads(model, (a * b + 1.0).detach())
+    for got, expected in zip(_adapter_grads(model, changed), want):
         assert torch.equal(got, expected)
 
     factor = a * 1.0
@@ -528,29 +546,19 @@ def test_a_product_changed_in_place_or_under_checkpointing_is_kept_as_is():
     model.zero_grad()
     checkpoint(block, a, b, use_reentrant=False).square().sum().backward()
     assert len(calls) == 2, "unpacking a checkpointed factor during forward re-ran the block"  # forward + backward's recompute
-    for got, expected in zip([model[0].lora_A["default"].grad.clone(), model[0].lora_B["default"].grad.clone()],
-                             adapter_grads((a * b).detach())):
+    for got, expected in zip(_grads(model), _adapter_grads(model, (a * b).detach())):
         assert torch.equal(got, expected)
 
 
 def test_factors_packed_by_saved_tensor_hooks_are_not_unpacked_in_forward():
     """Hooks that covered only the product (compression, one-shot offload, a checkpointed SwiGLU): x is kept."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 8))
-    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
-    randomize_adapters(model, std=0.3)
+    model = _one_lora_linear(12, 8)
     g, u = torch.randn(5, 12, requires_grad=True), torch.randn(5, 12, requires_grad=True)
-
-    def grad_A(product: Callable[[], torch.Tensor], copy: bool = False) -> torch.Tensor:
-        model.zero_grad()
-        x = product()
-        model(x.clone() if copy else x).square().sum().backward()
-        return model[0].lora_A["default"].grad.clone()
 
     def lossy() -> torch.Tensor:  # activation compression: bf16 copies of what the product saves
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t.to(torch.bfloat16), lambda t: t.float()):
             return nn.functional.silu(g) * u
-    assert torch.equal(grad_A(lossy), grad_A(lossy, copy=True))
+    assert torch.equal(_adapter_grads(model, lossy())[0], _adapter_grads(model, lossy().clone())[0])
 
     def one_shot() -> torch.Tensor:  # offload-style: the stored copy is freed when unpacked
         store: dict[int, torch.Tensor] = {}
@@ -560,24 +568,21 @@ def test_factors_packed_by_saved_tensor_hooks_are_not_unpacked_in_forward():
             return len(store) - 1
         with torch.autograd.graph.saved_tensors_hooks(pack, store.pop):
             return nn.functional.silu(g) * u
-    assert torch.equal(grad_A(one_shot), grad_A(one_shot, copy=True))
+    assert torch.equal(_adapter_grads(model, one_shot())[0], _adapter_grads(model, one_shot().clone())[0])
 
     calls = []
 
     def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         calls.append(1)
         return nn.functional.silu(a) * b
-    grad_A(lambda: checkpoint(swiglu, g, u, use_reentrant=False))
+    _adapter_grads(model, checkpoint(swiglu, g, u, use_reentrant=False))
     assert len(calls) == 2, "reading the checkpointed factors in forward re-ran the checkpointed function"
 
 
 def test_products_whose_factor_autograd_cannot_vouch_for_keep_x():
     """A factor autograd did not keep (changed under no_grad before the product), or a trained leaf factor
     updated without a version bump (fused optimizers, ``.data``) between two backwards: x is kept, grads as plain."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 6))
-    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
-    randomize_adapters(model, std=0.3)
+    model = _one_lora_linear(8, 6)
     h = torch.randn(3, 8, requires_grad=True)
     norm_weight = torch.rand(8) + 0.5
 
@@ -587,16 +592,7 @@ def test_products_whose_factor_autograd_cannot_vouch_for_keep_x():
             n.clamp_(-0.5, 0.5)  # unseen by autograd; the product below keeps only norm_weight
         return norm_weight * n
 
-    def grad_A(x: torch.Tensor, backwards: int = 1, between: Callable[[], None] = lambda: None) -> torch.Tensor:
-        model.zero_grad()
-        y = model(x).square().sum()
-        for i in range(backwards):
-            if i:
-                between()
-            y.backward(retain_graph=True)
-        return model[0].lora_A["default"].grad.clone()
-
-    assert torch.equal(grad_A(clamped_norm()), grad_A(clamped_norm().clone()))
+    assert torch.equal(_adapter_grads(model, clamped_norm())[0], _adapter_grads(model, clamped_norm().clone())[0])
 
     trained = nn.Parameter(torch.rand(8) + 0.5)
     n = h * 2.0
@@ -605,7 +601,7 @@ def test_products_whose_factor_autograd_cannot_vouch_for_keep_x():
         trained.data.add_(1.0)  # what a fused AdamW step looks like to autograd: no version bump
     for factor in (lambda: trained, lambda: trained.view(1, 8)):  # the leaf itself, or a view of it
         start = trained.detach().clone()
-        rebuilt = grad_A(factor() * n, 2, step)
+        rebuilt = _adapter_grads(model, factor() * n, 2, step)[0]
         trained.data.copy_(start)
-        assert torch.equal(rebuilt, grad_A((factor() * n).clone(), 2, step))
+        assert torch.equal(rebuilt, _adapter_grads(model, (factor() * n).clone(), 2, step)[0])
         trained.data.copy_(start)
