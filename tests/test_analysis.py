@@ -433,6 +433,13 @@ def test_amplification_default_rank_of_a_low_precision_update(d, k, dtype, decay
     assert numerical_rank(torch.zeros(8, dtype=torch.float64), (d, k), dtype) == 0
 
 
+def test_numerical_rank_is_public_and_refuses_a_matrix_for_its_singular_values():
+    M = torch.randn(6, 4, dtype=torch.float64)
+    assert lorakit.numerical_rank(torch.linalg.svdvals(M), tuple(M.shape)) == 4
+    with pytest.raises(ValueError, match=r"1-D singular values .*svdvals.*shape \(6, 4\)"):
+        lorakit.numerical_rank(M, tuple(M.shape))
+
+
 def _rank_one_adapter(tmp_path, name: str = "rank1") -> str:
     """An r = 4 adapter whose B has one non-zero column: ΔW has rank 1 in every layer."""
     model = lorakit.load_adapter(tiny_llama(), _adapter(tmp_path, tiny_llama, f"{name}_src", target_modules=["q_proj", "v_proj"]))

@@ -17,7 +17,15 @@ from .adapters import (
     summary,
     trainable_parameters,
 )
-from .analysis import amplification, analyze, effective_rank, singular_spectrum, subspace_similarity, write_report
+from .analysis import (
+    amplification,
+    analyze,
+    effective_rank,
+    numerical_rank,
+    singular_spectrum,
+    subspace_similarity,
+    write_report,
+)
 from .checkpoint import load_adapter, read_adapter, save_adapter
 from .config import LoraConfig
 from .convert import convert_adapter, inspect_adapter
@@ -38,6 +46,7 @@ __all__ = [
     "analyze",
     "baselines",
     "effective_rank",
+    "numerical_rank",
     "singular_spectrum",
     "subspace_similarity",
     "write_report",

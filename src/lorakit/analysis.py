@@ -142,6 +142,9 @@ def numerical_rank(S: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch
     unless a direction is weaker than ‖ΔW‖_F·2⁻⁷; a matrix formed in low precision some other way (merged −
     base weights) carries more rounding than that, and needs its rank given. 0 only for the zero matrix.
     """
+    if S.dim() != 1:
+        raise ValueError(f"numerical_rank takes the 1-D singular values of a matrix (torch.linalg.svdvals(M)), "
+                         f"not a tensor of shape {tuple(S.shape)}")
     if S.numel() == 0 or S[0] <= 0:
         return 0
     eps = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps
