@@ -150,6 +150,23 @@ def test_delete_a_merged_adapter_unmerges_it_first(input_ids):
     torch.testing.assert_close(logits(model, input_ids), out_a, atol=1e-5, rtol=0)
 
 
+def test_deleting_the_merged_active_adapter_keeps_the_model_merged(input_ids):
+    model = _two_adapters()
+    lorakit.set_adapter(model, "b")
+    out_b = logits(model, input_ids)
+    lorakit.set_adapter(model, "a")
+    lorakit.merge(model)
+    lorakit.delete_adapter(model, "a")
+    assert lorakit.active_adapters(model) == []
+    lorakit.set_adapter(model, "b")  # merged serving goes on: b is merged, not run beside the base
+    v = model.model.layers[0].self_attn.v_proj
+    assert v.merged_adapters == ["b"]
+    torch.testing.assert_close(logits(model, input_ids), out_b, atol=1e-5, rtol=0)
+    lorakit.unmerge(model)
+    lorakit.set_adapter(model, "b")
+    assert v.merged_adapters == []
+
+
 def test_delete_unknown_adapter_names_the_choices():
     model = _two_adapters()
     with pytest.raises(ValueError, match=r"no adapter named 'x'; this model has \['a', 'b'\]"):

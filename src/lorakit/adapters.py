@@ -51,11 +51,12 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
 
 def activate(model: nn.Module, names: list[str], merged: bool | None = None, freeze_base: bool = False) -> None:
     """Make `names` the active adapters, merged into the base weights or not (None: merged if the model is
-    merged now); all checks before any change. `freeze_base` (inject) also freezes every other parameter."""
+    merged now, or was merged and its merged adapter deleted); all checks before any change. `freeze_base`
+    (inject) also freezes every other parameter."""
     state = get_state(model)
     check_not_mixed(model, "change the active adapters")
     if merged is None:
-        merged = any(layer.merged_adapters for _, layer in lora_layers(model))
+        merged = state.merged or any(layer.merged_adapters for _, layer in lora_layers(model))
     if merged:
         check_mergeable(model, names)
     heads: list[tuple[SavedModule, str | None]] = []
@@ -75,6 +76,7 @@ def activate(model: nn.Module, names: list[str], merged: bool | None = None, fre
     for module, owner in heads:
         module.active = owner
     state.active = names
+    state.merged = merged
     _refresh_trainable(model, freeze_base)
 
 

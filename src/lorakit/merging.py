@@ -27,6 +27,7 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None) -> nn.Module
         for name in names:
             if name in layer.lora_specs:
                 layer.merge_adapter(name)
+    state.merged = True
     return model
 
 
@@ -64,11 +65,12 @@ def _replaced_by_copies(model: nn.Module, pname: str, names: list[str]) -> bool:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo every merge, newest first; idempotent."""
-    get_state(model)
+    state = get_state(model)
     check_not_mixed(model, "unmerge")
     for _, layer in lora_layers(model):
         for name in reversed(list(layer.merged_adapters)):
             layer.unmerge_adapter(name)
+    state.merged = False
     return model
 
 

@@ -39,6 +39,7 @@ class LoraState:
     requires_grad: dict[str, bool] = field(default_factory=dict)
     hooks: list[RemovableHandle] = field(default_factory=list)
     open_block: str | None = None  # "mixed_batch" / "disable_adapters" while such a block is open
+    merged: bool = False  # merge() was called (and no unmerge() since): set_adapter merges what it activates
 
 
 #: Attribute names of PyTorch's module and parameter dicts, which adapter names key: a clash breaks them.
