@@ -307,7 +307,7 @@ def test_serve_cli_refuses_bad_adapter_names_before_loading(spec, message, capsy
 
 
 @pytest.mark.parametrize("option, value", [("--port", "99999"), ("--max-batch", "0"), ("--max-tokens", "-1"),
-                                           ("--max-wait-ms", "-5")])
+                                           ("--max-wait-ms", "-5"), ("--max-context", "0"), ("--max-body-mb", "0")])
 def test_serve_cli_refuses_out_of_range_options(option, value, capsys):
     from lorakit.cli import main
 
@@ -422,6 +422,29 @@ def test_the_default_max_tokens_fits_a_server_with_a_lower_limit():
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8, r.text
         r = complete(url, "base", "hi", 9)
         assert r.status_code == 400 and "max_tokens=9 exceeds this server's limit of 8" in r.json()["error"]["message"]
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read_and_the_server_stays_up():
+    model, tok = tiny_llama(seed=5), char_tokenizer()
+    with running(create_app(Engine(model, tok, max_new_tokens=8), max_batch=4, max_wait=0.01, max_body=2000)) as url:
+        big = {"model": "base", "prompt": "y" * 3000, "max_tokens": 2}
+        r = post(url, "/v1/completions", json=big)  # Content-Length says it
+        assert r.status_code == 413 and "over this server's limit of 2000 bytes" in r.json()["error"]["message"], r.text
+        chunks = (b'{"model": "base", "prompt": "', b"y" * 1500, b"y" * 1500, b'", "max_tokens": 2}')
+        r = post(url, "/v1/completions", content=iter(chunks), headers={"content-type": "application/json"})  # chunked
+        assert r.status_code == 413, r.text
+        assert complete(url, "base", "y" * 10, 2).status_code == 200
+        assert metric(url, 'lorakit_request_errors_total{status="413"}') == 2
+
+
+def test_max_context_caps_a_request_and_cannot_exceed_the_model():
+    model, tok = tiny_llama(seed=5), char_tokenizer()
+    with pytest.raises(ValueError, match="between 1 and the model's context of"):
+        Engine(model, tok, max_context=model.config.max_position_embeddings + 1)
+    with running(create_app(Engine(model, tok, max_new_tokens=8, max_context=40), max_batch=4, max_wait=0.01)) as url:
+        assert complete(url, "base", "y" * 30, 8).status_code == 200
+        r = complete(url, "base", "y" * 40, 8)
+        assert r.status_code == 400 and "exceeds the context of 40 tokens" in r.json()["error"]["message"], r.text
 
 
 def test_chat_completion_is_the_generation_on_the_templated_prompt(server):

@@ -126,7 +126,7 @@ class _RowAdapters:
             raise ValueError(
                 f"mixed_batch was given {b} adapter names but layer {self.path!r} got a batch of {n} rows: pass one "
                 "name per row (only model.generate may repeat rows, for beams and num_return_sequences). If that layer "
-                "sees the tokens flattened or routed (a mixture-of-experts block), rows cannot be told apart there: "
+                "sees the tokens flattened, routed (a mixture-of-experts block) or sequence-first, rows cannot be told apart there: "
                 "leave it out of the adapters (exclude_modules) to serve them in mixed batches"
             )
         return self.slots.repeat_interleave(n // b)
@@ -235,6 +235,8 @@ def mixed_batch(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn
     cache; beams repeat their row's adapter). A module an adapter trains whole (``modules_to_save``)
     runs on each row as that row's adapter has it. Merged adapters are unmerged for the block and
     merged back after; the active adapters are ignored inside it. Inference only: no gradients reach A, B.
+    Row i is index i of the first dimension of every adapted layer's input (batch-first, as in
+    transformers); a sequence-first layer would see time steps as rows.
     """
     state = get_state(model)
     check_not_mixed(model, "open another mixed_batch")

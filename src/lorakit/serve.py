@@ -41,6 +41,7 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DISCONNECT_POLL = 0.1  # seconds between checks that a waiting request's client is still there
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy: logits / 1e-39 overflow fp32 and sampling fails
 MAX_CHARS_PER_TOKEN = 100  # a prompt longer than context × this cannot fit: refused before tokenizing it
+MAX_BODY_MB = 16.0  # default cap on a request body: far above any prompt that fits, far below what exhausts memory
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 
 
@@ -96,8 +97,8 @@ def name_problem(name: str) -> str | None:
 class Engine:
     """A causal LM with named adapters that completes mixed-adapter batches.
 
-    `max_new_tokens` caps ``max_tokens`` per request; `max_context` (default: the model's
-    ``max_position_embeddings``) caps prompt + completion length.
+    `max_new_tokens` caps ``max_tokens`` per request; `max_context` (default and upper bound: the model's
+    ``max_position_embeddings``) caps prompt + completion length, so also how long one batch can hold the model.
     """
 
     def __init__(
@@ -109,7 +110,10 @@ class Engine:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_new_tokens = max_new_tokens
-        self.max_context = max_context or getattr(getattr(model, "config", None), "max_position_embeddings", 2048)
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", 2048)
+        if max_context is not None and not 1 <= max_context <= context:
+            raise ValueError(f"max_context={max_context} must be between 1 and the model's context of {context} tokens")
+        self.max_context = max_context or context
         self.lock = threading.Lock()  # the model: one batch, load or unload at a time
         self.text_lock = threading.Lock()  # the tokenizer (a fast tokenizer is not safe across threads)
         self.prefix = special_prefix(tokenizer)
@@ -495,8 +499,40 @@ class AdapterRequest(BaseModel):
     path: str
 
 
-def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> Any:
-    """The FastAPI app: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/v1/adapters``, ``/health``, ``/metrics``."""
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is a 413 as soon as it is known to be (its
+    Content-Length, or the bytes received so far), never read whole: a huge body must not exhaust memory."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"")
+        received = int(declared) if declared.isdigit() else 0  # chunked: counted as it arrives
+
+        async def limited() -> dict:
+            nonlocal received
+            if received <= self.limit:
+                message = await receive()
+                received += 0 if declared.isdigit() else len(message.get("body", b""))
+                if received <= self.limit:
+                    return message
+            from fastapi import HTTPException  # raised where the route reads the body: the app's handler answers
+
+            raise HTTPException(413, f"the request body is over this server's limit of {self.limit} bytes "
+                                     "(lorakit serve --max-body-mb raises it)")
+
+        await self.app(scope, limited, send)
+
+
+def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01, max_body: int = int(MAX_BODY_MB * 2**20)) -> Any:
+    """The FastAPI app: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/v1/adapters``, ``/health``, ``/metrics``.
+
+    A request body over `max_body` bytes is refused (413) before it is read.
+    """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -513,6 +549,7 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01) -> An
             await task
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=max_body)
     app.state.batcher = batcher
 
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:

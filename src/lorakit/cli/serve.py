@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=bounded(int, 1), default=8, help="rows per mixed batch")
     p.add_argument("--max-wait-ms", type=bounded(float, 0), default=10.0, help="how long a batch waits for more requests")
     p.add_argument("--max-tokens", type=bounded(int, 1), default=256, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-context", type=bounded(int, 1), default=None,
+                   help="prompt + completion tokens a request may use (default: the model's context)")
+    p.add_argument("--max-body-mb", type=bounded(float, 0.01), default=None,
+                   help="largest request body in MiB; a larger one is a 413 before it is read (default 16)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.set_defaults(func=run)
 
@@ -47,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     for name, path in args.adapter:
         load_servable(model, name, path)
-    engine = Engine(model, tokenizer, max_new_tokens=args.max_tokens)
-    serve(create_app(engine, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000), args.host, args.port)
+    engine = Engine(model, tokenizer, max_new_tokens=args.max_tokens, max_context=args.max_context)
+    limit = {} if args.max_body_mb is None else {"max_body": int(args.max_body_mb * 2**20)}
+    app = create_app(engine, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, **limit)
+    serve(app, args.host, args.port)
     return 0
