@@ -100,3 +100,14 @@ def test_numpy_integers_are_plain_ints_after_construction():
     assert type(cfg.r) is int and cfg.layers == [1, 2] and all(type(i) is int for i in cfg.layers)
     json.dumps(cfg.to_dict())  # what save_adapter writes
     assert LoraConfig(layers=np.int32(3)).layers == 3
+
+
+def test_numpy_scalars_for_alpha_dropout_and_patterns_become_plain_numbers():
+    np = pytest.importorskip("numpy")
+    cfg = LoraConfig(alpha=np.int64(16), dropout=np.float32(0.125), rank_pattern={"q": np.int64(4)},
+                     alpha_pattern={"q": np.float32(3.0)})
+    assert (cfg.alpha, cfg.dropout, cfg.rank_pattern, cfg.alpha_pattern) == (16, 0.125, {"q": 4}, {"q": 3.0})
+    assert type(cfg.alpha) is int and type(cfg.dropout) is float
+    assert type(cfg.rank_pattern["q"]) is int and type(cfg.alpha_pattern["q"]) is float
+    json.dumps(cfg.to_dict())  # what save_adapter writes
+    assert type(LoraConfig(alpha=np.float64(8.5)).alpha) is float

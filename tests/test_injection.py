@@ -379,7 +379,8 @@ def test_no_match_messages_name_the_likely_cause():
 def test_grouped_conv_is_refused_before_any_change():
     model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
     before = _snapshot(model)
-    with pytest.raises(ValueError, match="grouped convolutions"):
+    with pytest.raises(ValueError, match=r"target '1' cannot carry LoRA: it is a grouped convolution \(groups=2\).*"
+                                         r"exclude_modules=\['1'\]"):
         lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0", "1"]))
     _assert_same(before, _snapshot(model))
 
@@ -459,3 +460,8 @@ def test_injecting_twice_under_one_name_is_refused_and_another_name_works(input_
 def test_config_must_be_a_lora_config():
     with pytest.raises(TypeError, match="LoraConfig"):
         lorakit.inject(tiny_llama(), {"r": 8})
+
+
+def test_model_must_be_a_module_not_a_name():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str; load it first"):
+        lorakit.inject("HuggingFaceTB/SmolLM2-135M", lorakit.LoraConfig())

@@ -203,6 +203,7 @@ def _peft_folder(tmp_path: Path, **overrides: Any) -> Path:
             ["use_dora=True", "layer_replication=[[0, 2], [1, 2]]", "trainable_token_indices=[3, 4]"],
         ),
         ({"peft_type": "IA3"}, ["IA3 adapter", "LoRA adapters only"]),
+        ({"enable_lora": [True, False, True], "merge_weights": False}, ["enable_lora=[True, False, True]", "PEFT 0.2"]),
     ],
 )
 def test_unsupported_peft_fields_are_refused_by_name(tmp_path: Path, overrides: dict, named: list[str]) -> None:

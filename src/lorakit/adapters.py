@@ -182,7 +182,9 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
     """Remove adapter `adapter` and free its tensors; layers left with no adapter become plain.
 
     Its copies of `modules_to_save` go (the base modules return when no copy is left) and the
-    biases it trained get their base values back.
+    biases it trained get their base values back. The other active adapters stay active; if it was
+    the only one, none is (the model computes its base; unlike PEFT, no other adapter is picked) until
+    `set_adapter`, which merges it if the model was merged.
     """
     from .injection import _drop_empty_layers
 

@@ -162,9 +162,12 @@ def from_peft_config(fields: dict[str, Any]) -> LoraConfig:
     if fields.get("ensure_weight_tying") is True and fields.get("modules_to_save"):
         bad.append("ensure_weight_tying=True with modules_to_save (PEFT ties the saved copy of an embedding to the "
                    "output head; lorakit keeps saved copies untied, so the head would differ)")
+    if fields.get("enable_lora") not in (None, False, []):  # PEFT <= 0.2's fused q/k/v slices (MergedLinear)
+        bad.append(f"enable_lora={fields['enable_lora']!r} (the fused-slice format of PEFT 0.2 and older, whose tensor "
+                   "layout current PEFT does not read either; lorakit reads slices only from its own files)")
     if bad:
         raise ValueError(f"adapter config uses PEFT features lorakit does not implement: {', '.join(bad)}")
-    for key in sorted(set(fields) - KNOWN_FIELDS - set(UNSUPPORTED_FIELDS)):
+    for key in sorted(set(fields) - KNOWN_FIELDS - set(UNSUPPORTED_FIELDS) - {"enable_lora"}):
         log.debug("ignoring adapter_config.json field %s=%r (does not change the math)", key, fields[key])
     return LoraConfig(
         r=_field(fields, "r", 8, _integer, "a positive integer"),

@@ -79,7 +79,7 @@ class LoraConfig:
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a dict of module-path regex -> value, got {getattr(self, name)!r}")
         self.r = _check_rank("r", self.r)
-        _check_alpha("alpha", self.alpha)
+        self.alpha = _check_alpha("alpha", self.alpha)
         for name in ("use_rslora", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -93,12 +93,11 @@ class LoraConfig:
             raise ValueError(f"layers_pattern must be a module name or a list of them, got {self.layers_pattern!r}")
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise ValueError(f"base_model_name_or_path must be a string or None, got {self.base_model_name_or_path!r}")
-        for key, value in self.rank_pattern.items():
-            _check_rank(f"rank_pattern[{key!r}]", value)
-        for key, value in self.alpha_pattern.items():
-            _check_alpha(f"alpha_pattern[{key!r}]", value)
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        self.rank_pattern = {key: _check_rank(f"rank_pattern[{key!r}]", v) for key, v in self.rank_pattern.items()}
+        self.alpha_pattern = {key: _check_alpha(f"alpha_pattern[{key!r}]", v) for key, v in self.alpha_pattern.items()}
+        if not (_is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self.dropout = _plain(self.dropout)
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         if self.init not in INIT_CHOICES:
@@ -176,6 +175,17 @@ def _check_rank(name: str, value: Any) -> int:
     return int(value)
 
 
-def _check_alpha(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+def _check_alpha(name: str, value: Any) -> int | float:
+    """`value` as a plain int or float (numpy scalars accepted), or a ValueError naming `name`."""
+    if not _is_real(value) or not value > 0 or math.isinf(value):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return _plain(value)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _plain(value: numbers.Real) -> int | float:
+    """A numpy (or other) real number as Python's own int or float: what JSON and the arithmetic expect."""
+    return int(value) if _is_int(value) else float(value)

@@ -239,7 +239,7 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
             )
         if p.spec.lora_bias and isinstance(p.module, nn.Embedding):
             raise ValueError(f"lora_bias applies to linear and conv layers, not to the embedding {p.path!r}; exclude it")
-        adapter_shapes(p.module, p.spec)  # raises for layouts lorakit cannot adapt (grouped convs), before any change
+        adapter_shapes(p.module, p.spec)  # raises for layouts lorakit cannot adapt, before any change
     return planned
 
 
@@ -250,6 +250,9 @@ def _unadaptable(model: nn.Module, path: str, module: nn.Module) -> str | None:
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         return ("it is an nn.Embedding(max_norm=...), which renormalises the looked-up rows in place, so "
                 "merged and unmerged outputs differ; set max_norm=None or target other layers")
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+        return (f"it is a grouped convolution (groups={module.groups}), which lorakit cannot adapt (PEFT can, unmerged "
+                f"only); leave it out (exclude_modules=[{path!r}]) or target other layers")
     parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
     if isinstance(parent, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
         return (f"its owner {type(parent).__name__} reads the weights directly in PyTorch's fused attention/"
@@ -325,6 +328,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
     and biases per `config.bias`) require grad. On a merged model the merged adapters are
     unmerged first, so the new one trains against W0. Returns the same model object.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; load it first "
+                        "(e.g. lorakit.models.load_model(name) or transformers' from_pretrained)")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
     check_adapter_name(adapter)
