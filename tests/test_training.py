@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -252,6 +253,18 @@ def test_resume_refuses_changed_settings(tmp_path):
     for field, value in (("dropout", 0.3), ("max_grad_norm", 0.0), ("use_chat_template", False)):
         with pytest.raises(ValueError, match=rf"{field}: checkpoint .* vs now {value}"):
             finetune(tiny_llama(), TOK, examples(), None, TrainConfig(**{**cfg.to_dict(), field: value}), tmp_path, resume=True)
+
+
+def test_resume_takes_targets_written_another_way_that_adapt_the_same_layers(tmp_path):
+    cfg = dataclasses.replace(config(), target_modules=None)  # the model's default: q_proj, v_proj
+    _stopped_at_step_5(cfg, tmp_path)
+    same = dataclasses.replace(cfg, target_modules=["q_proj", "v_proj"])
+    assert finetune(tiny_llama(), TOK, examples(), None, same, tmp_path, resume=True).steps == cfg.steps
+    other = tmp_path / "other"
+    _stopped_at_step_5(cfg, other)
+    with pytest.raises(ValueError, match=r"target_modules: checkpoint None vs now \['q_proj', 'k_proj', 'v_proj'\]"):
+        finetune(tiny_llama(), TOK, examples(), None, dataclasses.replace(cfg, target_modules=["q_proj", "k_proj", "v_proj"]),
+                 other, resume=True)
 
 
 def test_resume_on_a_model_of_another_size_names_the_shapes(tmp_path):
@@ -547,7 +560,9 @@ def test_other_tools_checkpoint_folders_and_metrics_are_left_alone(tmp_path, cap
     hf.mkdir()
     (hf / training.STATE_JSON).write_text('{"global_step": 1, "log_history": []}')
     cfg = dataclasses.replace(config(), steps=6, save_every=2, keep_checkpoints=1)
-    finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path, resume=True)  # nothing of ours to resume
+    with pytest.raises(ValueError, match=r"nothing to resume in .*no lorakit checkpoint and no metrics.jsonl"):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path, resume=True)
+    finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path)
     assert hf.is_dir() and latest_checkpoint(tmp_path).name == "checkpoint-4"
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -678,3 +693,17 @@ def test_bias_all_trains_and_saves_the_base_biases_beside_lora(tmp_path, input_i
     torch.testing.assert_close(fresh(input_ids).logits, model(input_ids).logits)
     with pytest.raises(ValueError, match="bias='all' .*method 'full'"):
         TrainConfig(method="full", bias="all")
+
+
+def test_resume_into_a_folder_with_no_run_is_an_error_and_a_run_killed_before_its_first_checkpoint_restarts(tmp_path, caplog):
+    cfg = dataclasses.replace(config(), steps=4, save_every=3)
+    with pytest.raises(ValueError, match="nothing to resume in .*check the output folder's name"):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path / "typo", resume=True)
+    assert not (tmp_path / "typo").exists()
+    with pytest.raises(KeyboardInterrupt):  # killed at step 2, before the first checkpoint
+        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path / "run",
+                 callback=lambda e: (_ for _ in ()).throw(KeyboardInterrupt) if e.get("step") == 2 else None)
+    assert latest_checkpoint(tmp_path / "run") is None
+    with caplog.at_level(logging.WARNING, logger="lorakit.training"):
+        result = finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path / "run", resume=True)
+    assert result.steps == 4 and "starting from step 0" in caplog.text

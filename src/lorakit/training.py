@@ -484,7 +484,7 @@ def finetune(
 
     With `out_dir`: checkpoints every `save_every` steps, ``metrics.jsonl``, ``loss.png`` and the
     final artefact (the adapter folder for LoRA) in `out_dir`. `resume` continues from the latest
-    checkpoint there (a run that finished there is a `ValueError`: nothing to resume). `callback`
+    checkpoint there (a finished run, or a folder with no run of ours, is a `ValueError`: nothing to resume). `callback`
     receives dicts with ``event`` = start / step / eval / save / end.
     When the run is bf16 (``precision="auto"`` picks it where bf16 matmuls are fast) the frozen base
     weights are cast to bf16 in place; ``precision="fp32"`` leaves them exactly as loaded.
@@ -518,7 +518,10 @@ def finetune(
         raise ValueError(f"{out} already holds a trained result ({', '.join(found)}): use another output folder, or "
                          "delete those files")
     if resume and checkpoint is None:
-        log.warning("no checkpoint in %s to resume from: starting from step 0", out)
+        if out is None or not (out / "metrics.jsonl").is_file():  # no run of ours there: a mistyped folder, most likely
+            raise ValueError(f"nothing to resume in {out}: it holds no lorakit checkpoint and no metrics.jsonl of a "
+                             "run; check the output folder's name, or start a new run without --resume (resume=False)")
+        log.warning("no checkpoint in %s to resume from (the run stopped before its first): starting from step 0", out)
     max_length = _fit_positions(model, cfg.max_length)
     if cfg.task == "causal-lm":
         _require_causal_lm(model)
@@ -777,9 +780,16 @@ def _load_checkpoint(
     `identity` (data and base-weight fingerprints) must match what the checkpoint recorded, where it did; the data
     may also match `legacy_data_sha256`, the digest an older lorakit took of the data argument as passed."""
     meta = json.loads((path / STATE_JSON).read_text())
+    try:
+        tensors = st_load((path / STATE_TENSORS).read_bytes())
+    except Exception as e:  # safetensors raises its own SafetensorError for a damaged file
+        raise ValueError(f"checkpoint {path} is damaged ({path / STATE_TENSORS}: {e}); delete that folder to resume "
+                         "from the checkpoint before it (from step 0 if it is the only one)") from None
     saved = {**TrainConfig().to_dict(), **meta["config"]}  # a field added since the checkpoint: its default
+    # targets written differently (None = the model's default, a list, a regex) that adapt the same layers are the same
+    same_layers = {k.removeprefix("param.") for k in tensors if k.startswith("param.")} == set(named)
     changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in RESUME_FIELDS
-               if json.loads(json.dumps(getattr(cfg, k))) != saved.get(k)]
+               if json.loads(json.dumps(getattr(cfg, k))) != saved.get(k) and not (k == "target_modules" and same_layers)]
     ident = identity or {}
     recorded = meta.get("data_sha256")
     if recorded and ident.get("data_sha256") and recorded not in (ident["data_sha256"], legacy_data_sha256):
@@ -787,11 +797,6 @@ def _load_checkpoint(
     if changed:
         raise ValueError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)}); "
                          "use the same settings or a new --out folder")
-    try:
-        tensors = st_load((path / STATE_TENSORS).read_bytes())
-    except Exception as e:  # safetensors raises its own SafetensorError for a damaged file
-        raise ValueError(f"checkpoint {path} is damaged ({path / STATE_TENSORS}: {e}); delete that folder to resume "
-                         "from the checkpoint before it (from step 0 if it is the only one)") from None
     missing = [n for n in named if f"param.{n}" not in tensors]
     if missing:
         raise ValueError(f"checkpoint {path} lacks trainable tensors {missing[:5]}: it belongs to another model or method")
