@@ -371,6 +371,14 @@ def test_analysis_inputs_are_checked(tmp_path):
         amplification(torch.ones(3, 3), torch.full((3, 3), float("nan")))
     phi = subspace_similarity(torch.eye(3)[:2].numpy(), torch.eye(3)[:2])  # numpy arrays are fine
     assert phi[-1, -1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="A1 is all zeros: it spans no subspace"):
+        subspace_similarity(torch.zeros(4, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="got a scalar"):
+        effective_rank(torch.tensor(3.0))
+    with pytest.raises(ValueError, match="delta must be a matrix"):
+        singular_spectrum(torch.randn(5))
+    with pytest.raises(ValueError, match="negative values"):
+        effective_rank(torch.tensor([-1.0, 1.0]))
 
 
 def test_adapters_whose_output_sizes_differ_are_not_the_same_base(tmp_path):

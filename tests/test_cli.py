@@ -114,6 +114,19 @@ def test_finetune_seed_covers_the_new_classification_head(tmp_path):
     assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
 
 
+def test_finetune_on_a_glue_folder_evaluates_on_its_dev_split_by_default(tmp_path):
+    pytest.importorskip("tokenizers")
+    from conftest import tiny_bert
+
+    model_dir = _model_folder(tmp_path / "bert", tiny_bert(num_labels=2))
+    glue = Path(__file__).parent / "data" / "glue" / "SST-2"
+    args = ["finetune", "--model", model_dir, "--data", str(glue), "--task", "classification", "--steps", "2",
+            "--batch-size", "4", "--precision", "fp32", "--eval-every", "1", "--target", "query,value"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [1, 2]
+
+
 def test_a_saved_classification_head_keeps_its_size_unless_asked_otherwise(tmp_path, caplog):
     pytest.importorskip("tokenizers")
     from conftest import tiny_bert
@@ -232,11 +245,14 @@ def test_an_out_folder_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
 @pytest.mark.parametrize("option, value", [("--limit", "-35"), ("--save-every", "-1"), ("--eval-every", "-1"),
                                            ("--warmup", "nan"), ("--eval-limit", "0"), ("-r", "0"), ("--lr", "inf"),
                                            ("--epochs", "inf"), ("--lr-ratio-b", "nan"), ("--dropout", "1.5"),
-                                           ("--dropout", "1.0")])
+                                           ("--dropout", "1.0"), ("--lr", "0"), ("--alpha", "0"), ("--epochs", "0"),
+                                           ("--lr-ratio-b", "0")])
 def test_finetune_refuses_out_of_range_options(option, value, capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--model", "m", "--data", "d.jsonl", "--out", "o", option, value])
-    assert f"argument {option}: expected" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"argument {option}: expected" in err
+    assert option not in ("--lr", "--alpha", "--epochs", "--lr-ratio-b") or "a finite number > 0" in err
 
 
 def test_finetune_checks_out_and_eval_split_before_loading_anything(tmp_path, capsys, monkeypatch):

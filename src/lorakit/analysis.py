@@ -55,6 +55,10 @@ def subspace_similarity(A1: Tensor, A2: Tensor) -> Tensor:
     (A has at most k independent rows).
     """
     A1, A2 = _matrix(A1, "A1"), _matrix(A2, "A2")
+    for name, A in (("A1", A1), ("A2", A2)):
+        if not A.abs().max() > 0:
+            raise ValueError(f"{name} is all zeros: it spans no subspace to compare (an adapter whose A is 0 learned "
+                             "nothing there); leave that layer out")
     if A1.flatten(1).shape[1] != A2.flatten(1).shape[1]:
         raise ValueError(
             f"A matrices act on different input sizes ({A1.flatten(1).shape[1]} vs {A2.flatten(1).shape[1]}): "
@@ -93,7 +97,7 @@ def factored_svd(B: Tensor, A: Tensor, scale: float = 1.0) -> tuple[Tensor, Tens
 
 def singular_spectrum(delta: Tensor) -> Tensor:
     """Singular values of ΔW (flattened to 2-D), largest first, in fp32."""
-    return torch.linalg.svdvals(delta.detach().flatten(1).double()).float()
+    return torch.linalg.svdvals(_matrix(delta, "delta").detach().flatten(1).double()).float()
 
 
 def effective_rank(x: Tensor) -> float:
@@ -102,8 +106,13 @@ def effective_rank(x: Tensor) -> float:
     Equals k for k equal non-zero singular values; 0 for the zero matrix.
     """
     x = torch.as_tensor(x)
+    if x.dim() == 0:
+        raise ValueError("effective_rank takes a matrix or its 1-D singular values, got a scalar")
     if not torch.isfinite(x).all():
         raise ValueError("effective_rank: the input holds NaN or inf values")
+    if x.dim() == 1 and bool((x < 0).any()):
+        raise ValueError("effective_rank: singular values are >= 0, and these hold negative values; pass the matrix "
+                         "itself, or torch.linalg.svdvals of it")
     s = x.double() if x.dim() == 1 else singular_spectrum(x).double()
     total = s.sum()
     if total <= 0:

@@ -7,18 +7,23 @@ import math
 from collections.abc import Callable
 
 
-def bounded(kind: type, low: float, high: float | None = None, open_high: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite `kind` number in [low, high] ([low, high) with `open_high`), else a one-line
-    usage error naming the range."""
+def bounded(kind: type, low: float, high: float | None = None, open_high: bool = False,
+            open_low: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite `kind` number in [low, high] (`open_low` / `open_high` leave that end out),
+    else a one-line usage error naming the range."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
         above = high is not None and value is not None and (value >= high if open_high else value > high)
-        if value is None or not math.isfinite(value) or value < low or above:
+        below = value is not None and (value <= low if open_low else value < low)
+        if value is None or not math.isfinite(value) or below or above:
             what = "an integer" if kind is int else "a finite number"
-            limit = f">= {low}" if high is None else f"in [{low}, {high})" if open_high else f"in {low}..{high}"
+            left = "(" if open_low else "["
+            limit = (f"{'>' if open_low else '>='} {low}" if high is None
+                     else f"in {left}{low}, {high})" if open_high else f"in {left}{low}, {high}]" if open_low
+                     else f"in {low}..{high}")
             raise argparse.ArgumentTypeError(f"expected {what} {limit}, got {text!r}")
         return value
     return parse

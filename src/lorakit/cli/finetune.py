@@ -14,11 +14,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model with LoRA (causal LM or sequence classification)")
     p.add_argument("--model", required=True, help="bundled short name (smollm2-135m, minilm-l6), hub id or local folder")
     p.add_argument("--data", required=True, help="train data: .jsonl/.json/.csv/.tsv, an E2E csv, a GLUE task folder, or hf:<name>[:<config>]")
-    p.add_argument("--eval-data", help="eval data (same forms); a GLUE folder or hf: source uses its dev/validation split by default")
+    p.add_argument("--eval-data", help="eval data (same forms; default: the dev split of a GLUE --data folder that has one, else none); "
+                   "a GLUE folder or hf: source uses its dev/validation split by default")
     p.add_argument("--eval-split", default=None, help="split of a folder/hf: source for evaluation (default: dev for GLUE, validation for hf:)")
     p.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
     p.add_argument("--method", default="lora", help="lora (default), full, bitfit, adapter-h, adapter-l, prefix or "
-                   "lora+prefix; -r is the adapter bottleneck / prefix length for the baselines")
+                   "lora+prefix; -r is the adapter bottleneck / prefix length for the baselines (lora+prefix: -r is LoRA's rank, "
+                   "its prefix length is 10; lorakit.baselines.prepare(prefix_length=) sets it)")
     p.add_argument("--num-labels", type=bounded(int, 1), default=None,
                    help="classes of the classification head (default: the checkpoint's head, else --label-names' count, else 2)")
     p.add_argument("--label-names", default=None,
@@ -32,13 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-limit", type=bounded(int, 1), default=None, help="use only the first N eval examples")
     p.add_argument("--target", default=None, help="comma-separated module names (default: the architecture's q,v), or all-linear")
     p.add_argument("-r", type=bounded(int, 1), default=8)
-    p.add_argument("--alpha", type=bounded(float, 0), default=16)
+    p.add_argument("--alpha", type=bounded(float, 0, open_low=True), default=16)
     p.add_argument("--dropout", type=bounded(float, 0, 1, open_high=True), default=0.05)
     p.add_argument("--bias", choices=["none", "all", "lora_only"], default="none",
                    help="also train the base model's biases: all of them, or those of the adapted layers (PEFT's bias=)")
-    p.add_argument("--lr", type=bounded(float, 0), default=2e-4)
-    p.add_argument("--lr-ratio-b", type=bounded(float, 0), default=1.0, help="LoRA+: learning rate of B = lr × this")
-    p.add_argument("--epochs", type=bounded(float, 0), default=1.0)
+    p.add_argument("--lr", type=bounded(float, 0, open_low=True), default=2e-4)
+    p.add_argument("--lr-ratio-b", type=bounded(float, 0, open_low=True), default=1.0, help="LoRA+: learning rate of B = lr × this")
+    p.add_argument("--epochs", type=bounded(float, 0, open_low=True), default=1.0)
     p.add_argument("--steps", type=bounded(int, 1), default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=bounded(int, 1), default=8)
     p.add_argument("--grad-accum", type=bounded(int, 1), default=1)
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                   text_pair_field=args.text_pair_field, label_field=args.label_field, labels=label_names)
     train = load_data(args.data, args.task, "train", **fields)[: args.limit]
     eval_data = None
-    if args.eval_data or args.eval_split:
+    if args.eval_data or args.eval_split or (Path(args.data) / "dev.tsv").is_file():  # a GLUE folder: its dev split
         source = str(args.eval_data or args.data)
         split = args.eval_split or ("validation" if source.startswith("hf:") else "dev" if Path(source).is_dir() else "train")
         eval_data = load_data(source, args.task, split, **fields)[: args.eval_limit]

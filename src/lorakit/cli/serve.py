@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=bounded(int, 1), default=256, help="largest max_tokens a request may ask for")
     p.add_argument("--max-context", type=bounded(int, 1), default=None,
                    help="prompt + completion tokens a request may use (default: the model's context)")
-    p.add_argument("--max-body-mb", type=bounded(float, 0.01), default=None,
+    p.add_argument("--max-body-mb", type=bounded(float, 0, open_low=True), default=None,
                    help="largest request body in MiB; a larger one is a 413 before it is read (default 16)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.set_defaults(func=run)
