@@ -14,8 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model with LoRA (causal LM or sequence classification)")
     p.add_argument("--model", required=True, help="bundled short name (smollm2-135m, minilm-l6), hub id or local folder")
     p.add_argument("--data", required=True, help="train data: .jsonl/.json/.csv/.tsv, an E2E csv, a GLUE task folder, or hf:<name>[:<config>]")
-    p.add_argument("--eval-data", help="eval data (same forms; default: the dev split of a GLUE --data folder that has one, else none); "
-                   "a GLUE folder or hf: source uses its dev/validation split by default")
+    p.add_argument("--eval-data", help="eval data (same forms; a GLUE folder or hf: source here uses its dev/validation "
+                   "split). Default: the dev split of a GLUE --data folder that has one, else no evaluation")
     p.add_argument("--eval-split", default=None, help="split of a folder/hf: source for evaluation (default: dev for GLUE, validation for hf:)")
     p.add_argument("--task", choices=["causal-lm", "classification"], default="causal-lm")
     p.add_argument("--method", default="lora", help="lora (default), full, bitfit, adapter-h, adapter-l, prefix or "
