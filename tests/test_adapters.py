@@ -167,6 +167,23 @@ def test_deleting_the_merged_active_adapter_keeps_the_model_merged(input_ids):
     assert v.merged_adapters == []
 
 
+def test_a_loaded_adapter_is_merged_after_the_merged_one_was_deleted(tmp_path, input_ids):
+    model = _two_adapters()
+    lorakit.set_adapter(model, "b")
+    lorakit.save_adapter(model, tmp_path / "b", adapter="b")
+    out_b = logits(model, input_ids)
+    lorakit.set_adapter(model, "a")
+    lorakit.merge(model)
+    lorakit.delete_adapter(model, "a")  # swap the served adapter: delete the old, load the new ("b" stays loaded)
+    lorakit.load_adapter(model, tmp_path / "b", adapter="new")
+    assert model.model.layers[0].self_attn.v_proj.merged_adapters == ["new"]
+    torch.testing.assert_close(logits(model, input_ids), out_b, atol=1e-5, rtol=0)
+    lorakit.delete_adapter(model, "b")
+    lorakit.delete_adapter(model, "new")  # the last one: the plain model again, merged mode and all
+    lorakit.load_adapter(model, tmp_path / "b", adapter="new")
+    assert model.model.layers[0].self_attn.v_proj.merged_adapters == []
+
+
 def test_delete_unknown_adapter_names_the_choices():
     model = _two_adapters()
     with pytest.raises(ValueError, match=r"no adapter named 'x'; this model has \['a', 'b'\]"):

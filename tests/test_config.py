@@ -111,3 +111,18 @@ def test_numpy_scalars_for_alpha_dropout_and_patterns_become_plain_numbers():
     assert type(cfg.rank_pattern["q"]) is int and type(cfg.alpha_pattern["q"]) is float
     json.dumps(cfg.to_dict())  # what save_adapter writes
     assert type(LoraConfig(alpha=np.float64(8.5)).alpha) is float
+
+
+def test_fields_set_after_construction_are_checked_and_made_plain_at_inject(tmp_path):
+    np = pytest.importorskip("numpy")
+    import lorakit
+    from conftest import tiny_llama
+
+    cfg = LoraConfig(target_modules=["q_proj"])
+    cfg.alpha = np.float32(3)
+    model = lorakit.inject(tiny_llama(), cfg)
+    lorakit.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 3.0
+    cfg.r = -1
+    with pytest.raises(ValueError, match="r must be a positive integer, got -1"):
+        lorakit.inject(tiny_llama(), cfg)

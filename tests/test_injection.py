@@ -462,6 +462,10 @@ def test_config_must_be_a_lora_config():
         lorakit.inject(tiny_llama(), {"r": 8})
 
 
-def test_model_must_be_a_module_not_a_name():
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str; load it first"):
-        lorakit.inject("HuggingFaceTB/SmolLM2-135M", lorakit.LoraConfig())
+def test_model_must_be_a_module_not_a_name(tmp_path):
+    calls = [lambda m: lorakit.inject(m, lorakit.LoraConfig()), lambda m: lorakit.load_adapter(m, tmp_path),
+             lorakit.merge, lorakit.unmerge, lambda m: lorakit.set_adapter(m, "a"), lambda m: lorakit.save_adapter(m, tmp_path),
+             lambda m: lorakit.delete_adapter(m, "a"), lorakit.trainable_parameters, lorakit.summary, lorakit.merge_and_unload]
+    for call in calls:
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str; load it first"):
+            call("HuggingFaceTB/SmolLM2-135M")

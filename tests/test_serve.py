@@ -444,7 +444,9 @@ def test_max_context_caps_a_request_and_cannot_exceed_the_model():
     with running(create_app(Engine(model, tok, max_new_tokens=8, max_context=40), max_batch=4, max_wait=0.01)) as url:
         assert complete(url, "base", "y" * 30, 8).status_code == 200
         r = complete(url, "base", "y" * 40, 8)
-        assert r.status_code == 400 and "exceeds the context of 40 tokens" in r.json()["error"]["message"], r.text
+        assert r.status_code == 400 and "exceeds this server's context of 40 tokens (--max-context)" in r.json()["error"]["message"], r.text
+        r = post(url, "/v1/completions", json={"model": "base", "prompt": "y" * 30})  # no max_tokens: 10 fit, not 16
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 10, r.text
 
 
 def test_chat_completion_is_the_generation_on_the_templated_prompt(server):

@@ -12,7 +12,7 @@ from .functional import expand_sliced_B
 from .layers import LoraLayer
 from .merging import check_mergeable, restore_base_values
 from .saved import SavedModule, remove_copy, saved_copy, wrappers
-from .state import all_params, check_not_mixed, drop_state, get_state, lora_layers, resolve_adapter
+from .state import all_params, check_module, check_not_mixed, drop_state, get_state, lora_layers, resolve_adapter
 
 PREFIX = "base_model.model."
 
@@ -38,11 +38,11 @@ def set_adapter(model: nn.Module, adapter: str | list[str]) -> None:
     state = get_state(model)
     if not isinstance(adapter, (str, list, tuple)):
         raise ValueError(f"set_adapter takes an adapter name or a list of names, got {adapter!r}; "
-                         f"this model has {list(state.adapters)} (disable_adapters(model) computes the base)")
+                         f"this model has {list(state.adapters)} (`with lorakit.disable_adapters(model):` computes the base)")
     names = [adapter] if isinstance(adapter, str) else list(dict.fromkeys(adapter))  # a name applies once
     if not names:
         raise ValueError(f"set_adapter got an empty list; name at least one of {list(state.adapters)} "
-                         "(disable_adapters(model) computes the base model)")
+                         "(`with lorakit.disable_adapters(model):` computes the base model)")
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; this model has {list(state.adapters)}")
@@ -253,6 +253,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    check_module(model)
     seen: dict[int, nn.Parameter] = {}
     for p in model.parameters():
         seen.setdefault(id(p), p)
@@ -267,6 +268,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 def summary(model: nn.Module) -> str:
     """A table of the adapted layers (module, shape, adapter, r, alpha, params) with totals and %."""
+    check_module(model)
     rows = [("module", "type", "shape (out×in)", "adapter", "r", "alpha", "params", "state")]
     adapter_params = 0
     for path, layer in lora_layers(model):

@@ -162,7 +162,8 @@ def from_peft_config(fields: dict[str, Any]) -> LoraConfig:
     if fields.get("ensure_weight_tying") is True and fields.get("modules_to_save"):
         bad.append("ensure_weight_tying=True with modules_to_save (PEFT ties the saved copy of an embedding to the "
                    "output head; lorakit keeps saved copies untied, so the head would differ)")
-    if fields.get("enable_lora") not in (None, False, []):  # PEFT <= 0.2's fused q/k/v slices (MergedLinear)
+    slices = fields.get("enable_lora")
+    if slices and (not isinstance(slices, list) or any(slices)):  # PEFT <= 0.2's fused q/k/v slices (MergedLinear)
         bad.append(f"enable_lora={fields['enable_lora']!r} (the fused-slice format of PEFT 0.2 and older, whose tensor "
                    "layout current PEFT does not read either; lorakit reads slices only from its own files)")
     if bad:
@@ -645,6 +646,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     backup = {key: _base_value(modules, params, loc).clone() for key, loc in expected.items() if _is_base(loc)}
     before_active = list(state.active) if state is not None else []
     before_merged = {p: list(layer.merged_adapters) for p, layer in lora_layers(model)}
+    merged_mode = state is not None and state.merged  # merged serving, also with nothing merged right now
     before_flags = {id(p): p.requires_grad for p in model.parameters()}  # inject freezes the base, set_adapter won't thaw it
     inject(model, cfg, adapter)  # unmerges a merged model; merged again below, with the loaded ΔW
     try:
@@ -656,7 +658,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
                     saved_copy(model, mpath, adapter).state_dict(keep_vars=True)[slot.removeprefix(SAVED)].copy_(values[key])
                 else:
                     params[_pname((mpath, slot, None))].copy_(values[key])
-        if any(before_merged.values()):
+        if merged_mode or any(before_merged.values()):
             activate(model, [adapter], merged=True)
     except Exception:
         from .adapters import delete_adapter, set_adapter
@@ -670,6 +672,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
         for p, layer in lora_layers(model):
             for name in before_merged.get(p, []):
                 layer.merge_adapter(name)
+        if (after := get_state(model, required=False)) is not None:
+            after.merged = merged_mode
         for p in model.parameters():
             if id(p) in before_flags:
                 p.requires_grad_(before_flags[id(p)])

@@ -75,9 +75,10 @@ def _model_type(model: nn.Module) -> str | None:
 
 
 def resolve_config(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
-    """Fill in `target_modules=None` with the architecture's query/value projections."""
+    """A validated copy of `cfg` (fields set after construction are checked too) with `target_modules=None`
+    filled in with the architecture's query/value projections."""
     if cfg.target_modules is not None:
-        return cfg
+        return cfg.replace()
     model_type = _model_type(model)
     if model_type in DEFAULT_ENABLE_LORA:
         enable = {**DEFAULT_ENABLE_LORA[model_type], **cfg.enable_lora}
@@ -328,9 +329,6 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
     and biases per `config.bias`) require grad. On a merged model the merged adapters are
     unmerged first, so the new one trains against W0. Returns the same model object.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; load it first "
-                        "(e.g. lorakit.models.load_model(name) or transformers' from_pretrained)")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
     check_adapter_name(adapter)

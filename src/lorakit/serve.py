@@ -114,6 +114,8 @@ class Engine:
         if max_context is not None and not 1 <= max_context <= context:
             raise ValueError(f"max_context={max_context} must be between 1 and the model's context of {context} tokens")
         self.max_context = max_context or context
+        self.context_text = (f"the context of {self.max_context} tokens" if self.max_context == context
+                             else f"this server's context of {self.max_context} tokens (--max-context)")
         self.lock = threading.Lock()  # the model: one batch, load or unload at a time
         self.text_lock = threading.Lock()  # the tokenizer (a fast tokenizer is not safe across threads)
         self.prefix = special_prefix(tokenizer)
@@ -134,8 +136,8 @@ class Engine:
         ids = []
         for i, prompt in enumerate(prompts):
             if len(prompt) > self.max_context * MAX_CHARS_PER_TOKEN:
-                raise RequestError(400, f"prompt {i} has {len(prompt):,} characters, more than fit in the context of "
-                                        f"{self.max_context} tokens: shorten it")
+                raise RequestError(400, f"prompt {i} has {len(prompt):,} characters, more than fit in {self.context_text}: "
+                                        "shorten it")
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as e:  # e.g. a lone UTF-16 surrogate ("\\ud800") in the JSON
@@ -151,8 +153,8 @@ class Engine:
             if len(row) + max_tokens > self.max_context:
                 raise RequestError(
                     400,
-                    f"prompt {i} has {len(row)} tokens; with max_tokens={max_tokens} that exceeds the context of "
-                    f"{self.max_context} tokens: shorten the prompt or lower max_tokens",
+                    f"prompt {i} has {len(row)} tokens; with max_tokens={max_tokens} that exceeds {self.context_text}: "
+                    "shorten the prompt or lower max_tokens",
                 )
         return ids
 
@@ -618,8 +620,9 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01, max_b
         if not prompts or len(prompts) > max_batch:
             raise RequestError(400, f"prompt must be a string or a list of 1..{max_batch} strings, got {len(prompts)}")
         engine.check_adapter(req.model)
-        max_tokens = req.max_tokens or min(DEFAULT_MAX_TOKENS, engine.max_new_tokens)  # the default fits the server
-        ids = await asyncio.to_thread(engine.encode, prompts, max_tokens)  # a huge prompt must not stall the server
+        # a huge prompt must not stall the server; without max_tokens, the default shrinks to what fits the context
+        ids = await asyncio.to_thread(engine.encode, prompts, req.max_tokens or 1)
+        max_tokens = req.max_tokens or min(DEFAULT_MAX_TOKENS, engine.max_new_tokens, engine.max_context - max(map(len, ids)))
         done = await answer(Job(req.model, ids, max_tokens, req.temperature, req.top_p, stops), request, t0)
         if isinstance(done, JSONResponse):
             return done

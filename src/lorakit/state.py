@@ -58,7 +58,7 @@ def check_adapter_name(name: object) -> None:
 def check_not_mixed(model: nn.Module, action: str) -> None:
     """Raise if a `mixed_batch` or `disable_adapters` block is open on `model`: each restores the adapters as
     they were on entry, so a change made inside would be undone or mixed up on exit."""
-    state = model.__dict__.get("_lorakit")
+    state = get_state(model, required=False)
     if state is not None and state.open_block is not None:
         raise ValueError(f"cannot {action} inside a {state.open_block} block: leave the block first")
 
@@ -101,8 +101,16 @@ def drop_state(model: nn.Module) -> None:
             del module._forward_pre_hooks[key]
 
 
+def check_module(model: object) -> None:
+    """A TypeError that says what to do when `model` is not a module (e.g. a model name passed by mistake)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; load it first "
+                        "(e.g. lorakit.models.load_model(name) or transformers' from_pretrained)")
+
+
 def get_state(model: nn.Module, required: bool = True) -> LoraState | None:
-    """The model's `LoraState`; raises a clear error if it has no adapters and `required`."""
+    """The model's `LoraState`; raises a clear error if it has no adapters and `required`, or is no module."""
+    check_module(model)  # every public function that takes a model passes through here first
     state = model.__dict__.get("_lorakit")
     if state is None and required:
         raise ValueError(
