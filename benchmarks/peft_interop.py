@@ -3,8 +3,8 @@
     flock /tmp/lorakit-cpu.lock .venv/bin/python benchmarks/peft_interop.py
 
 For a few configurations (random, non-trivial adapter weights, fp32) it prints max |Δlogits| for
-(a) a PEFT adapter folder loaded by `lorakit.load_adapter` vs `PeftModel`, (b) a lorakit folder
-loaded by `PeftModel.from_pretrained` vs lorakit, (c) lorakit's `merge_and_unload` vs the unmerged
+(a) a PEFT adapter folder loaded by `lorakit.load_adapter` vs `PeftModel`, (b) that adapter saved by
+lorakit and loaded by `PeftModel.from_pretrained` vs the original `PeftModel` (the round trip's weights), (c) lorakit's `merge_and_unload` vs the unmerged
 adapter (fp32 rounding of W0 + ΔW), (d) that merged model saved with transformers' `save_pretrained`
 and reloaded by plain `from_pretrained` vs the merged model in memory, (e) max |ΔW| between lorakit's
 and PEFT's merged weights; then the load time of one adapter folder in lorakit and in PEFT (median
