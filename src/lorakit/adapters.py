@@ -222,8 +222,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     disabled = {id(layer): layer.lora_disabled for layer in layers}
     heads = [(module, module.active) for module in wrappers(model)]
-    params = all_params(model)
     records = list(state.adapters.values()) if state else []
+    params = all_params(model) if any(r.base_values for r in records) else {}
     changed: dict[str, Tensor] = {}
     try:
         for layer in layers:  # unmerged first: a merged bias holds its adapter's lora_bias too
