@@ -317,6 +317,26 @@ def test_mixed_batch_sees_adapters_changed_added_or_removed_since_the_last_batch
     assert not any("_lora_mixed_cache" in m.__dict__ for m in plain.modules())
 
 
+def test_an_adapter_changed_while_no_batch_used_it_is_seen_when_a_batch_does():
+    model = two_adapters()
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(8))
+    with lorakit.mixed_batch(model, ["a", "b"]):
+        logits(model, ids)  # both slots filled
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["b"].mul_(-2.0)  # "b" changes in place ...
+    ref = per_adapter_reference(model, ids, ["a", None])
+    with lorakit.mixed_batch(model, ["a", None]):  # ... while a batch without it runs
+        assert torch.allclose(logits(model, ids), ref, atol=1e-5)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_A["a"].add_(0.05)  # and "a" changes after that batch used it
+    rows = ["b", "a"]
+    ref = per_adapter_reference(model, ids, rows)
+    with lorakit.mixed_batch(model, rows):
+        assert torch.allclose(logits(model, ids), ref, atol=1e-5)
+
+
 def test_mixed_batch_rejects_bad_input_and_leaves_model_unchanged(input_ids):
     model = two_adapters()
     lorakit.set_adapter(model, "a")
