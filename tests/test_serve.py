@@ -412,7 +412,27 @@ def test_requests_that_fit_alone_but_not_together_run_in_separate_batches():
         return await batcher._collect(), await batcher._collect()
 
     first, second = asyncio.run(collect())
-    assert first == [long_prompt] and second == [long_answer, short]
+    assert first == [long_prompt, short] and second == [long_answer]  # short still fits beside long_prompt
+
+
+def test_a_request_that_samples_otherwise_waits_for_the_next_batch_without_cutting_this_one():
+    """Interleaved greedy and sampled requests: each batch takes every queued request that samples like its first."""
+    import asyncio
+
+    from lorakit.serve import Batcher
+
+    model, tok = tiny_llama(seed=5), char_tokenizer()
+    engine = Engine(model, tok, max_new_tokens=8)
+    batcher = Batcher(engine, max_batch=3, max_wait=0.05)
+    jobs = [Job("base", engine.encode(["ab"], 4), 4, temperature=0.5 * (i % 2)) for i in range(7)]
+
+    async def collect():
+        for job in jobs:
+            await batcher.queue.put(job)
+        return [await batcher._collect() for _ in range(3)]
+
+    greedy, sampled, rest = asyncio.run(collect())
+    assert greedy == jobs[0:5:2] and sampled == jobs[1:6:2] and rest == [jobs[6]]  # arrival order kept within each
 
 
 def test_the_default_max_tokens_fits_a_server_with_a_lower_limit():

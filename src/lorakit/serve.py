@@ -17,7 +17,7 @@ import re
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -296,7 +296,12 @@ class Batcher:
         self.engine, self.max_batch, self.max_wait = engine, max_batch, max_wait
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.metrics = Metrics()
-        self._pending: Job | None = None
+        self._pending: deque[Job] = deque()  # set aside by earlier batches, oldest first
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting for a batch (queued, or set aside by an earlier batch)."""
+        return self.queue.qsize() + len(self._pending)
 
     async def submit(self, job: Job) -> list[tuple[str, int, str]]:
         """Queue `job` and wait for its completions."""
@@ -305,10 +310,25 @@ class Batcher:
         return await job.future
 
     async def _collect(self) -> list[Job]:
-        first = self._pending or await self.queue.get()
-        self._pending = None
+        """The next batch: the oldest waiting job, then every job waiting or arriving within `max_wait` that fits with
+        it (samples alike, within `max_batch` rows and the context). The others wait, in arrival order, and the
+        oldest of them starts the next batch: a request that samples otherwise never cuts a batch short."""
+        first = self._pending.popleft() if self._pending else await self.queue.get()
         batch, rows = [first], len(first.prompts)
         width, new_tokens = max(map(len, first.prompts)), first.max_tokens
+
+        def take(job: Job) -> bool:
+            nonlocal rows, width, new_tokens
+            w, n = max(width, *map(len, job.prompts)), max(new_tokens, job.max_tokens)
+            # one generate runs every row to the longest prompt + the largest max_tokens: it must fit the context
+            if job.sampling != first.sampling or rows + len(job.prompts) > self.max_batch or w + n > self.engine.max_context:
+                return False
+            batch.append(job)
+            rows, width, new_tokens = rows + len(job.prompts), w, n
+            return True
+
+        waiting, self._pending = self._pending, deque()
+        self._pending.extend(job for job in waiting if not take(job))
         deadline = asyncio.get_running_loop().time() + self.max_wait
         while rows < self.max_batch:
             timeout = deadline - asyncio.get_running_loop().time()
@@ -316,14 +336,8 @@ class Batcher:
                 job = await asyncio.wait_for(self.queue.get(), timeout) if timeout > 0 else self.queue.get_nowait()
             except (asyncio.TimeoutError, asyncio.QueueEmpty):
                 break
-            width = max(width, *map(len, job.prompts))
-            new_tokens = max(new_tokens, job.max_tokens)
-            # one generate runs every row to the longest prompt + the largest max_tokens: it must fit the context
-            if job.sampling != first.sampling or rows + len(job.prompts) > self.max_batch or width + new_tokens > self.engine.max_context:
-                self._pending = job  # starts the next batch
-                break
-            batch.append(job)
-            rows += len(job.prompts)
+            if not take(job):
+                self._pending.append(job)
         return batch
 
     async def run(self) -> None:
@@ -588,11 +602,11 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01, max_b
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' liveness probes
     async def health() -> dict:
-        return {"status": "ok", "models": engine.adapters(), "queue_depth": batcher.queue.qsize()}
+        return {"status": "ok", "models": engine.adapters(), "queue_depth": batcher.depth}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
-        return prometheus_text(batcher.metrics, engine, batcher.queue.qsize())
+        return prometheus_text(batcher.metrics, engine, batcher.depth)
 
     @app.get("/v1/models")
     async def models() -> dict:
