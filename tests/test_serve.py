@@ -467,6 +467,9 @@ def test_max_context_caps_a_request_and_cannot_exceed_the_model():
         assert r.status_code == 400 and "exceeds this server's context of 40 tokens (--max-context)" in r.json()["error"]["message"], r.text
         r = post(url, "/v1/completions", json={"model": "base", "prompt": "y" * 30})  # no max_tokens: 10 fit, not 16
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 10, r.text
+        r = post(url, "/v1/completions", json={"model": "base", "prompt": "y" * 45})  # no max_tokens and no room left
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and "leaves no room for a completion" in message and "max_tokens=" not in message, r.text
 
 
 def test_chat_completion_is_the_generation_on_the_templated_prompt(server):

@@ -129,9 +129,9 @@ class Engine:
         if name not in self.adapters():
             raise RequestError(404, f"model {name!r} does not exist; choose one of {self.adapters()}", "model_not_found")
 
-    def encode(self, prompts: list[str], max_tokens: int) -> list[list[int]]:
-        """Token ids of each prompt; 400 if prompt + completion would not fit."""
-        if max_tokens > self.max_new_tokens:
+    def encode(self, prompts: list[str], max_tokens: int | None) -> list[list[int]]:
+        """Token ids of each prompt; 400 if prompt + completion (None: the request set no limit, so one token) would not fit."""
+        if max_tokens is not None and max_tokens > self.max_new_tokens:
             raise RequestError(400, f"max_tokens={max_tokens} exceeds this server's limit of {self.max_new_tokens}")
         ids = []
         for i, prompt in enumerate(prompts):
@@ -150,7 +150,10 @@ class Engine:
         for i, row in enumerate(ids):
             if not row:
                 raise RequestError(400, f"prompt {i} is empty after tokenization; send some text")
-            if len(row) + max_tokens > self.max_context:
+            if max_tokens is None and len(row) >= self.max_context:
+                raise RequestError(400, f"prompt {i} has {len(row)} tokens, which leaves no room for a completion in "
+                                        f"{self.context_text}: shorten the prompt")
+            if max_tokens is not None and len(row) + max_tokens > self.max_context:
                 raise RequestError(
                     400,
                     f"prompt {i} has {len(row)} tokens; with max_tokens={max_tokens} that exceeds {self.context_text}: "
@@ -635,7 +638,7 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01, max_b
             raise RequestError(400, f"prompt must be a string or a list of 1..{max_batch} strings, got {len(prompts)}")
         engine.check_adapter(req.model)
         # a huge prompt must not stall the server; without max_tokens, the default shrinks to what fits the context
-        ids = await asyncio.to_thread(engine.encode, prompts, req.max_tokens or 1)
+        ids = await asyncio.to_thread(engine.encode, prompts, req.max_tokens)
         max_tokens = req.max_tokens or min(DEFAULT_MAX_TOKENS, engine.max_new_tokens, engine.max_context - max(map(len, ids)))
         done = await answer(Job(req.model, ids, max_tokens, req.temperature, req.top_p, stops), request, t0)
         if isinstance(done, JSONResponse):
@@ -659,7 +662,7 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01, max_b
         limit = req.limit()
         engine.check_adapter(req.model)
         text = await asyncio.to_thread(engine.chat_prompt, [m.model_dump() for m in req.messages])
-        ids = await asyncio.to_thread(engine.encode, [text], limit or 1)
+        ids = await asyncio.to_thread(engine.encode, [text], limit)
         # OpenAI's chat default: no limit but the context's (here also the server's --max-tokens)
         max_tokens = limit or min(engine.max_new_tokens, engine.max_context - len(ids[0]))
         done = await answer(Job(req.model, ids, max_tokens, req.temperature, req.top_p, stops), request, t0)
