@@ -352,7 +352,7 @@ def test_bin_that_is_not_a_tensor_dict_is_refused(saved):
 @pytest.mark.parametrize("fail_at", ["serialize", "write_second_file", "replace_config", "replace_weights"])
 def test_a_failed_save_leaves_the_previous_files_intact(saved, monkeypatch, fail_at):
     before = _files(saved)
-    other = _trained("llama", seed=5)
+    other = _trained("llama", seed=5, cfg=CONFIGS["llama"].replace(alpha=4 * CONFIGS["llama"].alpha))  # another config too
     real_replace, real_fsync, synced = os.replace, os.fsync, []
 
     def fsync(fd):  # the disk fills while the second file is written: the first is not renamed in yet
@@ -375,12 +375,20 @@ def test_a_failed_save_leaves_the_previous_files_intact(saved, monkeypatch, fail
     with pytest.raises((OSError, RuntimeError)):
         lorakit.save_adapter(other, saved)
     after = _files(saved)
-    assert sorted(after) == sorted(before)  # no temp files left behind
     if fail_at != "replace_config":
-        assert after == before
-    else:  # the weights were replaced, the config was not: each file is whole, old or new
-        assert after["adapter_config.json"] == before["adapter_config.json"]
-        load_file(saved / "adapter_model.safetensors")
+        assert after == before  # no temp files left behind
+        return
+    # the new weights are in, the new config is not: the config's temp file stays, and loading says what happened
+    (stray,) = set(after) - set(before)
+    assert stray.startswith(".adapter_config.json.") and after["adapter_config.json"] == before["adapter_config.json"]
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=rf"interrupted.*{re.escape(stray)}.*rename it to adapter_config.json"):
+        lorakit.load_adapter(model, saved)
+    assert get_state(model, required=False) is None
+    monkeypatch.undo()
+    os.replace(saved / stray, saved / "adapter_config.json")  # finishing the save by hand, as the error says
+    ids = torch.randint(0, 100, (2, 7))
+    torch.testing.assert_close(logits(lorakit.load_adapter(tiny_llama(seed=5), saved), ids), logits(other, ids), atol=1e-6, rtol=0)
 
 
 def test_atomic_write_bytes_replaces_whole_files_only(tmp_path, monkeypatch):

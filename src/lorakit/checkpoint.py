@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+TMP_SUFFIX = ".tmp"  # atomic_write_files' temp files: .<name>.<random>.tmp
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 METADATA_KEY = "lorakit_config"
 TRAINABLE_FILE = "trainable.safetensors"  # what a `--method` baseline run saves instead of an adapter (baselines.py)
@@ -224,11 +225,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_files(files: dict[Path, bytes]) -> None:
     """Write several files, each via a temp file: all are written (and synced) before any is renamed into
-    place, so a failed write (a full disk) leaves every file as it was, never a new one beside an old one."""
+    place, so a failed write (a full disk) leaves every file as it was. Each rename is atomic, the set is not:
+    a process killed (or a rename failing) between two renames leaves the later files' temps in place
+    (``.<name>.<random>.tmp``), which `config_of` reports when the folder's files disagree."""
     temps: list[tuple[str, Path]] = []
+    renamed = 0
     try:
         for path, data in files.items():
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
             temps.append((tmp, path))
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would (0644 under umask 022)
             with os.fdopen(fd, "wb") as f:
@@ -237,10 +241,12 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
                 os.fsync(f.fileno())
         for tmp, path in temps:
             os.replace(tmp, path)
+            renamed += 1
     except BaseException:
-        for tmp, _ in temps:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        if not renamed:  # nothing new in place: the folder is as it was
+            for tmp, _ in temps:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
         raise
 
 
@@ -330,6 +336,13 @@ def config_of(
         saved = _saved_config(path, metadata[METADATA_KEY])
         if saved is not None and _same_for_peft(saved, cfg, modules, model, adapter):
             return saved.replace(base_model_name_or_path=cfg.base_model_name_or_path)
+        unfinished = sorted(p.name for p in Path(path).glob(f".{CONFIG_NAME}.*{TMP_SUFFIX}"))
+        if unfinished:
+            raise ValueError(
+                f"{path}: a save into this folder was interrupted after {WEIGHTS_NAME} was replaced: adapter_config.json is "
+                f"the older one and does not match the weights. The new config is in {unfinished[-1]}: rename it to "
+                f"{CONFIG_NAME} to finish that save, or save the adapter again"
+            )
         log.warning("%s: adapter_config.json differs from the config lorakit saved with the weights (or that config "
                     "adapts other modules of this model than the file holds); using adapter_config.json, as PEFT does", path)
     return cfg
