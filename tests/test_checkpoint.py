@@ -110,6 +110,18 @@ def test_save_in_half_precision(tmp_path, input_ids):
     torch.testing.assert_close(logits(fresh, input_ids), logits(model, input_ids), atol=1e-2, rtol=1e-2)
 
 
+def test_saving_in_fp16_values_it_cannot_hold_is_refused_and_the_folder_kept(saved):
+    before = _files(saved)
+    model = _trained("llama", seed=3)
+    with torch.no_grad():
+        next(m for m in model.modules() if isinstance(m, LoraLayer)).lora_B["default"].fill_(1e6)  # > fp16's 65504
+    with pytest.raises(ValueError, match=r"lora_(embedding_)?B(.weight)? overflows torch.float16 .*use bf16"):
+        lorakit.save_adapter(model, saved, dtype=torch.float16)
+    assert _files(saved) == before
+    lorakit.save_adapter(model, saved, dtype=torch.bfloat16)  # bf16 has fp32's range
+    assert all(torch.isfinite(t).all() for t in load_file(saved / "adapter_model.safetensors").values())
+
+
 def test_load_beside_another_adapter_and_under_a_taken_name(tmp_path, input_ids):
     lorakit.save_adapter(_trained("llama"), tmp_path)
     model = _trained("llama", seed=0, cfg=lorakit.LoraConfig(r=2, target_modules=["o_proj"]))

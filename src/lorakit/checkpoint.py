@@ -256,6 +256,16 @@ def _umask() -> int:
     return mask
 
 
+def cast_checked(key: str, t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """`t` (floating) cast to `dtype` (None: as it is); a value the cast turns into ±inf is an error, not a file of infs."""
+    if dtype is None or not t.is_floating_point():
+        return t
+    cast = t.to(dtype)
+    if not torch.isfinite(cast).all() and torch.isfinite(t).all():
+        raise ValueError(f"{key} overflows {dtype} (max |value| {t.abs().max().item():.3g}); use bf16, which has fp32's range")
+    return cast
+
+
 def save_adapter(
     model: nn.Module, path: str | os.PathLike, adapter: str | None = None, dtype: torch.dtype | None = None
 ) -> Path:
@@ -273,8 +283,8 @@ def save_adapter(
     for key, t in adapter_state_dict(model, name).items():
         if t.is_meta:
             raise ValueError(f"cannot save {key}: the model is on the meta device (materialise it first)")
-        t = t.detach().to("cpu", dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-        tensors[key] = t.contiguous().clone()
+        t = t.detach().to("cpu")
+        tensors[key] = cast_checked(key, t, dtype).contiguous().clone()
     cfg = get_state(model).adapters[name].config
     metadata = {"format": "pt", METADATA_KEY: json.dumps(cfg.to_dict())}
     folder.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,8 @@ from .checkpoint import (
     WEIGHTS_NAME,
     _sorted_metadata,
     adapted_paths,
-    atomic_write_bytes,
+    atomic_write_files,
+    cast_checked,
     config_of,
     read_adapter_files,
 )
@@ -222,14 +223,8 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, dtype: str |
         raise ValueError(f"{str(dst)!r} already holds an adapter; choose an empty --out folder")
     out = {}
     for key, t in tensors.items():
-        if dtype is not None and t.is_floating_point():
-            cast = t.to(dtype)
-            if not torch.isfinite(cast).all() and torch.isfinite(t).all():
-                raise ValueError(f"{key} overflows {dtype} (max |value| {t.abs().max().item():.3g}); use bf16, which has fp32's range")
-            t = cast
-        out[key] = t.contiguous().clone()  # a .bin may hold views of one storage; safetensors wants them apart
+        out[key] = cast_checked(key, t, dtype).contiguous().clone()  # a .bin may hold views of one storage; safetensors wants them apart  # a .bin may hold views of one storage; safetensors wants them apart
     data = _sorted_metadata(st_save(out, metadata={**metadata, "format": "pt"}))
     dst.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(dst / WEIGHTS_NAME, data)
-    atomic_write_bytes(dst / CONFIG_NAME, (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_files({dst / WEIGHTS_NAME: data, dst / CONFIG_NAME: (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode()})
     return dst
