@@ -465,7 +465,11 @@ def test_config_must_be_a_lora_config():
 def test_model_must_be_a_module_not_a_name(tmp_path):
     calls = [lambda m: lorakit.inject(m, lorakit.LoraConfig()), lambda m: lorakit.load_adapter(m, tmp_path),
              lorakit.merge, lorakit.unmerge, lambda m: lorakit.set_adapter(m, "a"), lambda m: lorakit.save_adapter(m, tmp_path),
-             lambda m: lorakit.delete_adapter(m, "a"), lorakit.trainable_parameters, lorakit.summary, lorakit.merge_and_unload]
+             lambda m: lorakit.delete_adapter(m, "a"), lorakit.trainable_parameters, lorakit.summary, lorakit.merge_and_unload,
+             lorakit.unload, lorakit.list_adapters, lorakit.active_adapters, lorakit.adapter_parameters, lorakit.adapter_state_dict,
+             lorakit.init_adapters, lorakit.cast_base, lorakit.describe_precision, lambda m: lorakit.combine_adapters(m, {"a": 1.0}, "b"),
+             lambda m: lorakit.analyze([tmp_path], m), lambda m: lorakit.disable_adapters(m).__enter__(),
+             lambda m: lorakit.mixed_batch(m, ["a"]).__enter__(), lambda m: lorakit.finetune(m, None, [{"prompt": "a", "completion": "b"}])]
     for call in calls:
         with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str; load it first"):
             call("HuggingFaceTB/SmolLM2-135M")

@@ -26,6 +26,7 @@ from .adapters import PREFIX
 from .checkpoint import atomic_write_bytes, read_adapter
 from .functional import lora_scale
 from .layers import is_conv1d_gpt2
+from .state import check_module
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +424,8 @@ def analyze(paths: list[str | os.PathLike], model: nn.Module | None = None) -> A
     `model` may be the base model, the base with these adapters injected (merged or not) or a PEFT `PeftModel`
     (unmerged). Every ΔW is analysed at its `numerical_rank` (below the adapter's r when B·A is rank-deficient).
     """
+    if model is not None:
+        check_module(model)
     if isinstance(paths, (str, os.PathLike)):
         raise ValueError(f"analyze takes a list of one or two adapter folders, e.g. [{str(paths)!r}]; got one path")
     if not 1 <= len(paths) <= 2:

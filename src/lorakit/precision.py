@@ -15,6 +15,7 @@ from torch import nn
 
 from .layers import LoraLayer
 from .saved import wrappers
+from .state import check_module
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,9 @@ def cast_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modul
     weights train (a ``modules_to_save`` head, a trained bias) stays in its dtype and gets hooks
     that cast its inputs to it and its output back. Returns the same model.
     """
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype such as torch.bfloat16, got {dtype}")
+    check_module(model)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
     skip = _adapter_stores(model)
     copies = {id(m) for head in wrappers(model) for m in head.modules_to_save.modules()}  # trained even while inactive
     for module in model.modules():
@@ -107,6 +109,7 @@ def cast_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Modul
 
 def describe_precision(model: nn.Module) -> str:
     """One line saying which dtypes the frozen and the trainable parameters have, e.g. for a trainer's log."""
+    check_module(model)
     frozen: dict[str, int] = {}
     trained: dict[str, int] = {}
     for p in model.parameters():

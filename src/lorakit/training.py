@@ -38,7 +38,7 @@ from .data import IGNORE_INDEX, collate, encode_causal, encode_classification
 from .injection import HEAD_NAMES, inject
 from .models import is_bidirectional_encoder
 from .precision import base_dtype_choice, cast_base
-from .state import get_state
+from .state import check_module, get_state
 
 log = logging.getLogger(__name__)
 
@@ -489,6 +489,7 @@ def finetune(
     When the run is bf16 (``precision="auto"`` picks it where bf16 matmuls are fast) the frozen base
     weights are cast to bf16 in place; ``precision="fp32"`` leaves them exactly as loaded.
     """
+    check_module(model)
     cfg = config or TrainConfig()
     given = train  # as passed: what an older lorakit's checkpoints hashed (a datasets.Dataset's str())
     train = _as_records(train, "train")
