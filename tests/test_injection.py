@@ -473,3 +473,13 @@ def test_model_must_be_a_module_not_a_name(tmp_path):
     for call in calls:
         with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str; load it first"):
             call("HuggingFaceTB/SmolLM2-135M")
+
+
+def test_pattern_keys_that_match_no_adapted_layer_are_warned_about():
+    cfg = lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_prj": 2}, alpha_pattern={"v_proj": 8, "o_proj": 2})
+    with pytest.warns(UserWarning, match=r"rank_pattern\['q_prj'\], alpha_pattern\['o_proj'\] matched no adapted layer"):
+        model = lorakit.inject(tiny_llama(), cfg)
+    assert {m.lora_specs["default"].r for m in model.modules() if isinstance(m, LoraLayer)} == {4}  # nothing changed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.inject(tiny_llama(), cfg.replace(rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 8}))

@@ -147,6 +147,16 @@ def is_saved_module(path: str, modules_to_save: list[str] | None) -> bool:
     return any(saved_name_matches(a, m) for a in ancestors for m in modules_to_save)
 
 
+def _warn_unmatched(cfg: LoraConfig, adapted: list[str]) -> None:
+    """Warn (as PEFT does) about rank_pattern / alpha_pattern keys that match no adapted layer, naming a few
+    adapted layers to match instead. (An exclude_modules name that matches nothing is often defensive: no warning.)"""
+    unmatched = [f"{field}[{key!r}]" for field in ("rank_pattern", "alpha_pattern") for key in getattr(cfg, field)
+                 if not any(pattern_matches(key, p) for p in adapted)]
+    if unmatched:
+        warnings.warn(f"{', '.join(unmatched)} matched no adapted layer and changed nothing; adapted layers are "
+                      f"named like {adapted[:3]}", stacklevel=4)
+
+
 def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, strict: bool = True) -> list[Planned]:
     """Which modules `cfg` adapts and with what spec; raises before anything changes.
 
@@ -224,6 +234,8 @@ def plan(model: nn.Module, cfg: LoraConfig, adapter: str = DEFAULT_ADAPTER, stri
     unknown = [k for k in cfg.enable_lora if not any(pattern_matches(k, p) for p in named)]
     if strict and unknown:
         raise ValueError(_unknown_enable_lora_message(model, cfg, unknown[0], named))
+    if strict:  # a key that matches no adapted layer is likely a typo
+        _warn_unmatched(cfg, [p.path for p in planned])
     for p in planned:
         d_out, d_in = base_shape(p.module)
         d_upd = d_out // len(p.spec.enabled) if p.spec.enabled else d_out  # a fused slice's update is d_slice×d_in
