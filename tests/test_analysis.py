@@ -566,3 +566,10 @@ def test_cli_reads_the_classification_task_from_the_adapter(tmp_path, capsys):
     assert main(["analyze", a, "--model", str(tmp_path / "bert"), "--task", "classification", "--out", str(tmp_path / "o3")]) == 0
     config.write_text(json.dumps({**fields, "auto_mapping": None, "task_type": "SEQ_CLS"}))  # PEFT's way of saying it
     assert main(["analyze", a, "--model", str(tmp_path / "bert"), "--out", str(tmp_path / "o4")]) == 0
+
+
+@pytest.mark.parametrize("r", [0, 9, 2.5, "2", True])
+def test_amplification_with_a_bad_rank_names_it(r):
+    W, delta = torch.randn(8, 12), torch.randn(8, 2) @ torch.randn(2, 12)
+    with pytest.raises(ValueError, match=r"r must be an integer in \[1, 8\] for a \(8, 12\) weight, got"):
+        lorakit.amplification(W, delta, r=r)

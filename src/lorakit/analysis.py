@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -183,8 +184,9 @@ def amplification(W: Tensor, delta: Tensor, r: int | None = None, seed: int = 0)
 
 def _amplification(W64: Tensor, delta_svd: tuple[Tensor, Tensor, Tensor], r: int, seed: int = 0) -> Amplification:
     """`amplification` from W (fp64, 2-D) and ΔW's thin SVD (U, S, Vh)."""
-    if not 1 <= r <= min(W64.shape):
-        raise ValueError(f"r must be in [1, {min(W64.shape)}] for a {tuple(W64.shape)} weight, got {r}")
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= min(W64.shape):
+        raise ValueError(f"r must be an integer in [1, {min(W64.shape)}] for a {tuple(W64.shape)} weight, got {r!r}")
+    r = int(r)
     Ud, Sd, Vd = delta_svd
     Uw, _, Vw = torch.linalg.svd(W64, full_matrices=False)
     g = torch.Generator().manual_seed(seed)
