@@ -193,6 +193,11 @@ def test_a_negative_label_is_named_with_its_example_not_a_num_labels_hint(tmp_pa
     assert "--num-labels" not in str(err.value)
     with pytest.raises(ValueError, match=r"example 0 has label 1.5; labels must be class ids"):
         encode_classification(ByteTokenizer(), [{"text": "meh", "label": 1.5}], 16, num_labels=2)
+    with pytest.raises(ValueError, match=r"example 0 has label True; labels must be class ids"):  # not class 1
+        encode_classification(ByteTokenizer(), [{"text": "meh", "label": True}], 16, num_labels=2)
+    file.write_text('{"text": "fine", "label": true}\n')
+    with pytest.raises(ValueError, match=r"example 0 has label True; labels must be class ids"):
+        load_data(file, "classification")
 
 
 def test_a_null_field_is_called_null_not_missing(tmp_path):

@@ -638,3 +638,13 @@ def test_per_layer_rank_keys_of_module_names_with_regex_characters_load_in_peft(
     with torch.no_grad():
         assert _max_diff(theirs(x), want) <= TOL
         assert _max_diff(lorakit.load_adapter(_OddNames(), tmp_path)(x), want) <= TOL
+
+
+def test_a_peft_model_is_refused_by_lorakit_with_the_way_to_go_on(tmp_path: Path) -> None:
+    base = tiny_llama()
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for call in (lambda: lorakit.inject(pm, lorakit.LoraConfig(r=4)), lambda: lorakit.load_adapter(pm, tmp_path),
+                 lambda: lorakit.finetune(pm, None, [{"prompt": "a", "completion": "b"}])):
+        with pytest.raises(ValueError, match=r"carries PEFT adapters .*lorakit.load_adapter\(base_model, folder\)"):
+            call()
+        assert get_state(pm, required=False) is None and get_state(base, required=False) is None

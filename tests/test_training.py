@@ -379,7 +379,7 @@ def test_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeyp
         real(path, data)
 
     monkeypatch.setattr(training, "atomic_write_bytes", write)
-    with pytest.raises(TrainingError, match=r"checkpoint at step 8.*No space left.*checkpoint-4"):
+    with pytest.raises(TrainingError, match=r"checkpoint at step 8.*No space left.*checkpoint-4 \(once the cause is fixed.*--resume continues from it\)"):
         finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path)
     assert calls["n"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "metrics.jsonl"]
@@ -431,7 +431,7 @@ def test_full_disk_on_the_loss_plot_is_a_clean_stop(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(training, "plot_loss", lambda metrics, png: fail(png, b""))
-    with pytest.raises(TrainingError, match="could not write the final result.*the last good checkpoint is .*checkpoint-8"):
+    with pytest.raises(TrainingError, match="could not write the final result.*the last good checkpoint is .*checkpoint-8 .*--resume continues from it"):
         finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path)
     with pytest.raises(TrainingError, match="could not write the final result.*; no checkpoint was written$"):
         finetune(tiny_llama(), TOK, examples(), None, dataclasses.replace(config(), save_every=0), out_dir=tmp_path / "b")

@@ -32,7 +32,15 @@ from .functional import compress_sliced_B, lora_scale
 from .injection import HEAD_NAMES, _bias_params, _find_saved_modules, inject, plan, resolve_config, saved_name_matches
 from .layers import adapter_shapes, is_conv1d_gpt2
 from .saved import base_of, saved_copy
-from .state import DEFAULT_ADAPTER, all_params, check_adapter_name, get_state, lora_layers, resolve_adapter
+from .state import (
+    DEFAULT_ADAPTER,
+    all_params,
+    check_adapter_name,
+    check_not_peft,
+    get_state,
+    lora_layers,
+    resolve_adapter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -606,6 +614,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
     """
     check_adapter_name(adapter)
     state = get_state(model, required=False)
+    check_not_peft(model)
     if state is not None and adapter in state.adapters:
         raise ValueError(f"adapter {adapter!r} is already on the model; load with adapter='<another name>'")
     fields, tensors, cfg = read_adapter(path, model, adapter)

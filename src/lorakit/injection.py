@@ -23,6 +23,7 @@ from .state import (
     all_params,
     check_adapter_name,
     check_not_mixed,
+    check_not_peft,
     create_state,
     drop_state,
     get_state,
@@ -346,6 +347,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = DEFAULT_ADAPTER)
     check_adapter_name(adapter)
     check_not_mixed(model, f"add adapter {adapter!r}")
     state = get_state(model, required=False)
+    check_not_peft(model)
     if state is not None and adapter in state.adapters:
         raise ValueError(
             f"adapter {adapter!r} is already injected; pick another name with adapter=..., or "

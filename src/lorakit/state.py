@@ -108,6 +108,17 @@ def check_module(model: object) -> None:
                         "(e.g. lorakit.models.load_model(name) or transformers' from_pretrained)")
 
 
+def check_not_peft(model: nn.Module) -> None:
+    """Refuse a model that carries PEFT's own adapter layers (a ``PeftModel``): lorakit would stack on them."""
+    peft_layer = next((m for m in model.modules() if type(m).__module__.startswith("peft.")), None)
+    if peft_layer is not None:
+        raise ValueError(
+            f"this model carries PEFT adapters ({type(peft_layer).__name__} from {type(peft_layer).__module__}); lorakit "
+            "adapts plain models. To go on with a PEFT adapter, save it (peft_model.save_pretrained(folder)) and load it "
+            "into the plain base with lorakit.load_adapter(base_model, folder); for the base alone, use peft_model.unload()"
+        )
+
+
 def get_state(model: nn.Module, required: bool = True) -> LoraState | None:
     """The model's `LoraState`; raises a clear error if it has no adapters and `required`, or is no module."""
     check_module(model)  # every public function that takes a model passes through here first

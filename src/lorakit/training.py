@@ -38,7 +38,7 @@ from .data import IGNORE_INDEX, collate, encode_causal, encode_classification
 from .injection import HEAD_NAMES, inject
 from .models import is_bidirectional_encoder
 from .precision import base_dtype_choice, cast_base
-from .state import check_module, get_state
+from .state import check_module, check_not_peft, get_state
 
 log = logging.getLogger(__name__)
 
@@ -490,6 +490,7 @@ def finetune(
     weights are cast to bf16 in place; ``precision="fp32"`` leaves them exactly as loaded.
     """
     check_module(model)
+    check_not_peft(model)
     cfg = config or TrainConfig()
     given = train  # as passed: what an older lorakit's checkpoints hashed (a datasets.Dataset's str())
     train = _as_records(train, "train")
@@ -652,7 +653,7 @@ def finetune(
                 record["id2label"] = {str(k): v for k, v in getattr(model.config, "id2label", {}).items()}
             atomic_write_bytes(finished, json.dumps(record, indent=1).encode())
         except OSError as e:
-            raise TrainingError(f"could not write the final result to {out}: {e}; {_where(last_good)}") from e
+            raise TrainingError(f"could not write the final result to {out}: {e}; {_where(last_good, resume=True)}") from e
     seconds = time.perf_counter() - t_start
     peak = peak_memory_mb(device)
     notify({"event": "end", "step": step, "seconds": seconds, "peak_memory_mb": peak, "peak_memory_kind": memory_kind, **eval_metrics})
@@ -663,9 +664,13 @@ def finetune(
 _LOWER_LR = "Start a new run (another --out) with a lower --lr, or check the data: --resume keeps a run's settings"
 
 
-def _where(last_good: Path | None) -> str:
-    """Where a stopped run can be picked up again, for its error message."""
-    return f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+def _where(last_good: Path | None, resume: bool = False) -> str:
+    """Where a stopped run can be picked up again, for its error message; `resume`: say how (a cause outside the
+    run, such as a full disk, that the same settings can get past)."""
+    if not last_good:
+        return "no checkpoint was written"
+    how = " (once the cause is fixed, e.g. space freed, the same command with --resume continues from it)" if resume else ""
+    return f"the last good checkpoint is {last_good}{how}"
 
 
 def _require_causal_lm(model: nn.Module) -> None:
@@ -765,7 +770,7 @@ def _save_checkpoint(
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"could not write checkpoint at step {step} ({e}); training stopped; "
-                            f"{_where(last_good)}") from e
+                            f"{_where(last_good, resume=True)}") from e
     old = _own_checkpoints(out)  # never another tool's checkpoint-<n> folders
     for p in old[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
