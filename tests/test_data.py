@@ -284,3 +284,10 @@ def test_a_file_that_is_not_utf8_and_json_lines_named_json_are_errors_with_the_f
     lines.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
     with pytest.raises(ValueError, match=r"lines.json is not valid JSON \(Extra data, line 2\).*name it .jsonl"):
         read_records(lines)
+
+
+def test_an_e2e_file_of_meaning_representations_only_names_the_files_with_references(tmp_path):
+    file = tmp_path / "testset.csv"
+    file.write_text('MR\n"name[Blue Spice], eatType[coffee shop]"\n')
+    with pytest.raises(ValueError, match=r"E2E meaning representations without references .*testset_w_refs.csv"):
+        load_data(file, "causal-lm")

@@ -298,6 +298,10 @@ def load_data(
         rows, source = read_records(path), spec
         if task == "causal-lm" and rows and {"mr", "ref"} <= set(rows[0]) and prompt_field not in rows[0]:
             return load_e2e(path)
+        if task == "causal-lm" and rows and {k.lower() for k in rows[0]} == {"mr"}:
+            raise ValueError(f"{path} holds E2E meaning representations without references (like E2E's testset.csv), "
+                             "so there is no completion to learn or score: use a file with references "
+                             "(testset_w_refs.csv, devset.csv, trainset.csv)")
     if task == "causal-lm":
         return causal_examples(rows, prompt_field, completion_field, source=source)
     if task == "classification":
