@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -236,20 +234,3 @@ def test_an_embedding_tied_to_a_head_the_adapter_saves_whole_can_merge(input_ids
     randomize_adapters(model, std=0.1, seed=0)
     ref = logits(model, input_ids)  # the head is the adapter's own untied copy: merging the embedding leaves it alone
     torch.testing.assert_close(logits(lorakit.merge_and_unload(model), input_ids), ref, rtol=0, atol=1e-5)
-
-
-def test_training_a_merged_adapter_warns_that_it_gets_no_gradient(input_ids):
-    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, alpha=8))
-    lorakit.merge(model)
-    model.train()
-    with pytest.warns(UserWarning, match=r"\['default'\] are merged into the base weights.*lorakit.unmerge\(model\)"):
-        model(input_ids)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model.eval()
-        model(input_ids)  # inference on a merged model: no warning
-        model.train()
-        with torch.no_grad():
-            model(input_ids)
-        lorakit.unmerge(model)
-        model(input_ids).logits.sum().backward()

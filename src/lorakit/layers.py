@@ -12,7 +12,6 @@ Per adapter `name` a layer holds ``lora_A[name]``, ``lora_B[name]`` (PEFT orient
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -192,8 +191,6 @@ class LoraLayer:
         return [n for n in self.active_adapters if n not in self.merged_adapters]
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:  # noqa: D102
-        if self.merged_adapters and self.training and torch.is_grad_enabled():
-            self._warn_merged_training()
         names = self._unmerged_active()
         if len(names) == 1 and not args and not kwargs:
             fused = self.fused_forward(x, names[0])
@@ -203,12 +200,6 @@ class LoraLayer:
         for name in names:
             out = self.lora_forward(x, out, name)
         return out
-
-    def _warn_merged_training(self) -> None:
-        trained = [n for n in self.merged_adapters if self.lora_A[n].requires_grad]
-        if trained:  # the merged weight is frozen W0 + ΔW: nothing reaches A and B (PEFT: a bare autograd error later)
-            warnings.warn(f"adapter(s) {trained} are merged into the base weights, so training gives their A and B no "
-                          "gradient; call lorakit.unmerge(model) before training", stacklevel=3)
 
     def fused_forward(self, x: Tensor, name: str) -> Tensor | None:
         """Base layer + adapter `name` as one step where a layer type has a fast path; None otherwise."""
