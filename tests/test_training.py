@@ -707,3 +707,15 @@ def test_resume_into_a_folder_with_no_run_is_an_error_and_a_run_killed_before_it
     with caplog.at_level(logging.WARNING, logger="lorakit.training"):
         result = finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path / "run", resume=True)
     assert result.steps == 4 and "starting from step 0" in caplog.text
+
+
+def test_a_merged_model_is_refused_before_training_with_the_fix(tmp_path):
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, alpha=8))
+    lorakit.merge(model)
+    with pytest.raises(ValueError, match=r"merged into its base weights.*lorakit.unmerge\(model\) first"):
+        finetune(model, TOK, examples(), None, config(), out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists() and lorakit.active_adapters(model) == ["default"]
+    lorakit.unmerge(model)
+    A0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    finetune(model, TOK, examples(), None, config())
+    assert any(not torch.equal(A0[n], p) for n, p in model.named_parameters() if "lora_A" in n)
