@@ -203,6 +203,9 @@ def test_malformed_json_gets_400(server):
     url, *_ = server
     r = post(url, "/v1/completions", content=b'{"model": "sql", "prompt": ', headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"model": "\xff\xfe"}'):  # nested too deeply; not UTF-8
+        r = post(url, "/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "could not be parsed as JSON (not UTF-8 text, or nested too deeply)" in r.json()["error"]["message"], r.text
     assert complete(url, "sql", "still fine").status_code == 200
 
 

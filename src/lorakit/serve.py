@@ -601,7 +601,10 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01, max_b
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         # FastAPI's own errors (an unparsable body, an unknown route or method) in the same shape as ours
-        return error(e.status_code, f"{e.detail} ({request.method} {request.url.path})")
+        detail = e.detail
+        if e.status_code == 400 and detail == "There was an error parsing the body":  # its catch-all: say what to send
+            detail = "the body could not be parsed as JSON (not UTF-8 text, or nested too deeply): send one flat JSON object"
+        return error(e.status_code, f"{detail} ({request.method} {request.url.path})")
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' liveness probes
     async def health() -> dict:
