@@ -118,8 +118,12 @@ def test_saving_in_fp16_values_it_cannot_hold_is_refused_and_the_folder_kept(sav
     with pytest.raises(ValueError, match=r"lora_(embedding_)?B(.weight)? overflows torch.float16 .*use bf16"):
         lorakit.save_adapter(model, saved, dtype=torch.float16)
     assert _files(saved) == before
+    with torch.no_grad():
+        next(m for m in model.modules() if isinstance(m, LoraLayer)).lora_A["default"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="overflows torch.float16"):  # an inf already in the tensor does not hide it
+        lorakit.save_adapter(model, saved, dtype=torch.float16)
     lorakit.save_adapter(model, saved, dtype=torch.bfloat16)  # bf16 has fp32's range
-    assert all(torch.isfinite(t).all() for t in load_file(saved / "adapter_model.safetensors").values())
+    assert sum((~torch.isfinite(t)).sum().item() for t in load_file(saved / "adapter_model.safetensors").values()) == 1
 
 
 def test_load_beside_another_adapter_and_under_a_taken_name(tmp_path, input_ids):
@@ -693,3 +697,50 @@ def test_a_load_that_fails_after_injecting_puts_back_every_requires_grad_flag(tm
     with pytest.raises(ValueError, match="tied"):
         lorakit.load_adapter(model, tmp_path, adapter="b")
     _assert_same(before, _snapshot(model))
+
+
+def _interrupted_save(model: nn.Module, folder: Path, monkeypatch) -> None:
+    """save_adapter stopped after the weights' rename, before the config's (as a process killed between them)."""
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "adapter_config.json":
+            raise OSError("killed")
+        return real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt.os, "replace", replace)
+        with pytest.raises(OSError, match="killed"):
+            lorakit.save_adapter(model, folder)
+
+
+def _llama(alpha: float, seed: int) -> nn.Module:
+    return _trained("llama", seed=seed, cfg=CONFIGS["llama"].replace(alpha=alpha))
+
+
+def test_only_the_temp_config_that_matches_the_weights_counts_as_an_interrupted_save(tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "a"
+    lorakit.save_adapter(_llama(2, 1), folder)
+    _interrupted_save(_llama(4, 2), folder, monkeypatch)
+    _interrupted_save(_llama(8, 3), folder, monkeypatch)  # two stale temps: the weights are alpha 8's
+    with pytest.raises(ValueError, match="interrupted") as err:
+        lorakit.load_adapter(tiny_llama(seed=3), folder)
+    named = re.search(r"is in (\S+): rename", str(err.value)).group(1)
+    assert json.loads((folder / named).read_text())["lora_alpha"] == 8
+    with pytest.raises(ValueError, match=re.escape(named)):  # convert copies nothing from such a folder
+        lorakit.convert_adapter(folder, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()
+    lorakit.save_adapter(_llama(16, 4), folder)  # a later save succeeds; the old temps stay behind
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 20}))  # a hand edit, as PEFT allows
+    with caplog.at_level("WARNING"):
+        model = lorakit.load_adapter(tiny_llama(seed=4), folder)  # not blamed on the stale temps
+    assert "differs from the config lorakit saved" in caplog.text
+    assert next(m for m in model.modules() if isinstance(m, LoraLayer)).lora_specs["default"].alpha == 20
+
+
+def test_an_interrupted_first_save_names_its_config(tmp_path, monkeypatch):
+    folder = tmp_path / "new"
+    _interrupted_save(_llama(4, 2), folder, monkeypatch)
+    with pytest.raises(FileNotFoundError, match=r"interrupted.*there is no adapter_config.json yet.*rename it"):
+        lorakit.load_adapter(tiny_llama(seed=2), folder)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,8 +194,9 @@ def test_a_negative_label_is_named_with_its_example_not_a_num_labels_hint(tmp_pa
     assert "--num-labels" not in str(err.value)
     with pytest.raises(ValueError, match=r"example 0 has label 1.5; labels must be class ids"):
         encode_classification(ByteTokenizer(), [{"text": "meh", "label": 1.5}], 16, num_labels=2)
-    with pytest.raises(ValueError, match=r"example 0 has label True; labels must be class ids"):  # not class 1
-        encode_classification(ByteTokenizer(), [{"text": "meh", "label": True}], 16, num_labels=2)
+    for flag in (True, np.bool_(True), torch.tensor(True)):  # not class 1 (e.g. labels made as scores > 0.5)
+        with pytest.raises(ValueError, match=r"example 0 has label .*True.*; labels must be class ids"):
+            encode_classification(ByteTokenizer(), [{"text": "meh", "label": flag}], 16, num_labels=2)
     file.write_text('{"text": "fine", "label": true}\n')
     with pytest.raises(ValueError, match=r"example 0 has label True; labels must be class ids"):
         load_data(file, "classification")

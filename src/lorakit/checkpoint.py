@@ -269,7 +269,7 @@ def cast_checked(key: str, t: Tensor, dtype: torch.dtype | None) -> Tensor:
     if dtype is None or not t.is_floating_point():
         return t
     cast = t.to(dtype)
-    if not torch.isfinite(cast).all() and torch.isfinite(t).all():
+    if (~torch.isfinite(cast)).sum() > (~torch.isfinite(t)).sum():  # infs or NaNs already there are the source's own
         raise ValueError(f"{key} overflows {dtype} (max |value| {t.abs().max().item():.3g}); use bf16, which has fp32's range")
     return cast
 
@@ -354,16 +354,46 @@ def config_of(
         saved = _saved_config(path, metadata[METADATA_KEY])
         if saved is not None and _same_for_peft(saved, cfg, modules, model, adapter):
             return saved.replace(base_model_name_or_path=cfg.base_model_name_or_path)
-        unfinished = sorted(p.name for p in Path(path).glob(f".{CONFIG_NAME}.*{TMP_SUFFIX}"))
-        if unfinished:
-            raise ValueError(
-                f"{path}: a save into this folder was interrupted after {WEIGHTS_NAME} was replaced: adapter_config.json is "
-                f"the older one and does not match the weights. The new config is in {unfinished[-1]}: rename it to "
-                f"{CONFIG_NAME} to finish that save, or save the adapter again"
-            )
+        unfinished = _unfinished_config(Path(path).expanduser(), saved, modules) if saved is not None else None
+        if unfinished is not None:
+            raise ValueError(_interrupted_message(path, unfinished, f"{CONFIG_NAME} is the older one and does not match the weights"))
         log.warning("%s: adapter_config.json differs from the config lorakit saved with the weights (or that config "
                     "adapts other modules of this model than the file holds); using adapter_config.json, as PEFT does", path)
     return cfg
+
+
+def check_not_interrupted(path: str | os.PathLike, fields: dict[str, Any], metadata: dict[str, str], modules: list[str]) -> None:
+    """Raise if the folder's adapter_config.json is the older half of an interrupted save (`atomic_write_files`),
+    for tools that copy a folder without loading it; a config lorakit cannot read is left to them."""
+    saved = _saved_config(path, metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+    try:
+        cfg = from_peft_config(fields)
+    except (ValueError, TypeError, AttributeError):
+        return
+    if saved is not None and not _same_for_peft(saved, cfg, modules, None, DEFAULT_ADAPTER):
+        unfinished = _unfinished_config(Path(path).expanduser(), saved, modules)
+        if unfinished is not None:
+            raise ValueError(_interrupted_message(path, unfinished, f"{CONFIG_NAME} is the older one and does not match the weights"))
+
+
+def _unfinished_config(folder: Path, saved: LoraConfig, modules: list[str]) -> Path | None:
+    """The config an interrupted save left as a temp file (`atomic_write_files`) beside the weights it belongs to:
+    the newest ``.adapter_config.json.*.tmp`` that says what the weights' lorakit header says. None if there is none
+    (temp files of other, older interrupted saves do not match the weights)."""
+    temps = sorted(folder.glob(f".{CONFIG_NAME}.*{TMP_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for tmp in temps:
+        try:
+            cfg = from_peft_config(json.loads(tmp.read_text()))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+        if _same_for_peft(saved, cfg, modules, None, DEFAULT_ADAPTER):
+            return tmp
+    return None
+
+
+def _interrupted_message(path: str | os.PathLike, tmp: Path, what: str) -> str:
+    return (f"{path}: a save into this folder was interrupted after {WEIGHTS_NAME} was replaced: {what}. The config that "
+            f"goes with these weights is in {tmp.name}: rename it to {CONFIG_NAME} to finish that save, or save the adapter again")
 
 
 def _saved_config(path: str | os.PathLike, text: str) -> LoraConfig | None:
@@ -444,6 +474,12 @@ def read_adapter_files(path: str | os.PathLike) -> tuple[dict[str, Any], dict[st
         raise FileNotFoundError(
             f"{str(folder)!r} holds a whole model (model.safetensors: full fine-tuning or a base model), not a LoRA adapter folder"
         )
+    if not config_file.is_file() and (folder / WEIGHTS_NAME).is_file() and any(folder.glob(f".{CONFIG_NAME}.*{TMP_SUFFIX}")):
+        tensors, metadata = _read_safetensors(folder / WEIGHTS_NAME)
+        saved = _saved_config(folder, metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+        unfinished = _unfinished_config(folder, saved, adapted_paths(tensors)) if saved is not None else None
+        if unfinished is not None:
+            raise FileNotFoundError(_interrupted_message(folder, unfinished, f"there is no {CONFIG_NAME} yet"))
     if not config_file.is_file():
         named = sorted(d.name for d in folder.iterdir() if (d / CONFIG_NAME).is_file())
         hint = f"; it holds named adapters (PEFT saves non-default ones in subfolders): {named}, pass e.g. {str(folder / named[0])!r}" if named else ""

@@ -25,6 +25,7 @@ from .checkpoint import (
     adapted_paths,
     atomic_write_files,
     cast_checked,
+    check_not_interrupted,
     config_of,
     read_adapter_files,
 )
@@ -217,13 +218,14 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, dtype: str |
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
         dtype = DTYPES[dtype]
     fields, tensors, metadata = read_adapter_files(src)
+    check_not_interrupted(src, fields, metadata, adapted_paths(tensors))
     if dst.resolve() == src.resolve():
         raise ValueError(f"--out {str(dst)!r} is the source folder; write the converted adapter to another folder")
     if (dst / CONFIG_NAME).exists() or (dst / WEIGHTS_NAME).exists():
         raise ValueError(f"{str(dst)!r} already holds an adapter; choose an empty --out folder")
     out = {}
     for key, t in tensors.items():
-        out[key] = cast_checked(key, t, dtype).contiguous().clone()  # a .bin may hold views of one storage; safetensors wants them apart  # a .bin may hold views of one storage; safetensors wants them apart
+        out[key] = cast_checked(key, t, dtype).contiguous().clone()  # a .bin may hold views of one storage; safetensors wants them apart
     data = _sorted_metadata(st_save(out, metadata={**metadata, "format": "pt"}))
     dst.mkdir(parents=True, exist_ok=True)
     atomic_write_files({dst / WEIGHTS_NAME: data, dst / CONFIG_NAME: (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode()})

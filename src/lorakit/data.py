@@ -137,7 +137,8 @@ def class_id(raw: Any, i: int, source: str) -> int:
         label = int(raw)
     except (TypeError, ValueError, OverflowError):
         label = -1
-    if label < 0 or isinstance(raw, bool) or (not isinstance(raw, (numbers.Integral, str)) and raw != label):
+    is_bool = isinstance(raw, bool) or str(getattr(raw, "dtype", "")) in ("bool", "torch.bool")  # numpy, torch too
+    if label < 0 or is_bool or (not isinstance(raw, (numbers.Integral, str)) and raw != label):
         raise ValueError(f"{source}: example {i} has label {raw!r}; labels must be class ids: integers >= 0 "
                          "(0 .. number of classes - 1)")
     return label

@@ -157,7 +157,7 @@ class Engine:
                 raise RequestError(
                     400,
                     f"prompt {i} has {len(row)} tokens; with max_tokens={max_tokens} that exceeds {self.context_text}: "
-                    "shorten the prompt or lower max_tokens",
+                    + ("shorten the prompt or lower max_tokens" if max_tokens > 1 else "shorten the prompt"),
                 )
         return ids
 
