@@ -380,8 +380,13 @@ def _unfinished_config(folder: Path, saved: LoraConfig, modules: list[str]) -> P
     """The config an interrupted save left as a temp file (`atomic_write_files`) beside the weights it belongs to:
     the newest ``.adapter_config.json.*.tmp`` that says what the weights' lorakit header says. None if there is none
     (temp files of other, older interrupted saves do not match the weights)."""
-    temps = sorted(folder.glob(f".{CONFIG_NAME}.*{TMP_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for tmp in temps:
+    def age(p: Path) -> float:  # a temp may vanish meanwhile (another process's save finishing)
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    for tmp in sorted(folder.glob(f".{CONFIG_NAME}.*{TMP_SUFFIX}"), key=age, reverse=True):
         try:
             cfg = from_peft_config(json.loads(tmp.read_text()))
         except (OSError, ValueError, TypeError, AttributeError):
