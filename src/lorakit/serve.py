@@ -129,35 +129,37 @@ class Engine:
         if name not in self.adapters():
             raise RequestError(404, f"model {name!r} does not exist; choose one of {self.adapters()}", "model_not_found")
 
-    def encode(self, prompts: list[str], max_tokens: int | None) -> list[list[int]]:
-        """Token ids of each prompt; 400 if prompt + completion (None: the request set no limit, so one token) would not fit."""
+    def encode(self, prompts: list[str], max_tokens: int | None, names: list[str] | None = None) -> list[list[int]]:
+        """Token ids of each prompt; 400 if prompt + completion (None: the request set no limit, so one token) would not
+        fit. `names`: what the errors call each prompt (default "prompt <i>")."""
+        names = names or [f"prompt {i}" for i in range(len(prompts))]
         if max_tokens is not None and max_tokens > self.max_new_tokens:
             raise RequestError(400, f"max_tokens={max_tokens} exceeds this server's limit of {self.max_new_tokens}")
         ids = []
         for i, prompt in enumerate(prompts):
             if len(prompt) > self.max_context * MAX_CHARS_PER_TOKEN:
-                raise RequestError(400, f"prompt {i} has {len(prompt):,} characters, more than fit in {self.context_text}: "
+                raise RequestError(400, f"{names[i]} has {len(prompt):,} characters, more than fit in {self.context_text}: "
                                         "shorten it")
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as e:  # e.g. a lone UTF-16 surrogate ("\\ud800") in the JSON
-                raise RequestError(400, f"prompt {i} is not valid text: {e.reason} at character {e.start}") from e
+                raise RequestError(400, f"{names[i]} is not valid text: {e.reason} at character {e.start}") from e
             try:
                 with self.text_lock:
                     ids.append(encode_prompt(self.tokenizer, prompt, self.prefix))  # as the trainer encodes prompts
             except (TypeError, ValueError) as e:
-                raise RequestError(400, f"prompt {i} cannot be tokenized: {e}") from e
+                raise RequestError(400, f"{names[i]} cannot be tokenized: {e}") from e
         for i, row in enumerate(ids):
             if not row:
-                raise RequestError(400, f"prompt {i} is empty after tokenization; send some text")
+                raise RequestError(400, f"{names[i]} is empty after tokenization; send some text")
             if max_tokens is None and len(row) >= self.max_context:
-                raise RequestError(400, f"prompt {i} has {len(row)} tokens, which leaves no room for a completion in "
-                                        f"{self.context_text}: shorten the prompt")
+                raise RequestError(400, f"{names[i]} has {len(row)} tokens, which leaves no room for a completion in "
+                                        f"{self.context_text}: shorten it")
             if max_tokens is not None and len(row) + max_tokens > self.max_context:
                 raise RequestError(
                     400,
-                    f"prompt {i} has {len(row)} tokens; with max_tokens={max_tokens} that exceeds {self.context_text}: "
-                    + ("shorten the prompt or lower max_tokens" if max_tokens > 1 else "shorten the prompt"),
+                    f"{names[i]} has {len(row)} tokens; with max_tokens={max_tokens} that exceeds {self.context_text}: "
+                    + ("shorten it or lower max_tokens" if max_tokens > 1 else "shorten it"),
                 )
         return ids
 
@@ -665,7 +667,7 @@ def create_app(engine: Engine, max_batch: int = 8, max_wait: float = 0.01, max_b
         limit = req.limit()
         engine.check_adapter(req.model)
         text = await asyncio.to_thread(engine.chat_prompt, [m.model_dump() for m in req.messages])
-        ids = await asyncio.to_thread(engine.encode, [text], limit)
+        ids = await asyncio.to_thread(engine.encode, [text], limit, ["the templated conversation"])
         # OpenAI's chat default: no limit but the context's (here also the server's --max-tokens)
         max_tokens = limit or min(engine.max_new_tokens, engine.max_context - len(ids[0]))
         done = await answer(Job(req.model, ids, max_tokens, req.temperature, req.top_p, stops), request, t0)
