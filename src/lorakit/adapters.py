@@ -12,7 +12,16 @@ from .functional import expand_sliced_B
 from .layers import LoraLayer
 from .merging import check_mergeable, restore_base_values
 from .saved import SavedModule, remove_copy, saved_copy, wrappers
-from .state import all_params, check_module, check_not_mixed, drop_state, get_state, lora_layers, resolve_adapter
+from .state import (
+    all_params,
+    check_module,
+    check_not_mixed,
+    drop_state,
+    get_state,
+    is_merged,
+    lora_layers,
+    resolve_adapter,
+)
 
 PREFIX = "base_model.model."
 
@@ -56,7 +65,7 @@ def activate(model: nn.Module, names: list[str], merged: bool | None = None, fre
     state = get_state(model)
     check_not_mixed(model, "change the active adapters")
     if merged is None:
-        merged = state.merged or any(layer.merged_adapters for _, layer in lora_layers(model))
+        merged = is_merged(model)
     if merged:
         check_mergeable(model, names)
     heads: list[tuple[SavedModule, str | None]] = []
@@ -232,7 +241,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.lora_disabled = True
         changed = {n: params[n].detach().clone() for r in records for n in r.base_values}
         for record in records:
-            restore_base_values(model, record)
+            restore_base_values(model, record, params=params)
         for module, _ in heads:
             module.active = None
         if state is not None:

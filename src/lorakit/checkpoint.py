@@ -354,9 +354,8 @@ def config_of(
         saved = _saved_config(path, metadata[METADATA_KEY])
         if saved is not None and _same_for_peft(saved, cfg, modules, model, adapter):
             return saved.replace(base_model_name_or_path=cfg.base_model_name_or_path)
-        unfinished = _unfinished_config(Path(path).expanduser(), saved, modules) if saved is not None else None
-        if unfinished is not None:
-            raise ValueError(_interrupted_message(path, unfinished, f"{CONFIG_NAME} is the older one and does not match the weights"))
+        if saved is not None:
+            _refuse_if_interrupted(path, saved, modules)
         log.warning("%s: adapter_config.json differs from the config lorakit saved with the weights (or that config "
                     "adapts other modules of this model than the file holds); using adapter_config.json, as PEFT does", path)
     return cfg
@@ -371,9 +370,15 @@ def check_not_interrupted(path: str | os.PathLike, fields: dict[str, Any], metad
     except (ValueError, TypeError, AttributeError):
         return
     if saved is not None and not _same_for_peft(saved, cfg, modules, None, DEFAULT_ADAPTER):
-        unfinished = _unfinished_config(Path(path).expanduser(), saved, modules)
-        if unfinished is not None:
-            raise ValueError(_interrupted_message(path, unfinished, f"{CONFIG_NAME} is the older one and does not match the weights"))
+        _refuse_if_interrupted(path, saved, modules)
+
+
+def _refuse_if_interrupted(path: str | os.PathLike, saved: LoraConfig, modules: list[str]) -> None:
+    """Raise if adapter_config.json (which disagrees with the weights' header `saved`) is the older half of an
+    interrupted save: a temp config that goes with the weights is still there."""
+    unfinished = _unfinished_config(Path(path).expanduser(), saved, modules)
+    if unfinished is not None:
+        raise ValueError(_interrupted_message(path, unfinished, f"{CONFIG_NAME} is the older one and does not match the weights"))
 
 
 def _unfinished_config(folder: Path, saved: LoraConfig, modules: list[str]) -> Path | None:

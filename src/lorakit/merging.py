@@ -91,12 +91,15 @@ def _strip(model: nn.Module, keep_merged: bool) -> nn.Module:
 
 
 @torch.no_grad()
-def restore_base_values(model: nn.Module, record: AdapterRecord, keep: frozenset[str] = frozenset()) -> None:
+def restore_base_values(model: nn.Module, record: AdapterRecord, keep: frozenset[str] = frozenset(),
+                        params: dict[str, nn.Parameter] | None = None) -> None:
     """Put back the base values of the parameters `record`'s adapter changed (trained biases, base weights loaded
     from its file), except those in `keep` (still held by another adapter). In a merged layer the value goes into
-    its exact unmerged copy and the merge is redone, so unmerging later gives the base value too."""
+    its exact unmerged copy and the merge is redone, so unmerging later gives the base value too. `params`:
+    `all_params(model)` when the caller has it (walking every parameter is the costly part)."""
     todo = {pname: value for pname, value in record.base_values.items() if pname not in keep}
-    params = all_params(model) if todo else {}  # walking every parameter is the costly part: only when needed
+    if todo and params is None:
+        params = all_params(model)
     for pname, value in todo.items():
         layer = model.get_submodule(pname.rpartition(".")[0])
         merged = list(layer.merged_adapters) if isinstance(layer, LoraLayer) else []

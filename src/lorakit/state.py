@@ -101,6 +101,13 @@ def drop_state(model: nn.Module) -> None:
             del module._forward_pre_hooks[key]
 
 
+def is_merged(model: nn.Module) -> bool:
+    """Whether the model serves merged: `merge` was called and no `unmerge` since (also while its merged adapter
+    is deleted and nothing is merged), or some layer holds a merge."""
+    state = get_state(model)
+    return state.merged or any(layer.merged_adapters for _, layer in lora_layers(model))
+
+
 def check_module(model: object) -> None:
     """A TypeError that says what to do when `model` is not a module (e.g. a model name passed by mistake)."""
     if not isinstance(model, nn.Module):

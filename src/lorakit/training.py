@@ -38,7 +38,7 @@ from .data import IGNORE_INDEX, collate, encode_causal, encode_classification
 from .injection import HEAD_NAMES, inject
 from .models import is_bidirectional_encoder
 from .precision import base_dtype_choice, cast_base
-from .state import check_module, check_not_peft, get_state, lora_layers
+from .state import check_module, check_not_peft, get_state, is_merged
 
 log = logging.getLogger(__name__)
 
@@ -491,8 +491,7 @@ def finetune(
     """
     check_module(model)
     check_not_peft(model)
-    state = get_state(model, required=False)
-    if state is not None and (state.merged or any(layer.merged_adapters for _, layer in lora_layers(model))):
+    if get_state(model, required=False) is not None and is_merged(model):
         raise ValueError("the model's adapters are merged into its base weights, where training cannot reach A and B: "
                          "call lorakit.unmerge(model) first (merge again after training)")
     cfg = config or TrainConfig()

@@ -20,10 +20,12 @@ def bounded(kind: type, low: float, high: float | None = None, open_high: bool =
         below = value is not None and (value <= low if open_low else value < low)
         if value is None or not math.isfinite(value) or below or above:
             what = "an integer" if kind is int else "a finite number"
-            left = "(" if open_low else "["
-            limit = (f"{'>' if open_low else '>='} {low}" if high is None
-                     else f"in {left}{low}, {high})" if open_high else f"in {left}{low}, {high}]" if open_low
-                     else f"in {low}..{high}")
+            if high is None:
+                limit = f"{'>' if open_low else '>='} {low}"
+            elif open_low or open_high:
+                limit = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            else:
+                limit = f"in {low}..{high}"
             raise argparse.ArgumentTypeError(f"expected {what} {limit}, got {text!r}")
         return value
     return parse
