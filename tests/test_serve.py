@@ -160,6 +160,9 @@ def test_prompt_list_is_one_request_with_several_choices(server):
         ({"model": "sql", "prompt": "hi", "n": 2}, 400, "n"),
         ({"model": "sql", "prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
         ({"model": "sql", "prompt": "hi", "stream": "yes"}, 400, "stream"),
+        ({"model": "sql", "prompt": "hi", "temperature": "0.5"}, 400, "temperature: Input should be a valid number"),
+        ({"model": "sql", "prompt": "hi", "top_p": "1"}, 400, "top_p: Input should be a valid number"),
+        ({"model": "sql", "prompt": "hi", "temperature": True}, 400, "temperature: Input should be a valid number"),
         ({"model": "sql", "prompt": "hi", "logprobs": 5, "echo": True}, 400, "echo, logprobs not supported"),
         ({"model": "sql", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty not supported"),
         ({"model": "sql", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "up to 4 non-empty strings"),
@@ -195,6 +198,8 @@ def test_max_tokens_null_means_the_default_and_a_body_without_json_header_is_tol
     r = post(url, "/v1/completions", json={"model": "sql", "prompt": "hi", "max_tokens": 4, **nulls, "user": "x"})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == complete(url, "sql", "hi", 4).json()["choices"][0]["text"]
     assert post(url, "/v1/completions", json={"model": "sql", "prompt": "hi", "best_of": True}).status_code == 400
+    ints = post(url, "/v1/completions", json={"model": "sql", "prompt": "hi", "max_tokens": 4, "temperature": 0, "top_p": 1})
+    assert ints.status_code == 200 and ints.json()["choices"] == r.json()["choices"], ints.text  # JSON ints are numbers
     r = post(url, "/v1/completions", content=b'{"model": "sql", "prompt": "hi"}', headers={"content-type": "text/plain"})
     assert r.status_code == 400 and "content-type: application/json" in r.json()["error"]["message"], r.text
 

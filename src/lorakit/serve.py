@@ -419,14 +419,15 @@ class SamplingRequest(BaseModel):
 
     model: str = Field(description=f"the adapter's name, {BASE!r} for the base model; required, as in OpenAI's API")
     max_tokens: int | None = Field(None, ge=1, strict=True, description="null or left out: the endpoint's default")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False,
+    # strict: a number, never a string or bool ("0.5" is a client bug, as OpenAI's API says); ints are numbers
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False, strict=True,
                                description=f"below {MIN_TEMPERATURE:g}: greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
     stop: str | list[str] | None = Field(None, description="up to 4 sequences; the text ends before the first one")
     stream: bool = Field(False, strict=True)
     n: int = Field(1, ge=1, le=1, strict=True, description="choices per prompt: only 1")
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, strict=True)
+    frequency_penalty: float = Field(0.0, strict=True)
     logit_bias: dict[str, float] | None = None
     seed: int | None = Field(None, strict=True)  # rows sample together in a mixed batch: no per-request seed
     stream_options: dict[str, Any] | None = None
