@@ -10,6 +10,7 @@ import lorakit
 from conftest import BUILDERS, logits, tiny_llama
 from lorakit.adapters import randomize_adapters
 from lorakit.layers import LoraLayer
+from lorakit.state import is_merged
 
 archs = pytest.mark.parametrize("arch", list(BUILDERS))
 targets = pytest.mark.parametrize("target", [None, "all-linear"])
@@ -126,6 +127,47 @@ def test_half_precision_merge_computes_in_fp32_and_casts_back(dtype, input_ids):
         assert (m.weight.float() - w.float()).abs().max() <= 2 * torch.finfo(dtype).eps * w.float().abs().max()
 
 
+def _fp16_two_layers(big: str) -> nn.Module:
+    """fp16 model with adapters "ok" and `big`; `big`'s ΔW on layer "1" (merged after "0") exceeds fp16's range."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).to(torch.float16)
+    for name in ("ok", big):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=2, target_modules=["0", "1"]), adapter=name)
+    randomize_adapters(model, std=0.1, seed=1)
+    with torch.no_grad():
+        model[0].bias.zero_()  # small inputs to "1", so that the unmerged ΔW·x still fits fp16
+        model[1].lora_A[big].fill_(300.0)
+        model[1].lora_B[big].fill_(300.0)  # ΔW = 2·300·300 = 1.8e5 > 65504
+    return model
+
+
+def test_a_merge_that_overflows_the_weights_dtype_is_refused_and_changes_nothing():
+    model = _fp16_two_layers("big")
+    lorakit.set_adapter(model, "big")
+    x = torch.randn(3, 8, dtype=torch.float16) * 1e-3
+    before, out = _weights(model), model(x)
+    assert torch.isfinite(out).all()  # unmerged, ΔW·x fits fp16; ΔW alone does not
+    for call in (lorakit.merge, lorakit.merge_and_unload):
+        with pytest.raises(ValueError, match=r"cannot merge into '1'.*overflows torch.float16.*keep the adapter unmerged"):
+            call(model)
+        assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+        assert all(not m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer))
+        assert not is_merged(model) and torch.equal(model(x), out)
+
+
+def test_a_merged_swap_that_would_overflow_keeps_the_old_adapter_merged():
+    model = _fp16_two_layers("big")
+    lorakit.set_adapter(model, "ok")
+    lorakit.merge(model)
+    x = torch.randn(3, 8, dtype=torch.float16)
+    before, out = _weights(model), model(x)
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        lorakit.set_adapter(model, "big")
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    assert [m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer)] == [["ok"], ["ok"]]
+    assert lorakit.active_adapters(model) == ["ok"] and torch.equal(model(x), out)
+
+
 def test_merge_of_a_lora_bias_adapter_is_all_or_nothing():
     model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 4, bias=False))
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0", "1"], lora_bias=True))
@@ -153,10 +195,11 @@ def test_meta_device_model_forwards_merges_and_unloads_without_memory():
     classes = [type(m) for m in model.modules()]
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules="all-linear"))
     assert model(torch.zeros(1, 4, dtype=torch.long, device="meta")).logits.shape == (1, 4, 128)
-    lorakit.merge(model)
-    assert all(m.merged_adapters == ["default"] for m in model.modules() if isinstance(m, LoraLayer))
-    lorakit.unmerge(model)
-    plain = lorakit.merge_and_unload(model)
+    # merged on meta, a later to_empty + load of the base weights would leave W0's kept copy uninitialised
+    with pytest.raises(ValueError, match="meta device.*load the base weights"):
+        lorakit.merge(model)
+    assert not any(m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer))
+    plain = lorakit.merge_and_unload(model)  # nothing to fold: the plain modules, still without memory
     assert [type(m) for m in plain.modules()] == classes
     assert all(p.is_meta for p in plain.parameters())
 

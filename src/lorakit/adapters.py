@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .functional import expand_sliced_B
 from .layers import LoraLayer
-from .merging import check_mergeable, restore_base_values
+from .merging import check_mergeable, restore_base_values, set_merged_all
 from .saved import SavedModule, remove_copy, saved_copy, wrappers
 from .state import (
     all_params,
@@ -78,10 +78,11 @@ def activate(model: nn.Module, names: list[str], merged: bool | None = None, fre
                     "run at a time; activate one of them, or use mixed_batch to give rows different adapters"
                 )
             heads.append((module, owners[0] if owners else None))
-    for _, layer in lora_layers(model):
-        layer.active_adapters = [n for n in names if n in layer.lora_specs]
-        # one fused pass per layer: W ← W0 + ΔW_new (exact W0 kept while merged, so no drift)
-        layer.set_merged(layer.active_adapters if merged else [])
+    layers = [(path, layer, [n for n in names if n in layer.lora_specs]) for path, layer in lora_layers(model)]
+    # one fused pass per layer: W ← W0 + ΔW_new (exact W0 kept while merged, so no drift); all layers or none
+    set_merged_all([(path, layer, own if merged else []) for path, layer, own in layers])
+    for _, layer, own in layers:
+        layer.active_adapters = own
     for module, owner in heads:
         module.active = owner
     state.active = names

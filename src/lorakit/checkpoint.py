@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .adapters import PREFIX, _unmerged_value, activate, adapter_state_dict, peft_param_name
 from .config import LoraConfig
-from .functional import compress_sliced_B, lora_scale
+from .functional import cast_in_range, compress_sliced_B, lora_scale
 from .injection import HEAD_NAMES, _bias_params, _find_saved_modules, inject, plan, resolve_config, saved_name_matches
 from .layers import adapter_shapes, is_conv1d_gpt2
 from .saved import base_of, saved_copy
@@ -268,8 +268,8 @@ def cast_checked(key: str, t: Tensor, dtype: torch.dtype | None) -> Tensor:
     """`t` (floating) cast to `dtype` (None: as it is); a value the cast turns into ±inf is an error, not a file of infs."""
     if dtype is None or not t.is_floating_point():
         return t
-    cast = t.to(dtype)
-    if (~torch.isfinite(cast)).sum() > (~torch.isfinite(t)).sum():  # infs or NaNs already there are the source's own
+    cast = cast_in_range(t, dtype)
+    if cast is None:
         raise ValueError(f"{key} overflows {dtype} (max |value| {t.abs().max().item():.3g}); use bf16, which has fp32's range")
     return cast
 

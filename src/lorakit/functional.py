@@ -17,6 +17,14 @@ def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def cast_in_range(t: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """`t` cast to `dtype`, or None when the cast turns finite values into ±inf (fp16's range ends at 65504)."""
+    cast = t.to(dtype)
+    if (~torch.isfinite(cast)).sum() > (~torch.isfinite(t)).sum():  # infs or NaNs already there are `t`'s own
+        return None
+    return cast
+
+
 def init_lora_A(A: Tensor, init: str, r: int) -> None:
     """Initialise A in place: Kaiming-uniform as loralib/PEFT, or N(0, 1/r²) as PEFT's "gaussian"."""
     if A.is_meta:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .functional import delta_weight, expand_sliced_B, init_lora_A, lora_scale
+from .functional import cast_in_range, delta_weight, expand_sliced_B, init_lora_A, lora_scale
 
 
 @dataclass(frozen=True)
@@ -162,26 +162,32 @@ class LoraLayer:
                 self.bias.copy_(self._buffers.pop("lora_b0"))
             self.merged_adapters = []
             return
-        if "lora_w0" not in self._buffers:
-            self.register_buffer("lora_w0", self.weight.detach().clone(), persistent=False)
-            if getattr(self, "bias", None) is not None:  # nn.Embedding has no bias
-                self.register_buffer("lora_b0", self.bias.detach().clone(), persistent=False)
-        w0 = self._buffers["lora_w0"]
+        has_bias = getattr(self, "bias", None) is not None  # nn.Embedding has none
+        w0 = self._buffers.get("lora_w0", self.weight)
+        b0 = self._buffers.get("lora_b0", self.bias if has_bias else None)
         A, B = self.lora_A[names[0]], self.lora_B[names[0]]
         spec = self.lora_specs[names[0]]
         plain = spec.enabled is None and not (self.fan_in_fan_out or self.is_embedding) and A.dim() == 2
         if len(names) == 1 and plain and w0.dtype == A.dtype == B.dtype == torch.float32:
-            self.weight.copy_(torch.addmm(w0, B, A, alpha=spec.scale))  # W0 + s·B·A in one GEMM
+            weight = torch.addmm(w0, B, A, alpha=spec.scale)  # W0 + s·B·A in one GEMM
         else:
-            total = w0.to(torch.float32, copy=True)
+            weight = w0.to(torch.float32, copy=True)
             for name in names:
-                total += self.delta_weight(name)
-            self.weight.copy_(total)
-        if "lora_b0" in self._buffers:
-            bias = self._buffers["lora_b0"].to(torch.float32, copy=True)
+                weight += self.delta_weight(name)
+            weight = _fitting(weight, self.weight.dtype, "the merged weight")
+        bias = None
+        if b0 is not None:
+            bias = b0.to(torch.float32, copy=True)
             for name in names:
                 if name in self.lora_B_bias:
                     bias += self.scaled_lora_bias(name).float()
+            bias = _fitting(bias, self.bias.dtype, "the merged bias")
+        if "lora_w0" not in self._buffers:  # first merge: keep exact copies of W0 (and the bias) to unmerge to
+            self.register_buffer("lora_w0", self.weight.detach().clone(), persistent=False)
+            if has_bias:
+                self.register_buffer("lora_b0", self.bias.detach().clone(), persistent=False)
+        self.weight.copy_(weight)
+        if bias is not None:
             self.bias.copy_(bias)
         self.merged_adapters = names
 
@@ -211,6 +217,20 @@ class LoraLayer:
 
 
 _optimizer_steps = [0]  # see tensor_fingerprint
+
+
+def _fitting(t: Tensor, dtype: torch.dtype, what: str) -> Tensor:
+    """`t` (fp32) as `dtype`; for a dtype with less range than bf16 (fp16), an error if a value does not fit."""
+    if not dtype.is_floating_point or torch.finfo(dtype).max >= torch.finfo(torch.bfloat16).max:
+        return t
+    cast = cast_in_range(t, dtype)
+    if cast is None:
+        raise ValueError(
+            f"{what} overflows {dtype} (max |value| {t.abs().max().item():.3g}, the dtype's largest "
+            f"{torch.finfo(dtype).max:.6g}): keep the adapter unmerged, or merge into a bf16 or fp32 base "
+            "(model.to(torch.bfloat16)), which has the range"
+        )
+    return cast
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:

@@ -23,12 +23,28 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None) -> nn.Module
     if unknown:
         raise ValueError(f"cannot merge {unknown}: no such adapter on this model; it has {list(state.adapters)}")
     check_mergeable(model, names)
-    for _, layer in lora_layers(model):
-        for name in names:
-            if name in layer.lora_specs:
-                layer.merge_adapter(name)
+    set_merged_all([(path, layer, [*layer.merged_adapters, *(n for n in names if n in layer.lora_specs)])
+                    for path, layer in lora_layers(model)])
     state.merged = True
     return model
+
+
+def set_merged_all(todo: list[tuple[str, LoraLayer, list[str]]]) -> None:
+    """Merge exactly `names` into each (path, layer, names), all or nothing: if one layer cannot (its merged
+    weight would overflow an fp16 base), the layers done so far go back to what they held."""
+    done: list[tuple[LoraLayer, list[str]]] = []
+    try:
+        for path, layer, names in todo:
+            before = list(layer.merged_adapters)
+            try:
+                layer.set_merged(names)
+            except ValueError as e:
+                raise ValueError(f"cannot merge into {path!r}: {e}") from e
+            done.append((layer, before))
+    except ValueError:
+        for layer, before in reversed(done):
+            layer.set_merged(before)
+        raise
 
 
 def check_mergeable(model: nn.Module, names: list[str]) -> None:
@@ -37,6 +53,12 @@ def check_mergeable(model: nn.Module, names: list[str]) -> None:
     for pname, p in model.named_parameters(remove_duplicate=False):
         shared.setdefault(id(p), []).append(pname)
     for path, layer in lora_layers(model):
+        if layer.weight.is_meta and any(n in layer.lora_specs for n in names):
+            raise ValueError(
+                f"cannot merge: the model is on the meta device ({path!r} holds no values yet), and a merge made now "
+                "would unmerge to uninitialised memory after to_empty; load the base weights (to_empty + "
+                "load_state_dict) first, or use merge_and_unload for the plain (meta) model"
+            )
         if getattr(layer, "bias", None) is None and any(n in layer.lora_B_bias for n in names):
             raise ValueError(
                 f"cannot merge: {path!r} has a lora_bias but no base bias to fold it into; "
@@ -116,7 +138,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Inference then costs exactly what the base model costs (the paper's Sec. 4.2). A module the
     active adapter trained whole (``modules_to_save``) is replaced by its trained copy.
     """
-    merge(model)
+    get_state(model)  # the clear errors for a non-module or a model without adapters come first
+    if not any(layer.weight.is_meta for _, layer in lora_layers(model)):  # on meta there are no values to fold
+        merge(model)
     return _strip(model, keep_merged=True)
 
 
