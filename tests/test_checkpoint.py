@@ -172,6 +172,25 @@ def test_edited_tensor_shape_is_reported(tmp_path):
     _assert_same(before, _snapshot(model))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_are_refused_naming_the_tensor(tmp_path, bad):
+    lorakit.save_adapter(_trained("bert"), tmp_path)  # LoRA factors and a saved classifier head
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    keys = ["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight", "base_model.model.classifier.bias"]
+    for key in keys:
+        tensors[key].view(-1)[:2] = bad
+    save_file(tensors, file, metadata=safe_open(file, "pt").metadata())
+    model = tiny_bert()
+    before = _snapshot(model)
+    with pytest.raises(ValueError) as info:  # one such value turns every output row it reaches into NaN
+        lorakit.load_adapter(model, tmp_path)
+    for key in keys:
+        assert f"{key}: 2 of {tensors[key].numel()} values are NaN or inf" in str(info.value)
+    assert "the model is unchanged" in str(info.value)
+    _assert_same(before, _snapshot(model))
+
+
 def test_missing_module_names_the_key_and_leaves_model_unchanged(tmp_path):
     lorakit.save_adapter(_trained("llama"), tmp_path)
     model = tiny_llama(layers=1)  # the adapter also has layer 1

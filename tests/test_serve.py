@@ -619,3 +619,22 @@ def test_a_finetuned_adapter_records_its_chat_template_and_the_server_says_which
         assert r.json()["choices"][0]["message"]["content"] == offline(model, tok, templated(tok, messages), "tuned", 6)
     finally:
         assert httpx.delete(url + "/v1/adapters/tuned", timeout=10).status_code == 200
+
+
+def test_an_adapter_with_nan_weights_is_a_400_and_never_joins_a_batch(server, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    url, _, _, folder = server
+    shutil.copytree(folder, tmp_path / "nan")
+    file = tmp_path / "nan" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    next(t for k, t in tensors.items() if "lora_A" in k).view(-1)[0] = float("nan")
+    save_file(tensors, file, metadata=safe_open(file, "pt").metadata())
+    r = post(url, "/v1/adapters", json={"name": "nan", "path": str(tmp_path / "nan")})
+    assert r.status_code == 400 and "values are NaN or inf" in r.json()["error"]["message"], r.text
+    assert "nan" not in [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]]
+    r = post(url, "/v1/completions", json={"model": "sql", "prompt": "ab", "max_tokens": 3, "temperature": 0.8})
+    assert r.status_code == 200, r.text

@@ -618,7 +618,7 @@ def _module_of(key: str) -> str | None:
 def _check_fit(
     expected: Expected, optional: Expected, tensors: dict[str, Tensor], source: str, paths: set[str]
 ) -> None:
-    """Raise, naming every problem, unless `tensors` fit the keys and shapes expected (`paths`: the model's modules)."""
+    """Raise, naming every problem, unless `tensors` fit the keys and shapes expected and are finite (`paths`: the model's modules)."""
     problems = []
     for key, (_, _, shape) in optional.items():
         if key in tensors and tuple(tensors[key].shape) != tuple(shape):
@@ -636,6 +636,11 @@ def _check_fit(
             problems.append(f"{key}: file has shape {got}, model expects {list(shape)}" + (
                 f" (a head for {got[0]} classes: load the model with num_labels={got[0]}, --num-labels in the CLI; "
                 "the run's run_finished.json records it)" if head else ""))
+    for key in (k for k in tensors if k in expected or k in optional):
+        t = tensors[key]
+        if t.is_floating_point() and (bad := int((~torch.isfinite(t)).sum())):
+            problems.append(f"{key}: {bad} of {t.numel()} values are NaN or inf (a diverged training run? they would "
+                            "turn every output they reach into NaN; load an earlier checkpoint)")
     covered = {loc[0] for loc in expected.values() if not _is_base(loc)}  # the targeted and the saved modules
     for key in (k for k in tensors if k not in expected and k not in optional):
         module = _module_of(key)
