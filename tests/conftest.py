@@ -85,3 +85,13 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+def assert_rounded_once(merged: torch.Tensor, exact: torch.Tensor) -> None:
+    """`merged` (fp16/bf16) is `exact` (fp64 W0 + ΔW) computed in fp32 and rounded to its dtype once: within half a
+    unit in the last place of its dtype (plus fp32's own round-off), never the error of two roundings in that dtype."""
+    info = torch.finfo(merged.dtype)
+    err = (merged.double() - exact).abs()
+    bound = exact.abs() * (info.eps / 2 + 2 * torch.finfo(torch.float32).eps) + info.smallest_normal * info.eps
+    assert (err <= bound).all(), f"max error {err.max().item():.3g} exceeds half an ulp"
+    assert (exact - exact.to(merged.dtype).double()).abs().max() > 0  # the values do need rounding

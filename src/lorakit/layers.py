@@ -165,16 +165,16 @@ class LoraLayer:
         has_bias = getattr(self, "bias", None) is not None  # nn.Embedding has none
         w0 = self._buffers.get("lora_w0", self.weight)
         b0 = self._buffers.get("lora_b0", self.bias if has_bias else None)
-        A, B = self.lora_A[names[0]], self.lora_B[names[0]]
-        spec = self.lora_specs[names[0]]
-        plain = spec.enabled is None and not (self.fan_in_fan_out or self.is_embedding) and A.dim() == 2
-        if len(names) == 1 and plain and w0.dtype == A.dtype == B.dtype == torch.float32:
-            weight = torch.addmm(w0, B, A, alpha=spec.scale)  # W0 + s·B·A in one GEMM
-        else:
-            weight = w0.to(torch.float32, copy=True)
-            for name in names:
+        weight: Tensor | None = None  # W0 + Σ ΔW in fp32
+        for name in names:
+            A, B, spec = self.lora_A[name], self.lora_B[name], self.lora_specs[name]
+            plain = spec.enabled is None and not (self.fan_in_fan_out or self.is_embedding) and A.dim() == 2
+            if plain and A.dtype == B.dtype == torch.float32:  # + s·B·A in the GEMM's own pass (~2x a separate add)
+                weight = torch.addmm(w0.float(), B, A, alpha=spec.scale) if weight is None else weight.addmm_(B, A, alpha=spec.scale)
+            else:
+                weight = w0.to(torch.float32, copy=True) if weight is None else weight
                 weight += self.delta_weight(name)
-            weight = _fitting(weight, self.weight.dtype, "the merged weight")
+        weight = _fitting(weight, self.weight.dtype, "the merged weight")
         bias = None
         if b0 is not None:
             bias = b0.to(torch.float32, copy=True)
