@@ -95,22 +95,21 @@ def _refresh_trainable(model: nn.Module, freeze_base: bool = False) -> None:
     require grad. Other parameters keep the flags their owner set, as in PEFT's set_adapter; `freeze_base`
     (inject, as PEFT's) freezes them."""
     state = get_state(model)
-    modules = dict(model.named_modules())
-    params = all_params(model)
-    owned: dict[str, set[int]] = {}
+    # found from the records, not by walking the model: this runs on every (merged) swap
+    params = all_params(model) if any(r.bias_params for r in state.adapters.values()) else {}
+    owned: dict[str, dict[int, nn.Parameter]] = {}
     for name, record in state.adapters.items():
-        ids = owned[name] = set()
+        mine = owned[name] = {}
         for path in record.layers:
-            layer = modules[path]
-            ids.update(id(store[name]) for store in (layer.lora_A, layer.lora_B, layer.lora_B_bias) if name in store)
+            layer = model.get_submodule(path)
+            mine.update((id(store[name]), store[name]) for store in (layer.lora_A, layer.lora_B, layer.lora_B_bias) if name in store)
         for path in record.saved_modules:
-            ids.update(id(p) for p in saved_copy(model, path, name).parameters())
-        ids.update(id(params[n]) for n in record.bias_params)
-    managed = set().union(*owned.values())
+            mine.update((id(p), p) for p in saved_copy(model, path, name).parameters())
+        mine.update((id(params[n]), params[n]) for n in record.bias_params)
+    managed = {i: p for mine in owned.values() for i, p in mine.items()}
     trainable = set().union(*(owned[n] for n in state.active))
-    for p in model.parameters():
-        if id(p) in managed or freeze_base:
-            p.requires_grad_(id(p) in trainable)
+    for p in model.parameters() if freeze_base else managed.values():
+        p.requires_grad_(id(p) in trainable)
 
 
 def adapter_parameters(model: nn.Module, adapter: str | None = None) -> dict[str, nn.Parameter]:
