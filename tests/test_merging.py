@@ -278,3 +278,17 @@ def test_an_embedding_tied_to_a_head_the_adapter_saves_whole_can_merge(input_ids
     randomize_adapters(model, std=0.1, seed=0)
     ref = logits(model, input_ids)  # the head is the adapter's own untied copy: merging the embedding leaves it alone
     torch.testing.assert_close(logits(lorakit.merge_and_unload(model), input_ids), ref, rtol=0, atol=1e-5)
+
+
+def test_a_layer_shared_under_two_names_merges_once():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 6)
+    model = nn.Sequential(lin, nn.ReLU(), lin)  # one module object, reached as "0" and "2"
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
+    randomize_adapters(model, std=0.3)
+    x, w0 = torch.randn(3, 6), lin.weight.detach().clone()
+    unmerged = model(x)
+    lorakit.merge(model)  # not a tie to another module: the one weight takes ΔW once
+    torch.testing.assert_close(model(x), unmerged, atol=1e-6, rtol=0)
+    lorakit.unmerge(model)
+    assert torch.equal(lin.weight, w0)

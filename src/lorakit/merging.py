@@ -65,7 +65,8 @@ def check_mergeable(model: nn.Module, names: list[str]) -> None:
                 "keep the adapter unmerged, or inject with lora_bias=False"
             )
         merging = [n for n in names if n in layer.lora_specs and n not in layer.merged_adapters]
-        tied = [t for t in shared[id(layer.weight)] if t != f"{path}.weight" and not _replaced_by_copies(model, t, merging)]
+        tied = [t for t in shared[id(layer.weight)] if t != f"{path}.weight" and not _replaced_by_copies(model, t, merging)
+                and model.get_submodule(t.rpartition(".")[0]) is not layer]  # the layer itself under another name
         if tied and merging:
             raise ValueError(
                 f"cannot merge into {path!r}: its weight is tied to {tied}, which would change too (tied input "
