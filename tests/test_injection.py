@@ -376,6 +376,16 @@ def test_no_match_messages_name_the_likely_cause():
         lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules="all-linear", exclude_modules=".*"))
 
 
+def test_a_target_that_names_a_shared_module_by_its_second_name_is_told_the_first():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.ReLU(), lin)  # one module object, reached as "0" and "2"
+    with pytest.raises(ValueError, match=r"'2' is the module '0' under a second name: one module object is adapted "
+                                         r"once, under its first name; target that name"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["2"]))
+    with pytest.raises(ValueError, match=r"'2' is the module '0' under a second name"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules="2"))
+
+
 def test_grouped_conv_is_refused_before_any_change():
     model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
     before = _snapshot(model)

@@ -315,6 +315,13 @@ def _no_match_message(model: nn.Module, cfg: LoraConfig, missing, layers) -> str
                                                                else _name_match(cfg.target_modules, p))]
         if matched and all(_name_match(cfg.exclude_modules, p) for p in matched):
             msg += f" All {len(matched)} modules it matches are excluded by exclude_modules={cfg.exclude_modules!r}."
+    first = {id(m): p for p, m in model.named_modules()}
+    pattern = missing if isinstance(missing, str) else wanted
+    aliases = {p: first[id(m)] for p, m in model.named_modules(remove_duplicate=False)
+               if p and p != first[id(m)] and missing != "all-linear" and _name_match(pattern, p)}
+    if aliases:  # PyTorch (and so PEFT) lists a module reached under several names once, under its first name
+        msg += (" " + "; ".join(f"{a!r} is the module {f!r} under a second name" for a, f in list(aliases.items())[:3])
+                + ": one module object is adapted once, under its first name; target that name.")
     if close:
         msg += f" Closest names that exist: {close}."
     msg += f" Adaptable layers here are named: {names[:30]}"
