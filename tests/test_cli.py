@@ -127,6 +127,21 @@ def test_finetune_on_a_glue_folder_evaluates_on_its_dev_split_by_default(tmp_pat
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [1, 2]
 
 
+def test_finetune_on_glue_records_the_tasks_class_names(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    from conftest import tiny_bert
+
+    model_dir = _model_folder(tmp_path / "bert", tiny_bert(num_labels=2))
+    rte = Path(__file__).parent / "data" / "glue" / "RTE"
+    args = ["finetune", "--model", model_dir, "--data", str(rte), "--task", "classification", "--steps", "1",
+            "--batch-size", "2", "--precision", "fp32", "--target", "query,value"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    done = json.loads((tmp_path / "run" / "run_finished.json").read_text())
+    assert done["id2label"] == {"0": "entailment", "1": "not_entailment"}  # was LABEL_0, LABEL_1
+    assert main([*args, "--label-names", "a,b,c", "--out", str(tmp_path / "three")]) == 1
+    assert "RTE has 2 classes (entailment, not_entailment); labels= gives 3" in capsys.readouterr().err
+
+
 def test_a_saved_classification_head_keeps_its_size_unless_asked_otherwise(tmp_path, caplog):
     pytest.importorskip("tokenizers")
     from conftest import tiny_bert

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from lorakit.data import (
+    GLUE_NAMES,
     IGNORE_INDEX,
     collate,
+    default_label_names,
     encode_causal,
     encode_classification,
     encode_prompt,
@@ -80,6 +82,27 @@ def test_glue_rte_pairs_and_label_names():
     ex = load_glue(DATA / "glue" / "RTE", "train")
     assert ex[0] == {"text": '"Dana Reeve died.', "text_pair": "Christopher Reeve had an accident.", "label": 1}
     assert ex[1]["label"] == 0
+
+
+def test_glue_label_names_map_the_tasks_labels_or_rename_its_classes():
+    rte = DATA / "glue" / "RTE"
+    default = [e["label"] for e in load_data(rte, "classification")]
+    swapped = [e["label"] for e in load_data(rte, "classification", labels=["not_entailment", "entailment"])]
+    assert swapped == [1 - label for label in default] and default[:2] == [1, 0]  # ids follow the names' order
+    sst2 = DATA / "glue" / "SST-2"
+    assert load_data(sst2, "classification", labels=["negative", "positive"]) == load_data(sst2, "classification")
+    with pytest.raises(ValueError, match=r"SST-2 has 2 classes \(negative, positive\); labels= gives 3: "
+                                         r"\['neg', 'pos', 'neutral'\]"):
+        load_data(sst2, "classification", labels=["neg", "pos", "neutral"])
+    assert default_label_names(sst2) == ["negative", "positive"] and default_label_names(rte / "train.tsv") == GLUE_NAMES["RTE"]
+    assert default_label_names(DATA / "reviews.csv") is None
+
+
+def test_class_ids_can_be_named_and_must_fit_the_names(tmp_path):
+    (tmp_path / "i.csv").write_text("text,label\nbad,0\ngreat,1\n")
+    assert [e["label"] for e in load_data(tmp_path / "i.csv", "classification", labels=["negative", "positive"])] == [0, 1]
+    with pytest.raises(ValueError, match=r"example 1 has class id 1, but the class names \['negative'\] name 1 class"):
+        load_data(tmp_path / "i.csv", "classification", labels=["negative"])
 
 
 def test_glue_cola_has_no_header():

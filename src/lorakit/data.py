@@ -23,10 +23,16 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
-#: GLUE tasks in the original ``glue_data/<TASK>/`` TSV layout: reader and label names (index = class id).
+#: GLUE tasks in the original ``glue_data/<TASK>/`` TSV layout: their label values (index = class id) ...
 GLUE_LABELS: dict[str, list[str]] = {
     "SST-2": ["0", "1"],
     "CoLA": ["0", "1"],
+    "RTE": ["entailment", "not_entailment"],
+}
+#: ... and the classes' names, the head's id2label by default.
+GLUE_NAMES: dict[str, list[str]] = {
+    "SST-2": ["negative", "positive"],
+    "CoLA": ["unacceptable", "acceptable"],
     "RTE": ["entailment", "not_entailment"],
 }
 
@@ -165,18 +171,26 @@ def classification_examples(
     _require(rows, {"text": text_field, "label": label_field, **({"text_pair": text_pair_field} if text_pair_field else {})},
              source)
     names = [str(n) for n in labels] if labels is not None else None
+    def word(raw: Any) -> bool:  # a label that is no class id
+        return isinstance(raw, str) and bool(raw.strip()) and not raw.strip().lstrip("+-").isdigit()
+
+    by_name = names is not None and all(str(r[label_field]) in names for r in rows)  # else class ids, named by `names`
+    if names is not None and not by_name and any(word(r[label_field]) for r in rows):
+        i, raw = next((i, r[label_field]) for i, r in enumerate(rows) if str(r[label_field]) not in names)
+        raise ValueError(f"{source}: example {i} has label {raw!r}, which is not one of the class names {names}")
     out = []
     for i, r in enumerate(rows):
         raw = r[label_field]
-        if names is not None and str(raw) not in names:
-            raise ValueError(f"{source}: example {i} has label {raw!r}, which is not one of the class names {names}")
-        if names is None and isinstance(raw, str) and raw.strip() and not raw.strip().lstrip("+-").isdigit():
+        if names is None and word(raw):
             found = sorted({str(x[label_field]) for x in rows})
             shown = ",".join(found[:10]) + (",..." if len(found) > 10 else "")
             raise ValueError(f"{source}: example {i} has label {raw!r}: labels are class ids (integers >= 0) unless you name "
                              f"the classes in class-id order: --label-names {shown} in the CLI, labels=[...] in "
                              f"lorakit.load_data() ({len(found)} distinct labels here)")
-        label = names.index(str(raw)) if names is not None else class_id(raw, i, source)
+        label = names.index(str(raw)) if by_name else class_id(raw, i, source)
+        if names is not None and label >= len(names):
+            raise ValueError(f"{source}: example {i} has class id {label}, but the class names {names} name {len(names)} "
+                             f"class{'es' if len(names) > 1 else ''} (ids 0..{len(names) - 1}): name every class")
         ex = {"text": str(r[text_field]), "label": label}
         if text_pair_field:
             ex["text_pair"] = str(r[text_pair_field])
@@ -222,12 +236,33 @@ def glue_task(name: str) -> str | None:
     return next((task for task in GLUE_LABELS if task.upper().replace("-", "") == key), None)
 
 
-def load_glue(task_dir: str | os.PathLike, split: str = "train") -> list[dict[str, Any]]:
-    """A GLUE task (SST-2, RTE, CoLA) from its ``glue_data/<TASK>/<split>.tsv`` folder, read with QUOTE_NONE."""
+def glue_source(spec: str | os.PathLike) -> str | None:
+    """The GLUE task a data source is (a task folder or one of its split files), else None."""
+    path = Path(spec)
+    if path.is_dir():
+        return glue_task(path.name)
+    return glue_task(path.parent.name) if path.is_file() and path.suffix == ".tsv" else None
+
+
+def default_label_names(spec: str | os.PathLike) -> list[str] | None:
+    """The class names of a GLUE source (the head's id2label when none are given), else None."""
+    task = glue_source(spec)
+    return list(GLUE_NAMES[task]) if task else None
+
+
+def load_glue(task_dir: str | os.PathLike, split: str = "train", labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """A GLUE task (SST-2, RTE, CoLA) from its ``glue_data/<TASK>/<split>.tsv`` folder, read with QUOTE_NONE.
+
+    `labels`: the classes' names in class-id order, one per class of the task; when they are the task's own label
+    values (RTE's ``entailment``…) the ids follow their order, otherwise they rename the task's classes."""
     task_dir = Path(task_dir)
     task = glue_task(task_dir.name)
     if task is None:
         raise ValueError(f"unknown GLUE task folder {task_dir.name!r}: lorakit reads {sorted(GLUE_LABELS)}")
+    if labels is not None and len(labels) != len(GLUE_LABELS[task]):
+        raise ValueError(f"{task} has {len(GLUE_LABELS[task])} classes ({', '.join(GLUE_NAMES[task])}); labels= gives "
+                         f"{len(labels)}: {list(labels)} (--label-names in the CLI): give one name per class, or none")
+    values = [str(n) for n in labels] if labels is not None and set(map(str, labels)) == set(GLUE_LABELS[task]) else None
     file = task_dir / f"{split}.tsv"
     if split == "test":
         raise ValueError(f"{file}: GLUE test splits carry no labels (the benchmark keeps them hidden), so they cannot "
@@ -239,9 +274,9 @@ def load_glue(task_dir: str | os.PathLike, split: str = "train") -> list[dict[st
             rows = [{"sentence": r[3], "label": r[1]} for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
         else:
             rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if task == "RTE":
-        return classification_examples(rows, "sentence1", "label", "sentence2", GLUE_LABELS[task], source=str(file))
-    return classification_examples(rows, "sentence", "label", labels=GLUE_LABELS[task], source=str(file))
+    pair = "sentence2" if task == "RTE" else None
+    return classification_examples(rows, "sentence1" if pair else "sentence", "label", pair, values or GLUE_LABELS[task],
+                                   source=str(file))
 
 
 def load_hf(name: str, split: str = "train") -> list[dict[str, Any]]:
@@ -282,7 +317,7 @@ def load_data(
         rows, source = load_hf(spec[3:], split), spec
     else:
         path = Path(spec)
-        glue_file = path.is_file() and path.suffix == ".tsv" and glue_task(path.parent.name) is not None
+        glue_file = path.is_file() and glue_source(path) is not None
         if split != "train" and path.is_file():  # a file is one split: never silently the training file again
             what, fix = ("one split's file", f"{path.parent / split}.tsv") if glue_file else ("a file", "FILE")
             raise ValueError(f"{path} is {what}: a split (split={split!r}, --eval-split) applies to a GLUE task folder "
@@ -291,7 +326,7 @@ def load_data(
             if task != "classification":
                 raise ValueError(f"{path} is a GLUE task, labelled sentences: use --task classification "
                                  "(task='classification') with an encoder such as minilm-l6")
-            return load_glue(path.parent, path.stem) if glue_file else load_glue(path, split)
+            return load_glue(path.parent, path.stem, labels) if glue_file else load_glue(path, split, labels)
         if path.is_dir():
             raise ValueError(f"{path} is a folder but not a GLUE task folder ({sorted(GLUE_LABELS)}); pass a data file")
         if task == "causal-lm" and path.suffix.lower() == ".txt":

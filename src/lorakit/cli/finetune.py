@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-labels", type=bounded(int, 1), default=None,
                    help="classes of the classification head (default: the checkpoint's head, else --label-names' count, else 2)")
     p.add_argument("--label-names", default=None,
-                   help="comma-separated class names in class-id order, for string labels (e.g. neg,pos: neg = 0)")
+                   help="comma-separated class names in class-id order: string labels map through them (neg,pos: neg = 0), class ids get them as names; they become the head's id2label (a GLUE task: its own names by default)")
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--completion-field", default="completion")
     p.add_argument("--text-field", default="text")
@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from lorakit.data import load_data
+    from lorakit.data import default_label_names, load_data
     from lorakit.models import load_model
     from lorakit.training import TrainConfig, TrainingError, finetune, latest_checkpoint
 
@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every, seed=args.seed, precision=args.precision,
         use_chat_template=False if args.no_chat_template else None,
     )
+    if label_names is None and args.num_labels is None and args.task == "classification":
+        label_names = default_label_names(args.data)  # a GLUE task's class names become the head's id2label
     model, tokenizer = load_model(args.model, args.task, num_labels=args.num_labels, label_names=label_names,
                                   seed=args.seed)  # seeds a new head
     bar = None
