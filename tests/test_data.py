@@ -185,6 +185,21 @@ def test_truncation_keeps_the_completion_and_is_counted(caplog):
     assert "1 of 2 examples are longer than max_length=10" in caplog.text
 
 
+def test_a_completion_longer_than_max_length_keeps_half_the_room_for_its_prompt(caplog):
+    tok = ByteTokenizer(add_bos=False)
+    data = [{"prompt": "instruct", "completion": "c" * 50}, {"prompt": "p" * 50, "completion": "c" * 50},
+            {"prompt": "ab", "completion": "c" * 50}]
+    with caplog.at_level("WARNING", logger="lorakit.data"):
+        long_completion, both, short_prompt = encode_causal(tok, data, max_length=12, use_chat_template=False)
+    # the prompt's last 6 tokens (the instruction's end, where a chat template puts the assistant header) stay
+    assert long_completion["input_ids"][:6] == tok.encode("struct") and long_completion["labels"][:6] == [-100] * 6
+    assert long_completion["labels"][6:] == tok.encode("c" * 6) and len(both["input_ids"]) == 12
+    assert both["labels"].count(-100) == 6
+    assert short_prompt["input_ids"] == tok.encode("ab" + "c" * 10)  # a short prompt leaves the rest to the completion
+    assert "3 of 3 examples are longer than max_length=12" in caplog.text
+    assert "3 lose the end of their completion" in caplog.text and "2 the start of their prompt" in caplog.text
+
+
 def test_collate_pads_right_with_mask_and_ignored_labels():
     batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]

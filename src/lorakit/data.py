@@ -383,7 +383,9 @@ def encode_causal(
     The prompt starts with the tokenizer's BOS where ``tokenizer(prompt)`` would add one (`encode_prompt`), so
     training sees the prompts that generation later sends.
 
-    Too-long examples are cut from the end of the prompt's left side, so the completion survives.
+    A too-long example keeps the end of its prompt (with a chat template: the assistant header the completion
+    follows) and the start of its completion; the prompt keeps at least half of `max_length` (all of a shorter
+    prompt), so that no example trains a completion without its prompt.
     Examples left with no completion token to predict are an error when it is all of them, else a warning.
     """
     if not examples:
@@ -391,20 +393,23 @@ def encode_causal(
     _require(examples, {"prompt": "prompt", "completion": "completion"}, source)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prefix = special_prefix(tokenizer)
-    out, cut = [], 0
+    out, cut, cut_prompt, cut_completion = [], 0, 0, 0
     for ex in examples:
         prompt_ids = encode_prompt(tokenizer, format_prompt(tokenizer, str(ex["prompt"]), use_chat_template), prefix)
         completion_ids = tokenizer(str(ex["completion"]), add_special_tokens=False)["input_ids"] + eos  # as files: text
-        cut += len(prompt_ids) + len(completion_ids) > max_length
-        completion_ids = completion_ids[:max_length - 1]
+        n_prompt, n_completion = len(prompt_ids), len(completion_ids)
+        cut += n_prompt + n_completion > max_length
+        completion_ids = completion_ids[:max_length - min(n_prompt, max(1, max_length // 2))]
         prompt_ids = prompt_ids[-(max_length - len(completion_ids)):]
+        cut_prompt += len(prompt_ids) < n_prompt
+        cut_completion += len(completion_ids) < n_completion
         out.append({
             "input_ids": prompt_ids + completion_ids,
             "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
         })
     if cut:
-        log.warning("%s: %d of %d examples are longer than max_length=%d tokens (--max-length) and lose the start of "
-                    "their prompt (or the end of their completion)", source, cut, len(out), max_length)
+        log.warning("%s: %d of %d examples are longer than max_length=%d tokens (--max-length): %d lose the end of their "
+                    "completion, %d the start of their prompt", source, cut, len(out), max_length, cut_completion, cut_prompt)
     empty = [i for i, item in enumerate(out) if all(t == IGNORE_INDEX for t in item["labels"][1:])]
     if len(empty) == len(out):
         if max_length < 2:
