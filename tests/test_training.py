@@ -572,6 +572,20 @@ def test_other_tools_checkpoint_folders_and_metrics_are_left_alone(tmp_path, cap
     assert (mine / "metrics.jsonl").read_text() == "my own notes\n"
 
 
+def test_a_checkpoint_write_killed_halfway_leaves_no_temp_folder_after_the_next_save(tmp_path):
+    cfg = dataclasses.replace(config(), steps=4, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path,
+                 callback=lambda e: (_ for _ in ()).throw(KeyboardInterrupt) if e["event"] == "save" else None)
+    stale = tmp_path / f".{training.CHECKPOINT_PREFIX}3.tmp"  # what SIGKILL during a save leaves
+    stale.mkdir()
+    (stale / training.STATE_TENSORS).write_bytes(b"half")
+    other = tmp_path / f".{training.CHECKPOINT_PREFIX}notes.tmp"  # not a name lorakit writes
+    other.mkdir()
+    finetune(tiny_llama(), TOK, examples(), None, cfg, out_dir=tmp_path, resume=True)
+    assert not stale.exists() and other.is_dir()
+
+
 def test_a_damaged_checkpoint_is_a_clear_error_on_resume(tmp_path):
     cfg = dataclasses.replace(config(), steps=4, save_every=2)
     with pytest.raises(KeyboardInterrupt):

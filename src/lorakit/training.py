@@ -777,6 +777,9 @@ def _save_checkpoint(
     old = _own_checkpoints(out)  # never another tool's checkpoint-<n> folders
     for p in old[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
+    for p in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # writes a killed process left half done (names only lorakit uses)
+        if p.name[len(CHECKPOINT_PREFIX) + 1:-len(".tmp")].isdigit():
+            shutil.rmtree(p, ignore_errors=True)
     return final
 
 
