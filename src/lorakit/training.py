@@ -655,6 +655,7 @@ def finetune(
                 record["num_labels"] = model.config.num_labels
                 record["id2label"] = {str(k): v for k, v in getattr(model.config, "id2label", {}).items()}
             atomic_write_bytes(finished, json.dumps(record, indent=1).encode())
+            _remove_unfinished(out)
         except OSError as e:
             raise TrainingError(f"could not write the final result to {out}: {e}; {_where(last_good, resume=True)}") from e
     seconds = time.perf_counter() - t_start
@@ -777,10 +778,15 @@ def _save_checkpoint(
     old = _own_checkpoints(out)  # never another tool's checkpoint-<n> folders
     for p in old[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
-    for p in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # writes a killed process left half done (names only lorakit uses)
+    _remove_unfinished(out)
+    return final
+
+
+def _remove_unfinished(out: Path) -> None:
+    """Delete the checkpoint temp folders a killed save left half written (only names lorakit itself writes)."""
+    for p in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):
         if p.name[len(CHECKPOINT_PREFIX) + 1:-len(".tmp")].isdigit():
             shutil.rmtree(p, ignore_errors=True)
-    return final
 
 
 def _load_checkpoint(
