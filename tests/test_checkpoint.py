@@ -191,6 +191,21 @@ def test_non_finite_values_are_refused_naming_the_tensor(tmp_path, bad):
     _assert_same(before, _snapshot(model))
 
 
+def test_a_base_weight_saved_alongside_may_hold_the_bases_own_inf(tmp_path):
+    peft = pytest.importorskip("peft")
+
+    def base() -> torch.nn.Module:
+        model = tiny_llama()
+        with torch.no_grad():
+            model.lm_head.weight[5, 0] = float("inf")  # the base model's own value, not a diverged adapter's
+        return model
+
+    peft_model = peft.get_peft_model(base(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path, save_embedding_layers=["lm_head"])
+    assert any("lm_head" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    lorakit.load_adapter(base(), tmp_path)
+
+
 def test_missing_module_names_the_key_and_leaves_model_unchanged(tmp_path):
     lorakit.save_adapter(_trained("llama"), tmp_path)
     model = tiny_llama(layers=1)  # the adapter also has layer 1

@@ -136,8 +136,11 @@ def test_finetune_on_glue_records_the_tasks_class_names(tmp_path, capsys):
     args = ["finetune", "--model", model_dir, "--data", str(rte), "--task", "classification", "--steps", "1",
             "--batch-size", "2", "--precision", "fp32", "--target", "query,value"]
     assert main([*args, "--out", str(tmp_path / "run")]) == 0
-    done = json.loads((tmp_path / "run" / "run_finished.json").read_text())
-    assert done["id2label"] == {"0": "entailment", "1": "not_entailment"}  # was LABEL_0, LABEL_1
+    for run, extra in (("run", []), ("two", ["--num-labels", "2"])):
+        if extra:
+            assert main([*args, *extra, "--out", str(tmp_path / run)]) == 0
+        done = json.loads((tmp_path / run / "run_finished.json").read_text())
+        assert done["id2label"] == {"0": "entailment", "1": "not_entailment"}  # was LABEL_0, LABEL_1
     assert main([*args, "--label-names", "a,b,c", "--out", str(tmp_path / "three")]) == 1
     assert "RTE has 2 classes (entailment, not_entailment); labels= gives 3" in capsys.readouterr().err
 

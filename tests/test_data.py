@@ -105,6 +105,15 @@ def test_class_ids_can_be_named_and_must_fit_the_names(tmp_path):
         load_data(tmp_path / "i.csv", "classification", labels=["negative"])
 
 
+def test_numeric_class_names_always_map_by_name_whatever_a_file_holds(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\na,1\nb,3\nc,5\n")
+    (tmp_path / "dev.csv").write_text("text,label\na,0\nb,3\n")  # a 0 that is no star rating
+    stars = ["1", "2", "3", "4", "5"]
+    assert [e["label"] for e in load_data(tmp_path / "train.csv", "classification", labels=stars)] == [0, 2, 4]
+    with pytest.raises(ValueError, match=r"example 0 has label '0', which is not one of the class names \['1', '2'"):
+        load_data(tmp_path / "dev.csv", "classification", labels=stars)  # never silently id 3 for label "3" here
+
+
 def test_glue_cola_has_no_header():
     ex = load_glue(DATA / "glue" / "CoLA", "train")
     assert [e["label"] for e in ex] == [1, 0, 1]

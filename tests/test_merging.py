@@ -169,6 +169,47 @@ def test_a_merged_swap_that_would_overflow_keeps_the_old_adapter_merged():
     assert lorakit.active_adapters(model) == ["ok"] and torch.equal(model(x), out)
 
 
+def _cancelling() -> tuple[nn.Module, list[torch.Tensor]]:
+    """fp16 model whose adapters "a" and "b" each overflow fp16 on layer "1" but cancel out together, [a, b] merged;
+    and its two W0."""
+    model = _fp16_two_layers("a")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=2, target_modules=["0", "1"]), adapter="b")
+    with torch.no_grad():
+        model[1].lora_A["b"].fill_(300.0)
+        model[1].lora_B["b"].fill_(-300.0)
+    w0 = [model[0].weight.detach().clone(), model[1].weight.detach().clone()]
+    lorakit.set_adapter(model, ["a", "b"])
+    lorakit.merge(model)
+    return model, w0
+
+
+@pytest.mark.parametrize("undo", ["unmerge", "unload", "disable_adapters"])
+def test_undoing_a_merge_never_merges_a_subset_that_would_overflow(undo):
+    model, w0 = _cancelling()
+    if undo == "disable_adapters":
+        merged = _weights(model)
+        with lorakit.disable_adapters(model):
+            assert [torch.equal(model[i].weight, w0[i]) for i in (0, 1)] == [True, True]
+        assert all(torch.equal(merged[k], v) for k, v in _weights(model).items())
+        assert [m.merged_adapters for m in model if isinstance(m, LoraLayer)] == [["a", "b"], ["a", "b"]]
+        return
+    getattr(lorakit, undo)(model)  # W0 comes back from its kept copy: no intermediate merge of "a" alone
+    assert [torch.equal(model[i].weight, w0[i]) for i in (0, 1)] == [True, True]
+
+
+def test_deleting_an_adapter_whose_partner_cannot_stay_merged_alone_is_refused_and_changes_nothing():
+    model, _ = _cancelling()
+    before = _weights(model)
+    with pytest.raises(ValueError, match=r"cannot merge into '1'.*overflows torch.float16"):
+        lorakit.delete_adapter(model, "b")
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    assert set(lorakit.list_adapters(model)) == {"ok", "a", "b"}
+    assert [m.merged_adapters for m in model if isinstance(m, LoraLayer)] == [["a", "b"], ["a", "b"]]
+    lorakit.unmerge(model)
+    lorakit.delete_adapter(model, "b")  # unmerged, nothing has to fit fp16
+    assert set(lorakit.list_adapters(model)) == {"ok", "a"}
+
+
 def test_merge_of_a_lora_bias_adapter_is_all_or_nothing():
     model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 4, bias=False))
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0", "1"], lora_bias=True))
@@ -203,6 +244,16 @@ def test_meta_device_model_forwards_merges_and_unloads_without_memory():
     plain = lorakit.merge_and_unload(model)  # nothing to fold: the plain modules, still without memory
     assert [type(m) for m in plain.modules()] == classes
     assert all(p.is_meta for p in plain.parameters())
+
+
+def test_merge_and_unload_with_some_layers_on_meta_is_an_error_not_a_silent_drop():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0", "1"]))
+    randomize_adapters(model, std=0.3)
+    model[1].to("meta")  # as an offloading tool leaves a layer
+    with pytest.raises(ValueError, match=r"meta device \('1' holds no values yet\)"):
+        lorakit.merge_and_unload(model)
+    assert isinstance(model[0], LoraLayer) and not model[0].merged_adapters
 
 
 class _TwoLinear(nn.Module):

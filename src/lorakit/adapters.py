@@ -201,6 +201,9 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
     check_not_mixed(model, f"delete adapter {adapter!r}")
     name = resolve_adapter(model, adapter)
     record = state.adapters[name]
+    # merged with others: what stays merged must fit the weights' dtype, checked (all layers or none) before any change
+    set_merged_all([(path, layer, [n for n in layer.merged_adapters if n != name])
+                    for path, layer in lora_layers(model) if name in layer.merged_adapters])
     for _, layer in lora_layers(model):
         if name in layer.lora_specs:
             layer.remove_adapter(name)
@@ -236,8 +239,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     changed: dict[str, Tensor] = {}
     try:
         for layer in layers:  # unmerged first: a merged bias holds its adapter's lora_bias too
-            for name in reversed(merged[id(layer)]):
-                layer.unmerge_adapter(name)
+            layer.set_merged([])
             layer.lora_disabled = True
         changed = {n: params[n].detach().clone() for r in records for n in r.base_values}
         for record in records:
@@ -257,8 +259,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             module.active = active
         for layer in layers:
             layer.lora_disabled = disabled[id(layer)]
-            for name in merged[id(layer)]:
-                layer.merge_adapter(name)
+            layer.set_merged(merged[id(layer)])  # as it was, in one pass (it fitted)
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:

@@ -618,7 +618,8 @@ def _module_of(key: str) -> str | None:
 def _check_fit(
     expected: Expected, optional: Expected, tensors: dict[str, Tensor], source: str, paths: set[str]
 ) -> None:
-    """Raise, naming every problem, unless `tensors` fit the keys and shapes expected and are finite (`paths`: the model's modules)."""
+    """Raise, naming every problem, unless `tensors` fit the keys and shapes expected and the adapter's own are finite
+    (`paths`: the model's modules)."""
     problems = []
     for key, (_, _, shape) in optional.items():
         if key in tensors and tuple(tensors[key].shape) != tuple(shape):
@@ -636,9 +637,9 @@ def _check_fit(
             problems.append(f"{key}: file has shape {got}, model expects {list(shape)}" + (
                 f" (a head for {got[0]} classes: load the model with num_labels={got[0]}, --num-labels in the CLI; "
                 "the run's run_finished.json records it)" if head else ""))
-    for key in (k for k in tensors if k in expected or k in optional):
-        t = tensors[key]
-        if t.is_floating_point() and (bad := int((~torch.isfinite(t)).sum())):
+    for key, loc in {**optional, **expected}.items():  # the adapter's own tensors (a base weight saved alongside may be the base's inf)
+        t = tensors.get(key)
+        if t is not None and not _is_base(loc) and t.is_floating_point() and (bad := int((~torch.isfinite(t)).sum())):
             problems.append(f"{key}: {bad} of {t.numel()} values are NaN or inf (a diverged training run? they would "
                             "turn every output they reach into NaN; load an earlier checkpoint)")
     covered = {loc[0] for loc in expected.values() if not _is_base(loc)}  # the targeted and the saved modules
@@ -753,8 +754,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
         if before_active:
             set_adapter(model, before_active)
         for p, layer in lora_layers(model):
-            for name in before_merged.get(p, []):
-                layer.merge_adapter(name)
+            if before_merged.get(p):
+                layer.set_merged(before_merged[p])  # as it was, in one pass (it fitted)
         if (after := get_state(model, required=False)) is not None:
             after.merged = merged_mode
         for p in model.parameters():

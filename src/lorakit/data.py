@@ -174,10 +174,12 @@ def classification_examples(
     def word(raw: Any) -> bool:  # a label that is no class id
         return isinstance(raw, str) and bool(raw.strip()) and not raw.strip().lstrip("+-").isdigit()
 
-    by_name = names is not None and all(str(r[label_field]) in names for r in rows)  # else class ids, named by `names`
-    if names is not None and not by_name and any(word(r[label_field]) for r in rows):
-        i, raw = next((i, r[label_field]) for i, r in enumerate(rows) if str(r[label_field]) not in names)
-        raise ValueError(f"{source}: example {i} has label {raw!r}, which is not one of the class names {names}")
+    # labels map through `names`, unless the names are all words and the labels all class ids: then they name the ids.
+    # Decided by the names when one looks like a number (1..5 stars), so every file of a run maps alike.
+    by_name = names is not None and (not all(map(word, names)) or any(word(r[label_field]) for r in rows))
+    if by_name and (i := next((i for i, r in enumerate(rows) if str(r[label_field]) not in names), None)) is not None:
+        raise ValueError(f"{source}: example {i} has label {rows[i][label_field]!r}, which is not one of the class "
+                         f"names {names}")
     out = []
     for i, r in enumerate(rows):
         raw = r[label_field]

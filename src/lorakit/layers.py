@@ -93,7 +93,7 @@ class LoraLayer:
     def remove_adapter(self, name: str) -> None:
         """Drop adapter `name` (unmerging it first) and free its tensors."""
         if name in self.merged_adapters:
-            self.unmerge_adapter(name)
+            self.set_merged([n for n in self.merged_adapters if n != name])
         for store in (self.lora_A, self.lora_B, self.lora_B_bias):
             if name in store:
                 del store[name]
@@ -128,18 +128,6 @@ class LoraLayer:
         return self.lora_bias(name) * self.lora_specs[name].scale
 
     # ---- merging ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def merge_adapter(self, name: str) -> None:
-        """W ← W0 + ΔW with `name` added to the merged set; does nothing if already merged."""
-        if name not in self.merged_adapters:
-            self.set_merged([*self.merged_adapters, name])
-
-    @torch.no_grad()
-    def unmerge_adapter(self, name: str) -> None:
-        """Take `name` out of the merged set (W ← W0 + ΔW of the rest); does nothing if not merged."""
-        if name in self.merged_adapters:
-            self.set_merged([n for n in self.merged_adapters if n != name])
-
     @torch.no_grad()
     def set_merged(self, names: list[str]) -> None:
         """Make exactly `names` merged in one pass per layer: W ← W0 + Σ ΔW (fp32, cast back).

@@ -87,12 +87,11 @@ def _replaced_by_copies(model: nn.Module, pname: str, names: list[str]) -> bool:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo every merge, newest first; idempotent."""
+    """Undo every merge (W0 back from its exact copy); idempotent."""
     state = get_state(model)
     check_not_mixed(model, "unmerge")
     for _, layer in lora_layers(model):
-        for name in reversed(list(layer.merged_adapters)):
-            layer.unmerge_adapter(name)
+        layer.set_merged([])  # never one adapter at a time: a subset of merged adapters need not fit an fp16 weight
     state.merged = False
     return model
 
@@ -102,8 +101,7 @@ def _strip(model: nn.Module, keep_merged: bool) -> nn.Module:
     check_not_mixed(model, "unload the adapters")
     for _, layer in lora_layers(model):
         if not keep_merged:
-            for name in reversed(list(layer.merged_adapters)):
-                layer.unmerge_adapter(name)
+            layer.set_merged([])
         detach(layer)
     if not keep_merged:
         for record in state.adapters.values():
@@ -140,8 +138,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     active adapter trained whole (``modules_to_save``) is replaced by its trained copy.
     """
     get_state(model)  # the clear errors for a non-module or a model without adapters come first
-    if not any(layer.weight.is_meta for _, layer in lora_layers(model)):  # on meta there are no values to fold
-        merge(model)
+    if not all(layer.weight.is_meta for _, layer in lora_layers(model)):  # all on meta: no values to fold
+        merge(model)  # some on meta (offloaded): an error, never a model with some adapters silently dropped
     return _strip(model, keep_merged=True)
 
 

@@ -92,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every, seed=args.seed, precision=args.precision,
         use_chat_template=False if args.no_chat_template else None,
     )
-    if label_names is None and args.num_labels is None and args.task == "classification":
-        label_names = default_label_names(args.data)  # a GLUE task's class names become the head's id2label
+    task_names = default_label_names(args.data) if label_names is None and args.task == "classification" else None
+    if task_names and args.num_labels in (None, len(task_names)):
+        label_names = task_names  # a GLUE task's class names become the head's id2label
     model, tokenizer = load_model(args.model, args.task, num_labels=args.num_labels, label_names=label_names,
                                   seed=args.seed)  # seeds a new head
     bar = None
