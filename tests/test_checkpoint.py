@@ -202,8 +202,31 @@ def test_a_base_weight_saved_alongside_may_hold_the_bases_own_inf(tmp_path):
 
     peft_model = peft.get_peft_model(base(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     peft_model.save_pretrained(tmp_path, save_embedding_layers=["lm_head"])
-    assert any("lm_head" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = next(k for k in tensors if "lm_head" in k)
     lorakit.load_adapter(base(), tmp_path)
+    tensors[key][7, :2] = float("nan")  # values the base does not hold: the file's own
+    save_file(tensors, file, metadata=safe_open(file, "pt").metadata())
+    with pytest.raises(ValueError, match=rf"{re.escape(key)}: 2 of {tensors[key].numel()} values are NaN or inf"):
+        lorakit.load_adapter(base(), tmp_path)
+
+
+def test_a_trained_bias_with_nan_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0"], bias="all"))
+    lorakit.save_adapter(model, tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.0.base_layer.bias"
+    tensors[key][0] = float("nan")
+    save_file(tensors, file, metadata=safe_open(file, "pt").metadata())
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match=rf"{re.escape(key)}: 1 of 4 values are NaN or inf"):
+        lorakit.load_adapter(fresh, tmp_path)
+    _assert_same(before, _snapshot(fresh))
 
 
 def test_missing_module_names_the_key_and_leaves_model_unchanged(tmp_path):

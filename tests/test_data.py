@@ -91,6 +91,8 @@ def test_glue_label_names_map_the_tasks_labels_or_rename_its_classes():
     assert swapped == [1 - label for label in default] and default[:2] == [1, 0]  # ids follow the names' order
     sst2 = DATA / "glue" / "SST-2"
     assert load_data(sst2, "classification", labels=["negative", "positive"]) == load_data(sst2, "classification")
+    flipped = [e["label"] for e in load_data(sst2, "classification", labels=["positive", "negative"])]
+    assert flipped == [1 - e["label"] for e in load_data(sst2, "classification")]  # the task's names reorder, never rename
     with pytest.raises(ValueError, match=r"SST-2 has 2 classes \(negative, positive\); labels= gives 3: "
                                          r"\['neg', 'pos', 'neutral'\]"):
         load_data(sst2, "classification", labels=["neg", "pos", "neutral"])
@@ -112,6 +114,13 @@ def test_numeric_class_names_always_map_by_name_whatever_a_file_holds(tmp_path):
     assert [e["label"] for e in load_data(tmp_path / "train.csv", "classification", labels=stars)] == [0, 2, 4]
     with pytest.raises(ValueError, match=r"example 0 has label '0', which is not one of the class names \['1', '2'"):
         load_data(tmp_path / "dev.csv", "classification", labels=stars)  # never silently id 3 for label "3" here
+
+
+def test_numeric_class_names_match_labels_written_as_floats_or_padded(tmp_path):
+    (tmp_path / "f.jsonl").write_text('{"text": "a", "label": 1.0}\n{"text": "b", "label": 2}\n')
+    (tmp_path / "p.csv").write_text('text,label\na," 1"\nb,2\n')
+    for file in ("f.jsonl", "p.csv"):
+        assert [e["label"] for e in load_data(tmp_path / file, "classification", labels=["1", "2"])] == [0, 1]
 
 
 def test_glue_cola_has_no_header():

@@ -618,8 +618,7 @@ def _module_of(key: str) -> str | None:
 def _check_fit(
     expected: Expected, optional: Expected, tensors: dict[str, Tensor], source: str, paths: set[str]
 ) -> None:
-    """Raise, naming every problem, unless `tensors` fit the keys and shapes expected and the adapter's own are finite
-    (`paths`: the model's modules)."""
+    """Raise, naming every problem, unless `tensors` fit the keys and shapes expected (`paths`: the model's modules)."""
     problems = []
     for key, (_, _, shape) in optional.items():
         if key in tensors and tuple(tensors[key].shape) != tuple(shape):
@@ -637,11 +636,6 @@ def _check_fit(
             problems.append(f"{key}: file has shape {got}, model expects {list(shape)}" + (
                 f" (a head for {got[0]} classes: load the model with num_labels={got[0]}, --num-labels in the CLI; "
                 "the run's run_finished.json records it)" if head else ""))
-    for key, loc in {**optional, **expected}.items():  # the adapter's own tensors (a base weight saved alongside may be the base's inf)
-        t = tensors.get(key)
-        if t is not None and not _is_base(loc) and t.is_floating_point() and (bad := int((~torch.isfinite(t)).sum())):
-            problems.append(f"{key}: {bad} of {t.numel()} values are NaN or inf (a diverged training run? they would "
-                            "turn every output they reach into NaN; load an earlier checkpoint)")
     covered = {loc[0] for loc in expected.values() if not _is_base(loc)}  # the targeted and the saved modules
     for key in (k for k in tensors if k not in expected and k not in optional):
         module = _module_of(key)
@@ -683,6 +677,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = DEFAU
                              "output head LoRA factors of its own; lorakit does not implement that option") from None
         raise ValueError(f"{e}{_other_base_hint(model, cfg)}") from None
     params = all_params(model)
+    _check_finite_values(tensors, {**optional, **expected}, modules, params, str(path))
     # base weights PEFT saved alongside (a resized vocabulary): load only those that differ from the model's own
     # (unmerged) values; one another adapter already changed it cannot change again, one it brings alike it shares.
     # A tied weight (input embeddings and output head) is one tensor under several names: held under any of them,
@@ -856,6 +851,25 @@ def _pname(loc: tuple) -> str:
     """The model parameter a base entry at `loc` writes (a trained bias's loc names it whole)."""
     path, slot, _ = loc
     return path if slot == "bias" and path.endswith(".bias") else f"{path}.{slot}"
+
+
+def _check_finite_values(tensors: dict[str, Tensor], locs: Expected, modules: dict, params: dict, source: str) -> None:
+    """Raise, naming each tensor, if the file brings NaN/inf values the model does not already hold there (a base
+    weight saved alongside may carry the base's own inf; an adapter's factors, biases and saved copies may not)."""
+    problems = []
+    for key, loc in locs.items():
+        t = tensors.get(key)
+        if t is None or not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        if _is_base(loc) and bad.any():
+            own = _base_value(modules, params, loc).to(t.dtype)
+            bad &= ~((t == own) | (t.isnan() & own.isnan()))
+        if n := int(bad.sum()):
+            problems.append(f"{key}: {n} of {t.numel()} values are NaN or inf (a diverged training run? they would "
+                            "turn every output they reach into NaN; load an earlier checkpoint)")
+    if problems:
+        raise ValueError(f"adapter {source} does not fit this model; the model is unchanged:\n  " + "\n  ".join(problems[:12]))
 
 
 def _base_value(modules: dict, params: dict, loc: tuple) -> Tensor:

@@ -176,8 +176,11 @@ def classification_examples(
 
     # labels map through `names`, unless the names are all words and the labels all class ids: then they name the ids.
     # Decided by the names when one looks like a number (1..5 stars), so every file of a run maps alike.
+    def key(raw: Any) -> str:  # a label as a name: 1.0 and " 1" are "1"
+        return str(int(raw)) if isinstance(raw, float) and raw.is_integer() else str(raw).strip()
+
     by_name = names is not None and (not all(map(word, names)) or any(word(r[label_field]) for r in rows))
-    if by_name and (i := next((i for i, r in enumerate(rows) if str(r[label_field]) not in names), None)) is not None:
+    if by_name and (i := next((i for i, r in enumerate(rows) if key(r[label_field]) not in names), None)) is not None:
         raise ValueError(f"{source}: example {i} has label {rows[i][label_field]!r}, which is not one of the class "
                          f"names {names}")
     out = []
@@ -189,7 +192,7 @@ def classification_examples(
             raise ValueError(f"{source}: example {i} has label {raw!r}: labels are class ids (integers >= 0) unless you name "
                              f"the classes in class-id order: --label-names {shown} in the CLI, labels=[...] in "
                              f"lorakit.load_data() ({len(found)} distinct labels here)")
-        label = names.index(str(raw)) if by_name else class_id(raw, i, source)
+        label = names.index(key(raw)) if by_name else class_id(raw, i, source)
         if names is not None and label >= len(names):
             raise ValueError(f"{source}: example {i} has class id {label}, but the class names {names} name {len(names)} "
                              f"class{'es' if len(names) > 1 else ''} (ids 0..{len(names) - 1}): name every class")
@@ -256,7 +259,7 @@ def load_glue(task_dir: str | os.PathLike, split: str = "train", labels: Sequenc
     """A GLUE task (SST-2, RTE, CoLA) from its ``glue_data/<TASK>/<split>.tsv`` folder, read with QUOTE_NONE.
 
     `labels`: the classes' names in class-id order, one per class of the task; when they are the task's own label
-    values (RTE's ``entailment``…) the ids follow their order, otherwise they rename the task's classes."""
+    values or class names (`GLUE_NAMES`) the ids follow their order, otherwise they rename the task's classes."""
     task_dir = Path(task_dir)
     task = glue_task(task_dir.name)
     if task is None:
@@ -264,7 +267,10 @@ def load_glue(task_dir: str | os.PathLike, split: str = "train", labels: Sequenc
     if labels is not None and len(labels) != len(GLUE_LABELS[task]):
         raise ValueError(f"{task} has {len(GLUE_LABELS[task])} classes ({', '.join(GLUE_NAMES[task])}); labels= gives "
                          f"{len(labels)}: {list(labels)} (--label-names in the CLI): give one name per class, or none")
-    values = [str(n) for n in labels] if labels is not None and set(map(str, labels)) == set(GLUE_LABELS[task]) else None
+    values = None  # the task's own label values or class names in another order reorder the ids; other names rename
+    if labels is not None and set(map(str, labels)) in (set(GLUE_LABELS[task]), set(GLUE_NAMES[task])):
+        own = GLUE_LABELS[task] if set(map(str, labels)) == set(GLUE_LABELS[task]) else GLUE_NAMES[task]
+        values = [GLUE_LABELS[task][own.index(str(n))] for n in labels]
     file = task_dir / f"{split}.tsv"
     if split == "test":
         raise ValueError(f"{file}: GLUE test splits carry no labels (the benchmark keeps them hidden), so they cannot "
