@@ -862,8 +862,8 @@ def _check_finite_values(tensors: dict[str, Tensor], locs: Expected, modules: di
         if t is None or not t.is_floating_point():
             continue
         bad = ~torch.isfinite(t)
-        if _is_base(loc) and bad.any():
-            own = _base_value(modules, params, loc).to(t.dtype)
+        if _is_base(loc) and bad.any() and not params[_pname(loc)].is_meta:
+            own = _base_value(modules, params, loc).to(t.device, t.dtype)
             bad &= ~((t == own) | (t.isnan() & own.isnan()))
         if n := int(bad.sum()):
             problems.append(f"{key}: {n} of {t.numel()} values are NaN or inf (a diverged training run? they would "

@@ -174,11 +174,11 @@ def classification_examples(
     def word(raw: Any) -> bool:  # a label that is no class id
         return isinstance(raw, str) and bool(raw.strip()) and not raw.strip().lstrip("+-").isdigit()
 
-    # labels map through `names`, unless the names are all words and the labels all class ids: then they name the ids.
-    # Decided by the names when one looks like a number (1..5 stars), so every file of a run maps alike.
     def key(raw: Any) -> str:  # a label as a name: 1.0 and " 1" are "1"
         return str(int(raw)) if isinstance(raw, float) and raw.is_integer() else str(raw).strip()
 
+    # labels map through `names`, unless the names are all words and the labels all class ids: then they name the ids.
+    # Decided by the names when one looks like a number (1..5 stars), so every file of a run maps alike.
     by_name = names is not None and (not all(map(word, names)) or any(word(r[label_field]) for r in rows))
     if by_name and (i := next((i for i, r in enumerate(rows) if key(r[label_field]) not in names), None)) is not None:
         raise ValueError(f"{source}: example {i} has label {rows[i][label_field]!r}, which is not one of the class "
