@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import transformers
 from safetensors.torch import load_file
 
 import lorakit
-from conftest import tiny_bert, tiny_llama
+from conftest import logits, tiny_bert, tiny_llama
 from lorakit import training
 from lorakit.data import collate, encode_causal, encode_classification
 from lorakit.training import (
@@ -316,6 +317,38 @@ def test_a_fresh_run_never_overwrites_a_trained_result_in_its_folder(tmp_path):
     with pytest.raises(ValueError, match=r"already holds a trained result \(adapter_config.json, adapter_model.safetensors\)"):
         finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("keep_checkpoints", 1.5, "keep_checkpoints must be an integer >= 0 (0: keep every checkpoint)"),
+    ("keep_checkpoints", -1, "keep_checkpoints must be an integer >= 0"),
+    ("use_chat_template", "no", "use_chat_template must be True, False or None"),
+    ("grad_checkpointing", "yes", "grad_checkpointing must be True or False"),
+    ("lr", "1e-3", "lr must be a finite number > 0, got '1e-3'"),
+    ("epochs", "1", "epochs must be a finite number > 0"),
+    ("warmup", True, "warmup must be a finite number >= 0"),
+])
+def test_train_config_fields_of_the_wrong_type_are_named(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**{field: value})
+
+
+def test_resume_without_an_output_folder_says_so():
+    with pytest.raises(ValueError, match=r"resume=True needs out_dir"):
+        finetune(tiny_llama(), TOK, examples(), None, config(), out_dir=None, resume=True)
+
+
+def test_full_fine_tuning_stores_tied_weights_once_and_reloads_with_safetensors(tmp_path, input_ids):
+    from safetensors.torch import load_model
+
+    model = tiny_llama(tie=True)
+    finetune(model, TOK, examples(), None, TrainConfig(method="full", steps=2, batch_size=4, precision="fp32"),
+             out_dir=tmp_path)
+    saved = load_file(tmp_path / training.FULL_MODEL_FILE)
+    assert ("lm_head.weight" in saved) != ("model.embed_tokens.weight" in saved)  # one tensor, stored once
+    fresh = tiny_llama(tie=True)
+    load_model(fresh, tmp_path / training.FULL_MODEL_FILE)  # the reload docs/training.md gives
+    torch.testing.assert_close(logits(fresh, input_ids), logits(model, input_ids), atol=0, rtol=0)
 
 
 def test_lora_plus_ratio_is_refused_for_methods_without_B():

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import statistics
@@ -113,15 +114,24 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        def number(v: Any) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
         for name in ("epochs", "lr", "lr_ratio_b"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+            if not (number(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         for name in ("warmup", "weight_decay", "max_grad_norm"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+            if not (number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
-        for name in ("eval_every", "save_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an integer >= 0 (0: never), got {getattr(self, name)!r}")
+        for name, never in (("eval_every", "never"), ("save_every", "never"), ("keep_checkpoints", "keep every checkpoint")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0: {never}), got {value!r}")
+        if not isinstance(self.grad_checkpointing, bool):
+            raise ValueError(f"grad_checkpointing must be True or False, got {self.grad_checkpointing!r}")
+        if not (self.use_chat_template is None or isinstance(self.use_chat_template, bool)):
+            raise ValueError(f"use_chat_template must be True, False or None (the tokenizer decides), got "
+                             f"{self.use_chat_template!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
@@ -226,17 +236,19 @@ def _prepare_full(model: nn.Module, cfg: TrainConfig) -> None:
 
 def _save_full(model: nn.Module, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(out / FULL_MODEL_FILE, st_save(_dedupe(tensors), metadata={"format": "pt"}))
+    # tied weights (input embeddings and output head) once, as safetensors' save_model/load_model expect them
+    tensors = {k: v.detach().contiguous().clone() for k, v in _dedupe(model.state_dict()).items()}
+    atomic_write_bytes(out / FULL_MODEL_FILE, st_save(tensors, metadata={"format": "pt"}))
 
 
 def _dedupe(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Tied weights stored once (safetensors refuses shared storage)."""
-    seen: set[int] = set()
+    """Each tensor once: a later name of the same tensor (same memory, shape and strides: a tied weight) is left out."""
+    seen: set[tuple] = set()
     out = {}
     for k, t in tensors.items():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        key = (t.data_ptr(), t.shape, t.stride())
+        if key not in seen:
+            seen.add(key)
             out[k] = t
     return out
 
@@ -522,6 +534,8 @@ def finetune(
     if found and checkpoint is None:
         raise ValueError(f"{out} already holds a trained result ({', '.join(found)}): use another output folder, or "
                          "delete those files")
+    if resume and out is None:
+        raise ValueError("resume=True needs out_dir, the folder of the run to resume (--out in the CLI)")
     if resume and checkpoint is None:
         if out is None or not (out / "metrics.jsonl").is_file():  # no run of ours there: a mistyped folder, most likely
             raise ValueError(f"nothing to resume in {out}: it holds no lorakit checkpoint and no metrics.jsonl of a "
