@@ -210,6 +210,17 @@ def test_deleting_an_adapter_whose_partner_cannot_stay_merged_alone_is_refused_a
     assert set(lorakit.list_adapters(model)) == {"ok", "a"}
 
 
+def test_an_fp64_base_merges_in_fp64():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8)).double()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["0"]))
+    randomize_adapters(model, std=0.3)
+    layer = model[0]
+    exact = layer.weight.detach().clone() + 2.0 * layer.lora_B["default"].double() @ layer.lora_A["default"].double()
+    lorakit.merge(model)
+    torch.testing.assert_close(layer.weight.detach(), exact, atol=1e-14, rtol=0)  # not through fp32 (~3e-8)
+
+
 def test_merge_of_a_lora_bias_adapter_is_all_or_nothing():
     model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 4, bias=False))
     lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["0", "1"], lora_bias=True))

@@ -81,14 +81,15 @@ def delta_weight(
     enabled: list[bool] | None = None,
     embedding: bool = False,
 ) -> Tensor:
-    """ΔW = scale·B·A in fp32, shaped like the base weight.
+    """ΔW = scale·B·A in fp32 (fp64 for fp64 factors), shaped like the base weight.
 
     - Linear: A (r, k), B (d, r) -> (d, k). `fan_in_fan_out` (GPT-2 ``Conv1D``) -> (k, d).
     - Fused slices: B (n_on, d_slice, r), `enabled` as in `LoraConfig.enable_lora`.
     - Embedding (PEFT layout): A (r, num_embeddings), B (dim, r) -> (num_embeddings, dim).
     - Conv: A (r, c_in, *kernel), B (c_out, r, 1, ...) -> (c_out, c_in, *kernel).
     """
-    A32, B32 = A.float(), B.float()
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)  # fp64 factors stay fp64
+    A32, B32 = A.to(dtype), B.to(dtype)
     if enabled is not None:
         B32 = expand_sliced_B(B32, enabled)
     if A32.dim() > 2:  # convolution: B is a 1x1 conv after A

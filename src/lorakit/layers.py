@@ -104,7 +104,7 @@ class LoraLayer:
             self.active_adapters.remove(name)
 
     def delta_weight(self, name: str) -> Tensor:
-        """ΔW of adapter `name` in fp32, shaped like ``self.weight``."""
+        """ΔW of adapter `name` in fp32 (fp64 for an fp64 adapter), shaped like ``self.weight``."""
         spec = self.lora_specs[name]
         return delta_weight(
             self.lora_A[name],
@@ -153,19 +153,21 @@ class LoraLayer:
         has_bias = getattr(self, "bias", None) is not None  # nn.Embedding has none
         w0 = self._buffers.get("lora_w0", self.weight)
         b0 = self._buffers.get("lora_b0", self.bias if has_bias else None)
-        weight: Tensor | None = None  # W0 + Σ ΔW in fp32
+        acc = torch.promote_types(w0.dtype, torch.float32)  # fp32, or fp64 for an fp64 base
+        weight: Tensor | None = None  # W0 + Σ ΔW in `acc`
         for name in names:
             A, B, spec = self.lora_A[name], self.lora_B[name], self.lora_specs[name]
             plain = spec.enabled is None and not (self.fan_in_fan_out or self.is_embedding) and A.dim() == 2
-            if plain and A.dtype == B.dtype == torch.float32:  # + s·B·A in the GEMM's own pass (~2x a separate add)
-                weight = torch.addmm(w0.float(), B, A, alpha=spec.scale) if weight is None else weight.addmm_(B, A, alpha=spec.scale)
+            if plain and A.dtype == B.dtype and A.dtype in (torch.float32, torch.float64):  # + s·B·A in the GEMM's pass
+                A, B = A.to(acc), B.to(acc)
+                weight = torch.addmm(w0.to(acc), B, A, alpha=spec.scale) if weight is None else weight.addmm_(B, A, alpha=spec.scale)
             else:
-                weight = w0.to(torch.float32, copy=True) if weight is None else weight
+                weight = w0.to(acc, copy=True) if weight is None else weight
                 weight += self.delta_weight(name)
         weight = _fitting(weight, self.weight.dtype, "the merged weight")
         bias = None
         if b0 is not None:
-            bias = b0.to(torch.float32, copy=True)
+            bias = b0.to(acc, copy=True)
             for name in names:
                 if name in self.lora_B_bias:
                     bias += self.scaled_lora_bias(name).float()
