@@ -201,10 +201,11 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
     check_not_mixed(model, f"delete adapter {adapter!r}")
     name = resolve_adapter(model, adapter)
     record = state.adapters[name]
+    layers = lora_layers(model)
     # merged with others: what stays merged must fit the weights' dtype, checked (all layers or none) before any change
     set_merged_all([(path, layer, [n for n in layer.merged_adapters if n != name])
-                    for path, layer in lora_layers(model) if name in layer.merged_adapters])
-    for _, layer in lora_layers(model):
+                    for path, layer in layers if name in layer.merged_adapters])
+    for _, layer in layers:
         if name in layer.lora_specs:
             layer.remove_adapter(name)
     for path in record.saved_modules:

@@ -267,10 +267,10 @@ def load_glue(task_dir: str | os.PathLike, split: str = "train", labels: Sequenc
     if labels is not None and len(labels) != len(GLUE_LABELS[task]):
         raise ValueError(f"{task} has {len(GLUE_LABELS[task])} classes ({', '.join(GLUE_NAMES[task])}); labels= gives "
                          f"{len(labels)}: {list(labels)} (--label-names in the CLI): give one name per class, or none")
-    values = None  # the task's own label values or class names in another order reorder the ids; other names rename
-    if labels is not None and set(map(str, labels)) in (set(GLUE_LABELS[task]), set(GLUE_NAMES[task])):
-        own = GLUE_LABELS[task] if set(map(str, labels)) == set(GLUE_LABELS[task]) else GLUE_NAMES[task]
-        values = [GLUE_LABELS[task][own.index(str(n))] for n in labels]
+    # the task's own label values or class names in another order reorder the ids; other names rename the classes
+    given = [str(n) for n in labels] if labels is not None else []
+    own = next((o for o in (GLUE_LABELS[task], GLUE_NAMES[task]) if set(given) == set(o)), None)
+    values = [GLUE_LABELS[task][own.index(n)] for n in given] if own else None
     file = task_dir / f"{split}.tsv"
     if split == "test":
         raise ValueError(f"{file}: GLUE test splits carry no labels (the benchmark keeps them hidden), so they cannot "

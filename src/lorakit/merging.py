@@ -33,18 +33,15 @@ def set_merged_all(todo: list[tuple[str, LoraLayer, list[str]]]) -> None:
     """Merge exactly `names` into each (path, layer, names), all or nothing: if one layer cannot (its merged
     weight would overflow an fp16 base), the layers done so far go back to what they held."""
     done: list[tuple[LoraLayer, list[str]]] = []
-    try:
-        for path, layer, names in todo:
-            before = list(layer.merged_adapters)
-            try:
-                layer.set_merged(names)
-            except ValueError as e:
-                raise ValueError(f"cannot merge into {path!r}: {e}") from e
-            done.append((layer, before))
-    except ValueError:
-        for layer, before in reversed(done):
-            layer.set_merged(before)
-        raise
+    for path, layer, names in todo:
+        before = list(layer.merged_adapters)
+        try:
+            layer.set_merged(names)
+        except ValueError as e:
+            for undone, held in reversed(done):
+                undone.set_merged(held)
+            raise ValueError(f"cannot merge into {path!r}: {e}") from e
+        done.append((layer, before))
 
 
 def check_mergeable(model: nn.Module, names: list[str]) -> None:

@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import math
-import numbers
 import os
 import shutil
 import statistics
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 from . import baselines
 from .adapters import adapter_parameters
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, save_adapter
-from .config import LoraConfig
+from .config import LoraConfig, _is_real
 from .data import IGNORE_INDEX, collate, encode_causal, encode_classification
 from .injection import HEAD_NAMES, inject
 from .models import is_bidirectional_encoder
@@ -114,14 +113,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        def number(v: Any) -> bool:
-            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
         for name in ("epochs", "lr", "lr_ratio_b"):
-            if not (number(getattr(self, name)) and getattr(self, name) > 0):
+            if not (_is_real(getattr(self, name)) and math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         for name in ("warmup", "weight_decay", "max_grad_norm"):
-            if not (number(getattr(self, name)) and getattr(self, name) >= 0):
+            if not (_is_real(getattr(self, name)) and math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         for name, never in (("eval_every", "never"), ("save_every", "never"), ("keep_checkpoints", "keep every checkpoint")):
             value = getattr(self, name)
