@@ -53,6 +53,20 @@ def test_python_dash_m_lorakit_runs_the_cli():
     assert done.returncode == 0 and done.stdout.strip() == f"lorakit {lorakit.__version__}"
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_cli_logging_shows_lorakit_info_and_hides_other_libraries_info(verbose):
+    """Other libraries' INFO lines (matplotlib's "generated new fontManager") stayed in the demo's output."""
+    code = (
+        "import logging; from lorakit.cli import configure_logging; "
+        f"configure_logging({verbose}); "
+        "logging.getLogger('lorakit.training').info('ours'); logging.getLogger('matplotlib').info('theirs'); "
+        "logging.getLogger('matplotlib').warning('their warning'); logging.getLogger('lorakit').debug('our debug')"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr.split("\n")
+    assert "ours" in err and "their warning" in err
+    assert ("theirs" in err) is verbose and ("our debug" in err) is verbose
+
+
 def test_finetune_command_on_a_local_model_folder(tmp_path, capsys):
     """`lorakit finetune` end to end: local model + JSONL, cosine schedule, adapter, metrics and plot written."""
     pytest.importorskip("tokenizers")
