@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from _timing import paired_ratio, rotated
+from _timing import fast_bf16, paired_ratio, rotated
 
 import lorakit
 from lorakit.adapters import randomize_adapters
@@ -197,7 +197,8 @@ def swap_times(dtype, targets, reps: int = 20) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="base dtype; auto: bf16 where the CPU multiplies it fast (AMX, AVX512-BF16), else fp32")
     parser.add_argument("--seq", type=int, default=64, help="prompt length of every row")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--gen-prompt", type=int, default=16, help="prompt length of the generation rows")
@@ -207,6 +208,10 @@ def main() -> None:
         parser.error("--seq, --reps, --gen-prompt and --gen-tokens must be at least 1")
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    if args.dtype == "auto":
+        fast, why = fast_bf16()
+        args.dtype = "bf16" if fast else "fp32"
+        print(f"base dtype {args.dtype} ({why}; --dtype sets it)")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     base, _ = load_model("smollm2-135m", dtype=dtype)
     base.eval()

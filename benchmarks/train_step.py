@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _timing import paired_ratio, rotated
+from _timing import fast_bf16, paired_ratio, rotated
 
 import lorakit
 from lorakit.models import load_model
@@ -153,7 +153,8 @@ def main() -> None:
     p.add_argument("-r", type=int, default=8)
     p.add_argument("--repeats", type=int, default=15, help="timed steps per configuration (round-robin)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES), help="frozen base dtype(s)")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES),
+                   help="frozen base dtype(s); default fp32, and bf16 too where the CPU multiplies bf16 fast")
     p.add_argument("--targets", nargs="+", default=["qv", "all"], choices=list(TARGETS))
     p.add_argument("--no-peft", dest="peft", action="store_false", help="leave PEFT out")
     p.add_argument("--no-memory", dest="mem", action="store_false", help="skip the per-process peak-RSS runs")
@@ -167,6 +168,11 @@ def main() -> None:
     print(f"# train step: {args.model}, batch {args.batch} x {args.seq} tokens, r={args.r}, "
           f"{args.threads} threads, torch {torch.__version__}, {args.repeats} repeats (medians)")
     print("# step = forward + loss.backward(); floor = frozen model, grad to the input activations only")
+    if args.dtype is None:
+        fast, why = fast_bf16()
+        args.dtype = ["fp32", "bf16"] if fast else ["fp32"]
+        if not fast:
+            print(f"# bf16 left out: {why}; --dtype bf16 measures it anyway")
     for dtype in args.dtype:
         times = timing(args, dtype)
         mem = memory(args, dtype) if args.mem else {}

@@ -68,7 +68,8 @@ def main() -> None:
                              text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\nMiniLM-L6 on SST-2, {steps} steps × batch 16, bf16 frozen base\n")
+    precisions = ", ".join(sorted({r["precision"] for r in rows}))  # what the trainer chose on this machine
+    print(f"\nMiniLM-L6 on SST-2, {steps} steps × batch 16, frozen base in {precisions}\n")
     print("| method | trainable params | % of model | median step (ms) | peak RSS, whole process (MiB) | SST-2 dev acc |")
     print("|---|---|---|---|---|---|")
     for r in rows:

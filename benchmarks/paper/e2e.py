@@ -1,6 +1,6 @@
 """Table 3 at small scale: E2E NLG with SmolLM2-135M and LoRA (or a baseline), BLEU over all references per MR.
 
-Trains with `lorakit.finetune` (bf16 frozen base on AMX CPUs) on E2E train pairs, greedy-decodes the first
+Trains with `lorakit.finetune` (bf16 frozen base, and bf16 decoding, where the CPU multiplies bf16 fast) on E2E train pairs, greedy-decodes the first
 `--test-mrs` test MRs, scores BLEU with sacrebleu against all their references, and the slot coverage
 (share of the MR's slot values found in the output; the human references' own coverage beside it).
 Saves the adapter in `--out` (reused by figure3_table7.py).
@@ -22,6 +22,7 @@ import sacrebleu
 import torch
 
 from lorakit.models import load_model
+from lorakit.precision import base_dtype_choice
 from lorakit.training import TrainConfig, finetune
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "e2e"
@@ -59,7 +60,7 @@ def generate(model, tok, mrs: list[str], batch: int = 25, max_new_tokens: int = 
     outs = []
     for i in range(0, len(mrs), batch):
         enc = tok([prompt(m) for m in mrs[i:i + batch]], return_tensors="pt", padding=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=base_dtype_choice("cpu")[0] == torch.bfloat16):
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id)
         for row in gen[:, enc["input_ids"].shape[1]:]:

@@ -1,4 +1,4 @@
-"""Table 1 of the paper: inference latency of adapters vs LoRA, on the bundled SmolLM2-135M (bf16, 2 threads).
+"""Table 1 of the paper: inference latency of adapters vs LoRA, on the bundled SmolLM2-135M (2 threads; bf16 where the CPU multiplies it fast, else fp32).
 
 Configurations: the base model, LoRA r=8 on q,v merged into W (`lorakit.merge`, and `merge_and_unload`),
 LoRA unmerged (for reference), AdapterH (Houlsby: 2 adapters per block) and AdapterL (Lin: 1 per block),
@@ -21,13 +21,14 @@ import torch
 import lorakit
 from lorakit import baselines
 from lorakit.models import load_model
+from lorakit.precision import base_dtype_choice
 
 PAPER = ("paper, GPT-2 M, batch 1, seq 128, fp32 V100 (Table 1): base/LoRA 19.8 ms, AdapterL 23.9 ms (+20.7%), "
          "AdapterH 25.8 ms (+30.3%); batch 16, seq 256: +5.0% / +8.4%")
 
 
 def build(base: torch.nn.Module, bottleneck: int) -> dict[str, torch.nn.Module]:
-    """The configurations, each a deep copy of the bf16 base with random (non-zero) adapter weights."""
+    """The configurations, each a deep copy of the base (in its dtype) with random (non-zero) adapter weights."""
     models = {"base": base}
     for name in ("LoRA merged", "LoRA merge_and_unload", "LoRA unmerged"):
         m = copy.deepcopy(base)
@@ -47,7 +48,7 @@ def build(base: torch.nn.Module, bottleneck: int) -> dict[str, torch.nn.Module]:
                     p.normal_(std=0.02)
         models[name] = m
     for m in models.values():
-        m.to(torch.bfloat16).eval()
+        m.to(base.dtype).eval()
     return models
 
 
@@ -56,10 +57,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats (CI)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--bottleneck", type=int, default=8)
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="base dtype; auto: bf16 where the CPU multiplies it fast (AMX, AVX512-BF16), else fp32")
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    base, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or base_dtype_choice("cpu")[0]
+    base, _ = load_model("smollm2-135m", dtype=dtype)
+    print(f"base dtype {str(dtype).removeprefix('torch.')}")
     models = build(base, args.bottleneck)
     batches = [1] if args.quick else [1, 8]
     repeats = 3 if args.quick else args.repeats
